@@ -1,0 +1,94 @@
+"""Load, validate and hash the workflow configuration.
+
+The same JSON schema is used by the Snakefile (``snakemake.utils.validate``) and here, so a config that the
+workflow accepts is one the command line accepts, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+__all__ = ["ConfigError", "SCHEMA_PATH", "load_config", "validate_config", "section_hash"]
+
+SCHEMA_PATH = Path(str(resources.files("mammoseg") / "schemas" / "config.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """A config that violates the schema; the message names the key and what is allowed."""
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_class):
+    """A validator that fills ``default`` values in while it validates (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        return f"{error.message} at '{key}'; allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"'{key}' = {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+    hint = schema.get("description")
+    return f"'{key}': {error.message}" + (f" ({hint})" if hint else "")
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` against the schema and return a copy with every default filled in.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key and the allowed values for each violation found.
+    """
+    filled = copy.deepcopy(config) if config else {}
+    validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
+    return filled
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a YAML config (or none, for all defaults) and validate it."""
+    if path is None:
+        return validate_config({})
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return validate_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def section_hash(*sections: Any) -> str:
+    """A short, stable hash of config sections, recorded in every artefact built from them."""
+    blob = json.dumps(sections, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
