@@ -1,0 +1,43 @@
+# Two commands for a fresh machine with Python 3.11:  make demo  |  make test
+# Everything is installed into .venv (CPU TensorFlow by default; README "GPU install" for CUDA).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= all
+SNAKEMAKE_ARGS ?=
+
+.PHONY: demo test test-quick test-slow lint bench report clean install
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The stamp depends on pyproject.toml, so a changed dependency list reinstalls.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[tf,workflow,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --resources gpu=1 --configfile config/config.yaml $(SNAKEMAKE_ARGS)
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml
+
+bench: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
+
+report: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --configfile config/config.yaml --report report.html
+
+clean:
+	rm -rf results .snakemake report.html

@@ -1,0 +1,74 @@
+# Helpers shared by every rule file: the validated config, result paths, and the input functions that read the
+# restructured manifests once the `restructure` checkpoint has run.
+
+import json
+
+import pandas as pd
+
+from mammoseg.config import validate_config
+from mammoseg.shards import shard_of
+
+# Fills every default and fails with the key and the allowed values on a bad config.
+config.update(validate_config(config))
+
+R = config["results"]
+ABN = config["data"]["abnormality"]
+MODEL = config["model"]["name"]
+SYNTHETIC = config["data"]["source"] == "synthetic"
+SOURCE = f"{R}/synth/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
+N_SHARDS = config["patches"]["n_shards"]
+
+
+wildcard_constraints:
+    split="train|test",
+    k=r"\d+",
+    image_id=r"[A-Za-z0-9._-]+",
+
+
+def config_json(*sections):
+    """The config sections a rule depends on, as JSON for `mammoseg --config-json`.
+
+    Passed as a param, so changing a key re-runs exactly the rules whose sections contain it.
+    """
+    return json.dumps({name: config[name] for name in sections}, sort_keys=True)
+
+
+def manifest_path(split):
+    return checkpoints.restructure.get(split=split).output.manifest
+
+
+def read_manifest(split):
+    return pd.read_csv(manifest_path(split), dtype=str, keep_default_na=False)
+
+
+def restructured(split, relative):
+    return f"{R}/restructured/{ABN}/{split}/{relative}"
+
+
+def shard_inputs(wildcards):
+    """The manifest and the image/mask files of the cases that hash to shard k: one changed case, one shard."""
+    manifest = read_manifest("train")
+    mine = manifest[[shard_of(i, N_SHARDS) == int(wildcards.k) for i in manifest["image_id"]]]
+    files = sorted(set(mine["image_path"]) | set(mine["mask_path"]))
+    return {"manifest": manifest_path("train"), "files": [restructured("train", f) for f in files]}
+
+
+def test_image_ids():
+    return sorted(set(read_manifest("test")["image_id"]))
+
+
+def test_image(wildcards):
+    return restructured("test", f"images/{wildcards.image_id}.dcm")
+
+
+def test_masks(wildcards):
+    manifest = read_manifest("test")
+    return [restructured("test", p) for p in manifest.loc[manifest["image_id"] == wildcards.image_id, "mask_path"]]
+
+
+def all_image_jsons(wildcards):
+    return expand(f"{R}/metrics/{MODEL}/images/{{image_id}}.json", image_id=test_image_ids())
+
+
+def all_overlays(wildcards):
+    return expand(f"{R}/overlays/{MODEL}/{{image_id}}.png", image_id=test_image_ids())
