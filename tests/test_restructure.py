@@ -1,0 +1,311 @@
+"""mammoseg.restructure: every layout reconciles with the generator's truth; every bad input has its fate."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from mammoseg.dicom import read_mammogram, read_mask
+from mammoseg.dicomwrite import DicomHeader, build_dataset, make_uid
+from mammoseg.layouts import LAYOUTS
+from mammoseg.restructure import MANIFEST_COLUMNS, SKIP_REASONS, SKIPPED_COLUMNS, restructure_collection, run_restructure
+
+synth = pytest.importorskip("mammoseg.synth", reason="mammoseg.synth (the tree generator) is not there yet")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's remarks on tiny RLE frames
+
+SIZE = {"rows": 256, "cols": 160}
+
+
+def _check_accounting(summary: dict, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    skipped = pd.read_csv(out / "skipped.csv", dtype=str, keep_default_na=False)
+    assert list(manifest.columns) == MANIFEST_COLUMNS and list(skipped.columns) == SKIPPED_COLUMNS
+    assert summary["found"] == summary["kept"] + summary["skipped"]
+    assert summary["kept"] == len(manifest) + manifest["image_id"].nunique()
+    assert summary["skipped"] == len(skipped) and set(skipped["reason"]) <= set(SKIP_REASONS)
+    assert not list(out.rglob(".tmp-*")), "temporary files left behind"
+    return manifest, skipped
+
+
+# --- every layout against truth.json -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def synth_tree(request, tmp_path_factory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp(f"synth-{request.param}")
+    synth.generate_dataset(root, n_train=6, n_test=3, seed=11, layout=request.param, **SIZE)
+    return request.param, root
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_layout_reconciles_with_truth(synth_tree, split, tmp_path):
+    layout, root = synth_tree
+    truth = json.loads((root / "truth.json").read_text())
+    out = tmp_path / "out"
+    summary = restructure_collection(root, out, abnormality="mass", split=split, progress=False)
+    manifest, skipped = _check_accounting(summary, out)
+    assert summary["layout"] == layout
+
+    rois = [r for r in truth["rois"] if r["split"] == split]
+    images = [i for i in truth["images"] if i["split"] == split]
+    assert summary["found"] == len(rois) + len(images)  # no stray files in a generated tree
+    assert set(manifest["roi_id"]) == {r["roi_id"] for r in rois if r["fate"] == "kept"}
+    roi_skips = skipped[skipped["reason"].map(lambda r: SKIP_REASONS[r][0]) == "roi"]
+    assert dict(zip(roi_skips["roi_id"], roi_skips["reason"])) == {
+        r["roi_id"]: r["reason"] for r in rois if r["fate"] == "skipped"}  # fmt: skip
+    assert set(manifest["image_id"]) == {i["image_id"] for i in images if i["fate"] == "kept"}
+
+    # the mask chosen is the file the generator wrote as the mask, never the crop (swapped numbering,
+    # separate series and mislabelled folders included)
+    truth_by_roi = {r["roi_id"]: r for r in rois}
+    for row in manifest.itertuples():
+        expected = truth_by_roi[row.roi_id]
+        assert Path(row.mask_source).resolve() == (root / expected["mask_path"]).resolve()
+        assert (int(row.mask_rows), int(row.mask_cols)) == (expected["mask_rows"], expected["mask_cols"])
+        assert int(row.abnormality_id) == expected["abnormality_id"]
+        assert row.pathology == expected["pathology"] and row.assessment == str(expected["assessment"])
+        assert row.margins == expected["mass margins"]  # literal 'NA' stays 'NA'
+        assert (out / row.mask_path).is_symlink() and (out / row.image_path).is_symlink()
+
+
+def test_nbia_mislabelled_folders_do_not_fool_the_classifier(synth_tree, tmp_path):
+    layout, root = synth_tree
+    truth = json.loads((root / "truth.json").read_text())
+    if not any("mislabelled_folder" in r["quirks"] for r in truth["rois"]) or layout in ("doi", "kaggle"):
+        pytest.skip("no mislabelled folder in this layout")
+    summary = restructure_collection(root, tmp_path / "o", abnormality="mass", split="train", progress=False)
+    assert summary["rois_kept"] == sum(r["fate"] == "kept" and r["split"] == "train" for r in truth["rois"])
+
+
+def test_calcifications_same_code(tmp_path):
+    root = tmp_path / "calc"
+    synth.generate_dataset(root, n_train=4, n_test=2, seed=12, abnormality="calc", layout="nbia", **SIZE)
+    truth = json.loads((root / "truth.json").read_text())
+    summary = restructure_collection(root, tmp_path / "out", abnormality="calc", split="train", progress=False)
+    manifest, _ = _check_accounting(summary, tmp_path / "out")
+    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"] if r["split"] == "train" and r["fate"] == "kept"}
+    assert (manifest["abnormality"] == "calc").all() and summary["collection"] == "Calc-Training"
+
+
+def test_links_resolve_from_any_cwd_and_copy_option(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=13, layout="doi", **SIZE)
+    monkeypatch.chdir(tmp_path)
+    restructure_collection(Path("src"), Path("linked"), abnormality="mass", split="train", progress=False)  # relative
+    restructure_collection(root, tmp_path / "copied", abnormality="mass", split="train", link="copy", progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    manifest = pd.read_csv(tmp_path / "linked" / "manifest.csv", dtype=str, keep_default_na=False)
+    for row in manifest.itertuples():
+        linked = tmp_path / "linked" / row.image_path
+        copied = tmp_path / "copied" / row.image_path
+        assert linked.is_symlink() and os.path.isabs(os.readlink(linked))
+        assert not copied.is_symlink() and copied.read_bytes() == Path(row.image_source).read_bytes()
+        np.testing.assert_array_equal(read_mammogram(linked), read_mammogram(row.image_source))
+        assert read_mask(tmp_path / "linked" / row.mask_path).mask.any()
+
+
+def test_rerun_removes_stale_outputs(tmp_path):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=14, layout="doi", **SIZE)
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "P_99999_LEFT_CC.dcm").write_text("stale")
+    restructure_collection(root, out, abnormality="mass", split="train", progress=False)
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted({Path(p).name for p in manifest["image_path"]})
+
+
+def test_tree_from_real_csv_rows(tmp_path, cbis_csv_dir):
+    """Real patient ids, UIDs, multi-abnormality images, id gaps and separate-series ROIs (tiny pixels)."""
+    if not hasattr(synth, "tree_from_csv"):
+        pytest.skip("synth.tree_from_csv not available")
+    csv = cbis_csv_dir / "mass_case_description_test_set.csv"
+    synth.tree_from_csv([csv], tmp_path / "tree", layout="nbia", limit=60)
+    truth = json.loads((tmp_path / "tree" / "truth.json").read_text())
+    summary = restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="test", progress=False)
+    manifest, skipped = _check_accounting(summary, tmp_path / "out")
+    kept = {r["roi_id"] for r in truth["rois"] if r["fate"] == "kept"}
+    assert set(manifest["roi_id"]) == kept and summary["found"] == len(truth["rois"]) + len(truth["images"])
+    assert any("separate_series" in r["quirks"] for r in truth["rois"] if r["roi_id"] in kept)
+    by_roi = {r["roi_id"]: r for r in truth["rois"]}
+    for row in manifest.itertuples():
+        assert Path(row.mask_source).resolve() == (tmp_path / "tree" / by_roi[row.roi_id]["mask_path"]).resolve()
+    # joined on the series UID: every kept ROI got its CSV pathology (checked against the CSV itself)
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    frame["roi_id"] = frame["ROI mask file path"].str.strip().str.split("/").str[0].str.split("_", n=1).str[1]
+    pathology = dict(zip(frame["roi_id"], frame["pathology"]))
+    assert all(row.pathology == pathology[row.roi_id] for row in manifest.itertuples())
+
+
+def test_run_restructure_reads_config(tmp_path):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=15, layout="nbia-old", **SIZE)
+    config = {"data": {"abnormality": "mass", "layout": "nbia-old", "link": "copy", "csv_dir": str(root / "csv")}}
+    summary = run_restructure(config, root, tmp_path / "out", "test")
+    assert summary["layout"] == "nbia-old" and summary["csv"].startswith(str(root / "csv"))
+    assert not any(p.is_symlink() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_works_without_csv(tmp_path):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=16, layout="doi", **SIZE)
+    (root / "csv" / "mass_case_description_train_set.csv").unlink()
+    truth = json.loads((root / "truth.json").read_text())
+    summary = restructure_collection(root / "CBIS-DDSM", tmp_path / "out", abnormality="mass", split="train",
+                                     progress=False)  # fmt: skip
+    manifest, _ = _check_accounting(summary, tmp_path / "out")
+    assert summary["csv"] == "" and (manifest["pathology"] == "").all()
+    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"] if r["split"] == "train" and r["fate"] == "kept"}
+
+
+# --- hand-built bad inputs -----------------------------------------------------------------------------------
+
+ROWS, COLS = 64, 48
+
+
+def _image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 4000, size=(ROWS, COLS), dtype=np.uint16)
+
+
+def _mask(shape=(ROWS, COLS), value=255) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[10:25, 8:20] = value
+    return mask
+
+
+def _write(root: Path, folder: str, name: str, pixels: np.ndarray, *, patient_id: str | None = None,
+           description: str = "ROI mask images", syntax=None, sop: str | None = None, **tags) -> Path:  # fmt: skip
+    """One DOI-layout file: CBIS-DDSM/<folder>/<study>/<series>/<name>."""
+    study, series = make_uid("study", folder), make_uid("series", folder, name if "separate" in tags else "")
+    tags.pop("separate", None)
+    header = DicomHeader(patient_id if patient_id is not None else folder, study, series,
+                         sop or make_uid("sop", folder, name), description, "20160720", "L", "CC")  # fmt: skip
+    ds = build_dataset(pixels, header)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if syntax is not None:
+        ds.compress(syntax, pixels)
+    path = root / "CBIS-DDSM" / folder / study / series / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _crop(seed: int) -> np.ndarray:
+    return _image(seed)[5:30, 5:25].copy()
+
+
+@pytest.fixture()
+def bad_tree(tmp_path) -> Path:
+    root = tmp_path / "bad"
+    t = "Mass-Training_P_{:05d}_LEFT_CC"
+    # 1 good: image + ROI with swapped numbering (mask 000000, crop 000001)
+    _write(root, t.format(1), "000000.dcm", _image(1), description="full mammogram images")
+    _write(root, t.format(1) + "_1", "000000.dcm", _mask())
+    _write(root, t.format(1) + "_1", "000001.dcm", _crop(1), description="cropped images")
+    # 2 image without any mask
+    _write(root, t.format(2), "000000.dcm", _image(2), description="full mammogram images")
+    # 3 mask without image
+    _write(root, t.format(3) + "_1", "000001.dcm", _mask())
+    _write(root, t.format(3) + "_1", "000000.dcm", _crop(3), description="cropped images")
+    # 4 empty mask (its image then has no kept ROI)
+    _write(root, t.format(4), "000000.dcm", _image(4), description="full mammogram images")
+    _write(root, t.format(4) + "_1", "000001.dcm", np.zeros((ROWS, COLS), np.uint8))
+    # 5 non-binary mask: kept, thresholded, noted; MONOCHROME1 image; JPEG 2000 mask
+    _write(root, t.format(5), "000000.dcm", _image(5), description="full mammogram images",
+           PhotometricInterpretation="MONOCHROME1", WindowCenter=2000, WindowWidth=500)  # fmt: skip
+    noisy = _mask(value=250)
+    noisy[12, 10] = 90
+    noisy[30, 30] = 200
+    _write(root, t.format(5) + "_2", "000001.dcm", noisy)
+    # 6 mask of the wrong size, in its own series (separate-series quirk); a second, good ROI on the same image
+    _write(root, t.format(6), "000000.dcm", _image(6), description="full mammogram images")
+    _write(root, t.format(6) + "_1", "000000.dcm", _mask((ROWS - 4, COLS)), separate=True)
+    _write(root, t.format(6) + "_1", "000000.dcm", _crop(6), description="cropped images")
+    _write(root, t.format(6) + "_3", "000000.dcm", _mask(), syntax=JPEG2000Lossless)
+    # 7 broken files inside the good ROI's series
+    series_dir = next((root / "CBIS-DDSM" / (t.format(1) + "_1")).rglob("000000.dcm")).parent
+    (series_dir / "000002.dcm").write_bytes(b"")
+    (series_dir / "000003.dcm").write_text("not a DICOM file at all\n" * 10)
+    whole = (series_dir / "000000.dcm").read_bytes()
+    (series_dir / "000004.dcm").write_bytes(whole[: len(whole) // 2])
+    # 8 the same case twice: a copy of image 1 under another folder name
+    original = next((root / "CBIS-DDSM" / t.format(1)).rglob("*.dcm"))
+    copy = root / "CBIS-DDSM" / (t.format(1) + " (copy)") / "s" / "x" / "000000.dcm"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(original.read_bytes())
+    # 9 hostile header values: unusable PatientID in an unusable folder; usable folder rescues a bad PatientID
+    evil = "../../../../tmp/evil/\x00" + "A" * 300
+    _write(root, "Mass-Training_evil_..", "000000.dcm", _mask(), patient_id=evil)
+    _write(root, t.format(7), "000000.dcm", _image(7), patient_id="/etc/passwd\x00", description="full mammogram images")
+    _write(root, t.format(7) + "_1", "000000.dcm", _mask(), patient_id="..")
+    # 10 another collection's file inside a Mass-Training folder
+    _write(root, t.format(8), "000000.dcm", _image(8), patient_id="Calc-Training_P_00008_LEFT_CC")
+    # 11 the CSV lists an ROI that is not on disk, and gives pathology for ROI 1
+    csv_dir = root / "csv"
+    csv_dir.mkdir()
+    rows = []
+    for roi, folder in (("P_00001_LEFT_CC_1", t.format(1)), ("P_00009_LEFT_CC_1", t.format(9))):
+        mask_file = next((root / "CBIS-DDSM" / (folder + "_1")).rglob("000000.dcm"), None)
+        series = mask_file.parent.name if mask_file else "1.2.3"
+        rows.append({"patient_id": roi[:7], "breast_density": 2, "left or right breast": "LEFT", "image view": "CC",
+                     "abnormality id": 1, "abnormality type": "mass", "mass shape": "OVAL", "mass margins": "NA",
+                     "assessment": 4, "pathology": "MALIGNANT", "subtlety": 3,
+                     "image file path": f"{folder}/1.2/1.3/000000.dcm",
+                     "cropped image file path": f"{folder}_1/1.2/{series}/000001.dcm",
+                     "ROI mask file path": f"{folder}_1/1.2/{series}/000000.dcm\n"})  # fmt: skip
+    synth.write_case_csv(csv_dir / "mass_case_description_train_set.csv", rows, "mass")
+    return root
+
+
+def test_bad_inputs_each_have_their_fate(bad_tree, tmp_path):
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "results" / "restructured"
+    summary = restructure_collection(bad_tree, out, abnormality="mass", split="train", progress=False)
+    manifest, skipped = _check_accounting(summary, out)
+
+    assert sorted(manifest["roi_id"]) == ["P_00001_LEFT_CC_1", "P_00005_LEFT_CC_2", "P_00006_LEFT_CC_3",
+                                          "P_00007_LEFT_CC_1"]  # fmt: skip
+    roi_level = skipped[skipped["reason"].map(lambda r: SKIP_REASONS[r][0]) == "roi"]
+    roi_reasons = set(roi_level["roi_id"] + "/" + roi_level["reason"])
+    expected_roi = {"P_00003_LEFT_CC_1/mask_without_image", "P_00004_LEFT_CC_1/empty_mask",
+                    "P_00006_LEFT_CC_1/mask_size_mismatch", "P_00009_LEFT_CC_1/mask_missing"}  # fmt: skip
+    assert set(roi_reasons) == expected_roi
+    image_skips = skipped[skipped["reason"] == "image_without_mask"]
+    assert set(image_skips["image_id"]) == {"P_00002_LEFT_CC", "P_00004_LEFT_CC"}
+    file_reasons = skipped.groupby("reason")["source_path"].apply(list).to_dict()
+    assert [Path(p).name for p in file_reasons["zero_byte"]] == ["000002.dcm"]
+    assert [Path(p).name for p in file_reasons["not_dicom"]] == ["000003.dcm"]
+    assert [Path(p).name for p in file_reasons["truncated"]] == ["000004.dcm"]
+    assert len(file_reasons["duplicate"]) == 1 and "(copy)" in file_reasons["duplicate"][0]
+    assert len(file_reasons["bad_identifier"]) == 1 and len(file_reasons["other_collection"]) == 1
+    # P_00007's image and ROI are named after their folders: their PatientIDs were '/etc/passwd\0' and '..'
+    assert (out / "images" / "P_00007_LEFT_CC.dcm").exists() and (out / "masks" / "P_00007_LEFT_CC_1.dcm").exists()
+
+    row = manifest.set_index("roi_id").loc["P_00005_LEFT_CC_2"]
+    assert "thresholded" in row["mask_note"] and "max=250" in row["mask_note"]
+    row1 = manifest.set_index("roi_id").loc["P_00001_LEFT_CC_1"]
+    assert row1["pathology"] == "MALIGNANT" and row1["margins"] == "NA"
+    assert Path(row1["mask_source"]).name == "000000.dcm"  # swapped numbering: decided by content
+    assert read_mask(out / row1["mask_path"]).mask.sum() == (_mask() > 0).sum()
+    # MONOCHROME1 + windowing tags: read through the link, inverted, no VOI
+    stored = _image(5).astype(np.float32)
+    image5 = read_mammogram(out / "images" / "P_00005_LEFT_CC.dcm")
+    np.testing.assert_array_equal(image5, stored.max() + stored.min() - stored)
+
+    # nothing was written outside the output folder
+    after = {p for p in tmp_path.rglob("*")}
+    assert all(p == out or out in p.parents or p in out.parents for p in after - before), sorted(after - before)
+    assert not Path("/tmp/evil").exists()
+    for name in os.listdir(out / "images") + os.listdir(out / "masks"):
+        assert "/" not in name and not name.startswith(".")
