@@ -1,0 +1,219 @@
+"""The training input pipeline: a ``tf.data.Dataset`` over HDF5 patch shards (:mod:`mammoseg.shards`).
+
+Only patch *indices* (shard, row) are held in memory and shuffled; the indices are batched and each batch is
+read from the shards when the pipeline asks for it, several batches in parallel, then prefetched, so the whole
+set is never loaded. TensorFlow is imported inside the
+functions, so importing this module is cheap.
+
+Reading: h5py serialises every HDF5 call behind one global lock, so parallel reads are safe from tf.data's
+threads; open file handles are cached per shard (opening a file costs far more than reading one lzf chunk) and
+the lzf decompression of a chunk happens inside that lock. See :func:`benchmark_read_rate`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["read_provenance", "make_dataset", "ShardReader", "benchmark_read_rate"]
+
+
+def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  # noqa: F821
+    """Provenance of every patch of every shard, one row per patch.
+
+    Returns
+    -------
+    pandas.DataFrame with :data:`mammoseg.shards.PROVENANCE_COLUMNS` plus ``shard_path`` (str, as given) and
+    ``row`` (int64, the patch's index in that shard's ``images``/``masks``). Pass a subset of it (e.g. the
+    training split) to :func:`make_dataset`.
+
+    Raises
+    ------
+    ValueError
+        If a shard cannot be read or shards hold patches of different sizes.
+    """
+    import h5py
+    import pandas as pd
+
+    from .shards import PROVENANCE_COLUMNS, read_table
+
+    frames, sizes = [], {}
+    for path in shard_paths:
+        try:
+            with h5py.File(path, "r") as h5:
+                prov = read_table(h5, "provenance")
+                sizes[str(path)] = tuple(h5["images"].shape[1:])
+                if len(prov) != h5["images"].shape[0]:
+                    raise ValueError(f"{path}: provenance has {len(prov)} rows but images has {h5['images'].shape[0]}")
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read shard: {exc}") from exc
+        prov["shard_path"] = str(path)
+        prov["row"] = np.arange(len(prov), dtype=np.int64)
+        frames.append(prov)
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"shards hold patches of different sizes: {sizes}")
+    if not frames:
+        return pd.DataFrame(columns=[*PROVENANCE_COLUMNS, "shard_path", "row"])
+    return pd.concat(frames, ignore_index=True)
+
+
+class ShardReader:
+    """Reads single patches from a fixed list of shards, keeping one open read-only handle per shard.
+
+    Safe to call from several threads: handle creation is guarded by a lock and h5py serialises HDF5 calls.
+    """
+
+    def __init__(self, shard_paths: Sequence[str | Path]):
+        self.shard_paths = [str(p) for p in shard_paths]
+        self._handles: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _datasets(self, shard: int):
+        """(file, images dataset, masks dataset) of a shard, opened once; looking datasets up by name costs
+        about as much as reading an uncompressed patch, so the dataset objects are cached too."""
+        entry = self._handles.get(shard)
+        if entry is None:
+            import h5py
+
+            with self._lock:
+                entry = self._handles.get(shard)
+                if entry is None:
+                    handle = h5py.File(self.shard_paths[shard], "r")
+                    entry = (handle, handle["images"], handle["masks"])
+                    self._handles[shard] = entry
+        return entry
+
+    def read(self, shard: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image float32 (s, s, 1) in [0, 1] and mask float32 (s, s, 1) in {0, 1} of one patch."""
+        _, images, masks = self._datasets(int(shard))
+        row = int(row)
+        image = images[row]
+        mask = masks[row]
+        return image[..., None], mask[..., None].astype(np.float32)
+
+    def close(self) -> None:
+        with self._lock:
+            for handle, _, _ in self._handles.values():
+                handle.close()
+            self._handles.clear()
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter shutdown
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _indices(shard_paths: Sequence[str | Path], rows) -> tuple[np.ndarray, np.ndarray, int]:
+    """(shard index int32 (N,), row int64 (N,), patch side s) of the patches to serve."""
+    import h5py
+
+    if rows is None:
+        rows = read_provenance(shard_paths)
+    missing = {"shard_path", "row"} - set(rows.columns)
+    if missing:
+        raise ValueError(f"rows must be (a subset of) read_provenance output; missing column(s) {sorted(missing)}")
+    position = {str(p): k for k, p in enumerate(shard_paths)}
+    unknown = sorted(set(rows["shard_path"].astype(str)) - set(position))
+    if unknown:
+        raise ValueError(f"rows refer to shard(s) not in shard_paths: {unknown[:3]}")
+    shard_index = np.array([position[str(p)] for p in rows["shard_path"]], dtype=np.int32)
+    row_index = rows["row"].to_numpy(dtype=np.int64)
+    if not len(shard_paths):
+        raise ValueError("no shards given")
+    with h5py.File(shard_paths[0], "r") as h5:
+        side = int(h5["images"].shape[1])
+    return shard_index, row_index, side
+
+
+def make_dataset(
+    shard_paths: Sequence[str | Path],
+    rows: "pandas.DataFrame | None" = None,  # noqa: F821
+    batch_size: int = 8,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    repeat: bool = False,
+    drop_remainder: bool = False,
+):
+    """A ``tf.data.Dataset`` of (images, masks) batches read lazily from the shards.
+
+    Parameters
+    ----------
+    shard_paths : the shard files
+    rows : subset of :func:`read_provenance` output to serve (needs ``shard_path`` and ``row``); None = all
+    batch_size : patches per batch
+    shuffle : shuffle the patch indices across all shards, reshuffled every epoch (seeded by ``seed``)
+    seed : shuffle seed
+    repeat : repeat forever (one epoch otherwise)
+    drop_remainder : drop a last, smaller batch
+
+    Returns
+    -------
+    tf.data.Dataset yielding (images float32 (B, s, s, 1) in [0, 1], masks float32 (B, s, s, 1) in {0, 1});
+    every selected patch appears exactly once per epoch.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shard_paths = [str(p) for p in shard_paths]
+    shard_index, row_index, side = _indices(shard_paths, rows)
+    reader = ShardReader(shard_paths)
+
+    def load_batch(shards, rows):
+        pairs = [reader.read(k, r) for k, r in zip(shards.tolist(), rows.tolist())]
+        if not pairs:
+            empty = np.zeros((0, side, side, 1), dtype=np.float32)
+            return empty, empty
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def tf_load_batch(shards, rows):
+        images, masks = tf.numpy_function(load_batch, [shards, rows], [tf.float32, tf.float32], stateful=False)
+        images.set_shape((batch_size if drop_remainder else None, side, side, 1))
+        masks.set_shape((batch_size if drop_remainder else None, side, side, 1))
+        return images, masks
+
+    ds = tf.data.Dataset.from_tensor_slices((shard_index, row_index))
+    if shuffle and len(row_index):
+        # only indices are shuffled (12 bytes per patch), so a full-size buffer is a perfect shuffle across shards
+        ds = ds.shuffle(len(row_index), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    # batch the indices, then read a whole batch per call: one Python call per batch instead of per patch, and
+    # several batches are read in parallel (h5py serialises the HDF5 calls themselves behind its global lock)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(tf_load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def benchmark_read_rate(shard_paths: Sequence[str | Path], *, batch_size: int = 32, max_patches: int = 5000,
+                        through_tf: bool = True) -> float:
+    """Patches per second read from the shards (one shuffled pass, at most ``max_patches`` patches).
+
+    ``through_tf=True`` times :func:`make_dataset` end to end (what training sees); ``False`` times bare
+    :class:`ShardReader` reads in random order in one thread (the HDF5 + lzf floor).
+    """
+    rows = read_provenance(shard_paths)
+    if rows.empty:
+        raise ValueError("the shards hold no patches to read")
+    rows = rows.sample(n=min(len(rows), max_patches), random_state=0)
+    if not through_tf:
+        reader = ShardReader(shard_paths)
+        position = {str(p): k for k, p in enumerate(shard_paths)}
+        start = time.perf_counter()
+        for path, row in zip(rows["shard_path"], rows["row"]):
+            reader.read(position[path], row)
+        seconds = time.perf_counter() - start
+        reader.close()
+        return len(rows) / seconds
+    ds = make_dataset(shard_paths, rows, batch_size, shuffle=True, seed=0)
+    count = 0
+    start = time.perf_counter()
+    for images, _ in ds:
+        count += int(images.shape[0])
+    return count / (time.perf_counter() - start)

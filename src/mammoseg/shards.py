@@ -1,0 +1,625 @@
+"""Paper-exact training patches written into HDF5 shards, with a provenance row per patch.
+
+Stage ``extract``: reads a restructured collection's ``manifest.csv`` (docs/architecture.md), cuts the centred
+``2**n`` window and ``n_shifted`` shifted windows around every ROI (geometry in :mod:`mammoseg.patches`),
+downscales and normalises them exactly as inference does (:func:`mammoseg.patches.preprocess_window`,
+:func:`mammoseg.patches.downscale_mask`) and writes them into one of ``n_shards`` HDF5 files.
+
+Shard layout (``s = 2**n // downscale``)
+---------------------------------------
+``images``      float32 (N, s, s), values in [0, 1], one patch per chunk (1, s, s), lzf by default
+``masks``       uint8   (N, s, s), values in {0, 1}, same chunking and filter
+                (``compression=None`` writes them uncompressed: on 256x256 float32 patches lzf saves ~20 % of
+                the bytes but reads ~10x slower; see ``extract_shard``)
+``provenance/`` one 1-D dataset of length N per column (:data:`PROVENANCE_COLUMNS`); strings are UTF-8
+``skipped/``    one 1-D dataset per column of :data:`SKIPPED_COLUMNS`
+root attributes: :data:`ROOT_ATTRIBUTES`
+
+Images are assigned to shards by a stable hash of ``image_id`` (:func:`shard_of`), so all ROIs of one image are in
+one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name and renamed
+(:func:`mammoseg.atomic.atomic_path`) and are byte-identical for identical inputs and parameters.
+
+This module imports neither TensorFlow nor (at import time) h5py/pandas: the Snakefile imports :func:`shard_of`
+while it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path, write_csv_atomic
+from .patches import (
+    PatchLargerThanImage,
+    crop,
+    downscale_mask,
+    mask_bbox,
+    plan_crops,
+    preprocess_window,
+    roi_rng,
+)
+
+__all__ = [
+    "PROVENANCE_COLUMNS",
+    "SKIPPED_COLUMNS",
+    "ROOT_ATTRIBUTES",
+    "MANIFEST_COLUMNS",
+    "shard_of",
+    "shard_image_ids",
+    "shard_input_files",
+    "extract_shard",
+    "read_table",
+    "read_shard_attributes",
+    "write_patch_manifest",
+    "render_grid",
+    "run_extract",
+    "run_patch_manifest",
+    "benchmark_extraction",
+    "benchmark_extraction_memory",
+]
+
+#: provenance column -> kind ("str" stored as UTF-8 variable-length strings, "int" as int64)
+PROVENANCE_COLUMNS: dict[str, str] = {
+    "roi_id": "str",
+    "image_id": "str",
+    "patient_id": "str",
+    "split": "str",
+    "abnormality_id": "int",
+    "copy_index": "int",  # 0 = centred crop, 1..K = shifted copies
+    "crop_row": "int",  # top-left corner of the window in full-image pixels
+    "crop_col": "int",
+    "crop_size": "int",  # window side 2**n in full-image pixels
+    "shift_row": "int",  # centre offset drawn for this copy, full-image pixels (0 for the centred crop)
+    "shift_col": "int",
+    "downscale": "int",  # stored patch = window downscaled by this factor
+    "bbox_r0": "int",  # lesion bounding box in full-image pixels, r1/c1 exclusive
+    "bbox_c0": "int",
+    "bbox_r1": "int",
+    "bbox_c1": "int",
+}
+SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason": "str", "message": "str"}
+ROOT_ATTRIBUTES = (
+    "config_hash", "mammoseg_version", "h5py_version", "hdf5_version", "numpy_version", "n", "window_size",
+    "patch_size", "downscale", "n_shifted", "max_shift", "seed", "shard_index", "n_shards", "compression",
+)
+#: manifest.csv columns extraction needs (docs/architecture.md)
+MANIFEST_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shard assignment
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shard_of(image_id: str, n_shards: int) -> int:
+    """Shard index of an image: ``int(sha1(image_id)) % n_shards`` (stable across runs, platforms, Python versions).
+
+    Keyed by ``image_id`` so that every ROI of an image lands in the same shard.
+    """
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    return int(hashlib.sha1(str(image_id).encode("utf-8")).hexdigest(), 16) % int(n_shards)
+
+
+def _read_manifest(manifest_csv: str | Path) -> "pandas.DataFrame":  # noqa: F821
+    import pandas as pd
+
+    manifest_csv = Path(manifest_csv)
+    try:
+        # keep_default_na=False: CBIS fields hold the literal 'NA'; ids must stay strings
+        frame = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{manifest_csv}: cannot read manifest: {exc}") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{manifest_csv}: manifest lacks required column(s) {', '.join(missing)}")
+    bad_ids = frame.loc[~frame["abnormality_id"].str.fullmatch(r"-?\d+"), "roi_id"].tolist()
+    if bad_ids:
+        raise ValueError(f"{manifest_csv}: abnormality_id is not an integer for ROI(s) {', '.join(bad_ids[:5])}")
+    duplicated = frame.loc[frame["roi_id"].duplicated(), "roi_id"].tolist()
+    if duplicated:
+        raise ValueError(f"{manifest_csv}: duplicated roi_id(s) {', '.join(duplicated[:5])}")
+    return frame
+
+
+def shard_image_ids(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
+    """Sorted image ids of ``manifest_csv`` that belong to shard ``shard_index``."""
+    frame = _read_manifest(manifest_csv)
+    ids = sorted(set(frame["image_id"]))
+    return [i for i in ids if shard_of(i, n_shards) == shard_index]
+
+
+def shard_input_files(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
+    """Image and mask files a shard is built from (absolute, sorted): the Snakefile's per-shard inputs.
+
+    Declaring these as a shard's inputs makes Snakemake rebuild only the shard of a changed image.
+    """
+    frame = _read_manifest(manifest_csv)
+    base = Path(manifest_csv).resolve().parent
+    mine = frame[[shard_of(i, n_shards) == shard_index for i in frame["image_id"]]]
+    files = set(mine["image_path"]) | set(mine["mask_path"])
+    return sorted(str(base / f) for f in files)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    """Validated extraction parameters (see ``patches`` in the config schema)."""
+
+    n: int
+    downscale: int
+    n_shifted: int
+    max_shift: float
+    seed: int
+
+    @property
+    def window_size(self) -> int:
+        """Window side in full-image pixels (``2**n``)."""
+        return 2 ** self.n
+
+    @property
+    def patch_size(self) -> int:
+        """Stored patch side in pixels (``2**n // downscale``)."""
+        return self.window_size // self.downscale
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"patch exponent n must be >= 1, got {self.n}")
+        if self.downscale < 1 or self.window_size % self.downscale:
+            raise ValueError(f"downscale {self.downscale} must be >= 1 and divide the window side 2**{self.n}")
+        if self.n_shifted < 0:
+            raise ValueError(f"n_shifted must be >= 0, got {self.n_shifted}")
+        if not 0 <= self.max_shift <= 0.5:
+            raise ValueError(f"max_shift must be in [0, 0.5] (a fraction of the window side), got {self.max_shift}")
+
+
+@dataclass
+class _Tables:
+    """Provenance and skip rows collected in memory (small: a few ints/strings per patch)."""
+
+    provenance: dict[str, list] = field(default_factory=lambda: {c: [] for c in PROVENANCE_COLUMNS})
+    skipped: dict[str, list] = field(default_factory=lambda: {c: [] for c in SKIPPED_COLUMNS})
+
+    def skip(self, roi_id: str, image_id: str, reason: str, message: str) -> None:
+        for key, value in zip(SKIPPED_COLUMNS, (roi_id, image_id, reason, message)):
+            self.skipped[key].append(value)
+
+
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _roi_patches(image: np.ndarray, mask: np.ndarray, roi: dict, params: PatchParams):
+    """Yield (provenance row, image patch float32 (s, s), mask patch uint8 (s, s)) for each crop of one ROI."""
+    bbox = mask_bbox(mask)
+    crops = plan_crops(bbox, image.shape, params.window_size, params.n_shifted, params.max_shift,
+                       roi_rng(params.seed, roi["roi_id"]))
+    for c in crops:
+        row = {
+            "roi_id": roi["roi_id"], "image_id": roi["image_id"], "patient_id": roi["patient_id"],
+            "split": roi["split"], "abnormality_id": int(roi["abnormality_id"]), "copy_index": c.copy_index,
+            "crop_row": c.row, "crop_col": c.col, "crop_size": c.size, "shift_row": c.shift_row,
+            "shift_col": c.shift_col, "downscale": params.downscale,
+            "bbox_r0": bbox[0], "bbox_c0": bbox[1], "bbox_r1": bbox[2], "bbox_c1": bbox[3],
+        }
+        image_patch = preprocess_window(crop(image, c.row, c.col, c.size), params.downscale)
+        mask_patch = downscale_mask(crop(mask, c.row, c.col, c.size), params.downscale)
+        yield row, image_patch, mask_patch
+
+
+def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: _Tables):
+    """Read one image and its masks; yield its patches and record skips. One image in memory at a time."""
+    from .dicom import read_mammogram, read_mask
+
+    image_id = rois[0]["image_id"]
+    try:
+        image = read_mammogram(image_path)
+    except Exception as exc:  # any decode failure of one file must not stop the shard: record it
+        for roi in rois:
+            tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
+        return
+    for roi in rois:
+        mask_path = base / roi["mask_path"]
+        try:
+            mask = read_mask(mask_path).mask
+        except Exception as exc:
+            tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
+            continue
+        if mask.shape != image.shape:
+            tables.skip(roi["roi_id"], image_id, "mask_size_mismatch",
+                        f"{mask_path}: mask {mask.shape} differs from image {image.shape} ({image_path})")
+            continue
+        if not mask.any():
+            tables.skip(roi["roi_id"], image_id, "empty_mask", f"{mask_path}: mask has no foreground pixel")
+            continue
+        try:
+            yield from _roi_patches(image, mask, roi, params)
+        except PatchLargerThanImage as exc:
+            tables.skip(roi["roi_id"], image_id, "patch_larger_than_image", f"{image_path}: {exc}")
+
+
+def _string_dtype():
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def _write_table(group, columns: dict[str, str], values: dict[str, list]) -> None:
+    for name, kind in columns.items():
+        if kind == "str":
+            data = np.array([str(v) for v in values[name]], dtype=object)
+            group.create_dataset(name, data=data, shape=(len(data),), dtype=_string_dtype(), track_times=False)
+        else:
+            group.create_dataset(name, data=np.asarray(values[name], dtype=np.int64).reshape(-1),
+                                 track_times=False)
+
+
+def read_table(h5file, group_name: str) -> "pandas.DataFrame":  # noqa: F821
+    """Read a ``provenance`` or ``skipped`` group of an open shard into a DataFrame (strings decoded)."""
+    import pandas as pd
+
+    columns = PROVENANCE_COLUMNS if group_name == "provenance" else SKIPPED_COLUMNS
+    group = h5file[group_name]
+    data = {}
+    for name, kind in columns.items():
+        if name not in group:
+            raise ValueError(f"{h5file.filename}: '{group_name}' has no column '{name}'")
+        values = group[name]
+        data[name] = values.asstr()[()] if kind == "str" else values[()]
+    return pd.DataFrame({k: (list(v) if len(v) else []) for k, v in data.items()}, columns=list(columns)).astype(
+        {k: ("int64" if kind == "int" else "object") for k, kind in columns.items()})
+
+
+def read_shard_attributes(shard_path: str | Path) -> dict[str, Any]:
+    """Root attributes of a shard as plain Python values."""
+    import h5py
+
+    with h5py.File(shard_path, "r") as h5:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
+
+
+def extract_shard(
+    manifest_csv: str | Path,
+    out_path: str | Path,
+    *,
+    shard_index: int,
+    n_shards: int,
+    n: int,
+    downscale: int,
+    n_shifted: int,
+    max_shift: float,
+    seed: int,
+    config_hash: str = "",
+    compression: str | None = "lzf",
+) -> dict[str, Any]:
+    """Extract the patches of every ROI whose image hashes to ``shard_index`` into one HDF5 shard.
+
+    Parameters
+    ----------
+    manifest_csv : a restructured collection's manifest (paths inside are relative to its folder)
+    out_path : the shard to write (written to a temporary name beside it and renamed when complete)
+    shard_index, n_shards : which shard, of how many (:func:`shard_of`)
+    n : window side ``2**n`` full-image pixels (paper: 10)
+    downscale : integer factor; stored patches are ``2**n // downscale`` pixels square (paper: 4)
+    n_shifted : shifted copies per ROI (paper: 4)
+    max_shift : largest centre shift per axis as a fraction of ``2**n`` (0..0.5)
+    seed : seeds each ROI's generator together with its roi_id
+    config_hash : recorded as a root attribute
+    compression : HDF5 filter of ``images``/``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or
+        ``None``/``"none"``. Measured on 256x256 float32 patches, lzf saves only 15-40 % of the space but makes
+        writes ~10x and per-index reads ~15x slower than no compression (see :func:`benchmark_extraction`).
+
+    Returns
+    -------
+    dict with ``path``, ``shard_index``, ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``,
+    ``skipped_reasons`` ({reason: count}) and ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        For an unreadable manifest, missing columns or invalid parameters. Unreadable or unusable images and
+        masks are not errors: they are recorded in the shard's ``skipped`` table with a reason.
+    """
+    import h5py
+
+    started = time.perf_counter()
+    compression = None if compression in (None, "none") else str(compression)
+    if compression not in (None, "lzf", "gzip"):
+        raise ValueError(f"compression must be 'lzf', 'gzip' or 'none', got {compression!r}")
+    params = PatchParams(int(n), int(downscale), int(n_shifted), float(max_shift), int(seed))
+    if not 0 <= shard_index < n_shards:
+        raise ValueError(f"shard_index {shard_index} must be in [0, {n_shards})")
+    manifest_csv = Path(manifest_csv)
+    base = manifest_csv.resolve().parent
+    frame = _read_manifest(manifest_csv)
+    mine = frame[[shard_of(i, n_shards) == shard_index for i in frame["image_id"]]]
+    # sorted so that the file does not depend on the manifest's row order
+    mine = mine.sort_values(["image_id", "roi_id"], kind="stable")
+    records = mine.to_dict("records")
+    groups: dict[str, list[dict]] = {}
+    for roi in records:
+        groups.setdefault(roi["image_id"], []).append(roi)
+    tables = _Tables()
+    s = params.patch_size
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w", track_order=False) as h5:
+            chunk = {"chunks": (1, s, s), "compression": compression, "maxshape": (None, s, s), "track_times": False}
+            images = h5.create_dataset("images", shape=(0, s, s), dtype=np.float32, **chunk)
+            masks = h5.create_dataset("masks", shape=(0, s, s), dtype=np.uint8, **chunk)
+            count = 0
+            for image_id, rois in groups.items():
+                image_paths = {r["image_path"] for r in rois}
+                if len(image_paths) > 1:
+                    for roi in rois:
+                        tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
+                                    f"{manifest_csv}: image {image_id} has several image_path values")
+                    continue
+                for row, image_patch, mask_patch in _image_patches(base / rois[0]["image_path"], rois, base,
+                                                                   params, tables):
+                    images.resize(count + 1, axis=0)
+                    masks.resize(count + 1, axis=0)
+                    images[count] = image_patch
+                    masks[count] = mask_patch
+                    for key in PROVENANCE_COLUMNS:
+                        tables.provenance[key].append(row[key])
+                    count += 1
+            _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
+            _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
+            attrs = {
+                "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
+                "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
+                "window_size": params.window_size, "patch_size": s, "downscale": params.downscale,
+                "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
+                "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
+            }
+            for key in ROOT_ATTRIBUTES:
+                h5.attrs[key] = attrs[key]
+    reasons: dict[str, int] = {}
+    for reason in tables.skipped["reason"]:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {
+        "path": str(out_path), "shard_index": int(shard_index), "n_images": len(groups), "n_rois": len(records),
+        "n_patches": count, "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patch manifest and picture
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_patch_manifest(shard_paths: Iterable[str | Path], out_csv: str | Path,
+                         skipped_csv: str | Path) -> dict[str, Any]:
+    """One CSV row per patch over all shards and one per skipped ROI.
+
+    ``out_csv`` columns: ``shard`` (the shard path as given), ``row`` (index in the shard's datasets), then
+    :data:`PROVENANCE_COLUMNS`. ``skipped_csv`` columns: ``shard`` then :data:`SKIPPED_COLUMNS`.
+
+    Returns
+    -------
+    dict with ``n_shards``, ``n_patches``, ``n_skipped``.
+    """
+    import h5py
+    import pandas as pd
+
+    patches, skipped = [], []
+    for path in shard_paths:
+        try:
+            with h5py.File(path, "r") as h5:
+                prov = read_table(h5, "provenance")
+                skip = read_table(h5, "skipped")
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read shard: {exc}") from exc
+        prov.insert(0, "row", np.arange(len(prov), dtype=np.int64))
+        prov.insert(0, "shard", str(path))
+        skip.insert(0, "shard", str(path))
+        patches.append(prov)
+        skipped.append(skip)
+    empty_prov = pd.DataFrame(columns=["shard", "row", *PROVENANCE_COLUMNS])
+    empty_skip = pd.DataFrame(columns=["shard", *SKIPPED_COLUMNS])
+    patch_frame = pd.concat(patches, ignore_index=True) if patches else empty_prov
+    skip_frame = pd.concat(skipped, ignore_index=True) if skipped else empty_skip
+    write_csv_atomic(out_csv, patch_frame)
+    write_csv_atomic(skipped_csv, skip_frame)
+    return {"n_shards": len(patches), "n_patches": int(len(patch_frame)), "n_skipped": int(len(skip_frame))}
+
+
+def render_grid(shard_path: str | Path, out_png: str | Path, n: int = 16) -> dict[str, Any]:
+    """Write a PNG grid of ``n`` patches of a shard (evenly spaced over its rows) with the mask contour in red.
+
+    Uses Matplotlib's object API with the Agg canvas, so it never touches pyplot's global backend.
+
+    Returns
+    -------
+    dict with ``path`` and ``rows`` (the shard rows shown).
+    """
+    import h5py
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    with h5py.File(shard_path, "r") as h5:
+        total = h5["images"].shape[0]
+        rows = sorted(set(np.linspace(0, total - 1, num=min(n, total)).round().astype(int).tolist())) if total else []
+        prov = read_table(h5, "provenance") if total else None
+        images = [h5["images"][r] for r in rows]
+        masks = [h5["masks"][r] for r in rows]
+    cols = max(1, int(np.ceil(np.sqrt(max(len(rows), 1)))))
+    grid_rows = max(1, int(np.ceil(len(rows) / cols)))
+    fig = Figure(figsize=(2.2 * cols, 2.4 * grid_rows), dpi=100)
+    FigureCanvasAgg(fig)
+    if not rows:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, f"{Path(shard_path).name}: empty shard", ha="center", va="center")
+        ax.axis("off")
+    for k, (row, image, mask) in enumerate(zip(rows, images, masks)):
+        ax = fig.add_subplot(grid_rows, cols, k + 1)
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if mask.any() and not mask.all():
+            ax.contour(mask, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(f"{prov.roi_id[row]} #{prov.copy_index[row]}", fontsize=6)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    return {"path": str(out_png), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage entries
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _patch_section(config: dict) -> dict:
+    from .config import validate_config
+
+    return validate_config(config)["patches"]
+
+
+def run_extract(config: dict, manifest_csv: str | Path, out_path: str | Path, shard_index: int) -> dict[str, Any]:
+    """Stage ``extract`` for one shard: parameters from ``config['patches']`` (defaults filled in)."""
+    from .config import section_hash
+
+    section = _patch_section(config)
+    return extract_shard(
+        manifest_csv, out_path, shard_index=int(shard_index), n_shards=section["n_shards"], n=section["n"],
+        downscale=section["downscale"], n_shifted=section["n_shifted"], max_shift=section["max_shift"],
+        seed=section["seed"], config_hash=section_hash(section),
+        # not in the schema yet: the lead may add patches.compression (see the module docstring)
+        compression=section.get("compression", "lzf"),
+    )
+
+
+def run_patch_manifest(config: dict, shard_paths: Iterable[str | Path], out_csv: str | Path,
+                       skipped_csv: str | Path) -> dict[str, Any]:
+    """Stage ``patch manifest``: checks every shard was built with this config, then writes both CSVs."""
+    from .config import section_hash
+
+    expected = section_hash(_patch_section(config))
+    shard_paths = list(shard_paths)
+    for path in shard_paths:
+        found = read_shard_attributes(path).get("config_hash")
+        if found != expected:
+            raise ValueError(f"{path}: built with config hash {found!r}, the current 'patches' config is {expected!r};"
+                             " re-run extraction")
+    return write_patch_manifest(shard_paths, out_csv, skipped_csv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _decode_only(path: Path) -> None:
+    import pydicom
+
+    pydicom.dcmread(str(path)).pixel_array  # noqa: B018 - decoding is the point
+
+
+def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: int = 8, downscale: int = 4,
+                         n_shifted: int = 4, max_shift: float = 0.25, seed: int = 0, compression: str | None = "lzf",
+                         repeats: int = 1) -> dict[str, Any]:
+    """Extraction time against the bare DICOM decode time of the same files (all in this process, one shard).
+
+    Three timings over the same files, each the best of ``repeats`` (the decode runs first, so all see a warm
+    file cache):
+
+    * ``decode_s``: ``pydicom.dcmread(path).pixel_array`` for every image and mask file (the floor);
+    * ``read_s``: the contract's readers, :func:`mammoseg.dicom.read_mammogram` per image and
+      :func:`mammoseg.dicom.read_mask` per mask (modality LUT, float32 conversion, mask binarisation);
+    * ``extract_s``: :func:`extract_shard` end to end (reads + geometry + pre-processing + HDF5 writes).
+
+    Returns
+    -------
+    dict with ``decode_s``, ``read_s``, ``extract_s``, ``ratio`` (extract / decode; goal <= 1.3),
+    ``ratio_vs_readers`` (extract / read: the cost of extraction beyond the shared readers), ``n_files``,
+    ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``, ``shard_bytes``, ``compression``.
+    """
+    from .dicom import read_mammogram, read_mask
+
+    frame = _read_manifest(manifest_csv)
+    base = Path(manifest_csv).resolve().parent
+    images = sorted({base / p for p in frame["image_path"]})
+    masks = sorted({base / p for p in frame["mask_path"]})
+    decode_times, read_times, extract_times = [], [], []
+    out = Path(out_dir) / "benchmark-shard.h5"
+    result: dict[str, Any] = {}
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        for path in [*images, *masks]:
+            _decode_only(path)
+        decode_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for path in images:
+            read_mammogram(path)
+        for path in masks:
+            read_mask(path)
+        read_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        result = extract_shard(manifest_csv, out, shard_index=0, n_shards=1, n=n, downscale=downscale,
+                               n_shifted=n_shifted, max_shift=max_shift, seed=seed, compression=compression)
+        extract_times.append(time.perf_counter() - start)
+    decode_s, read_s, extract_s = min(decode_times), min(read_times), min(extract_times)
+    return {
+        "decode_s": round(decode_s, 4), "read_s": round(read_s, 4), "extract_s": round(extract_s, 4),
+        "ratio": round(extract_s / decode_s, 3), "ratio_vs_readers": round(extract_s / read_s, 3),
+        "n_files": len(images) + len(masks), "n_images": result["n_images"], "n_rois": result["n_rois"],
+        "n_patches": result["n_patches"], "n_skipped": result["n_skipped"], "shard_bytes": out.stat().st_size,
+        "compression": compression or "none",
+    }
+
+
+def benchmark_extraction_memory(manifest_csv: str | Path, out_path: str | Path, **params: Any) -> dict[str, Any]:
+    """Peak resident memory of one extraction, measured in a fresh Python process (Linux ``/proc``).
+
+    ``params`` are :func:`extract_shard` keywords (defaults: n=8, downscale=4, n_shifted=4, max_shift=0.25, seed=0).
+    After the imports the process resets its peak-RSS mark (``/proc/self/clear_refs`` = 5), so ``added_mib`` is
+    the peak reached during extraction minus the resident size before it: flat in the number of cases when
+    memory holds one image at a time.
+
+    Returns
+    -------
+    dict with ``baseline_mib`` (RSS after imports), ``peak_mib`` (peak RSS during extraction), ``added_mib``,
+    ``n_images``, ``n_rois``, ``n_patches``, ``seconds``.
+    """
+    import json
+    import subprocess
+    import sys
+
+    kwargs = {"n": 8, "downscale": 4, "n_shifted": 4, "max_shift": 0.25, "seed": 0, **params,
+              "shard_index": 0, "n_shards": 1}
+    code = (
+        "import json, sys\n"
+        "import h5py, pandas, pydicom, numpy\n"
+        "from mammoseg.shards import extract_shard\n"
+        "from mammoseg import dicom\n"
+        "def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key + ':'):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = status('VmRSS')\n"
+        "r = extract_shard(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))\n"
+        "print(json.dumps({'baseline_mib': base, 'peak_mib': status('VmHWM'), 'n_patches': r['n_patches'],"
+        " 'n_rois': r['n_rois'], 'n_images': r['n_images'], 'seconds': r['seconds']}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(manifest_csv), str(out_path), json.dumps(kwargs)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"memory benchmark failed for {manifest_csv}: {proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["added_mib"] = round(out["peak_mib"] - out["baseline_mib"], 1)
+    out["baseline_mib"], out["peak_mib"] = round(out["baseline_mib"], 1), round(out["peak_mib"], 1)
+    return out

@@ -1,0 +1,168 @@
+"""Patch geometry and the shared pre-processing (NumPy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mammoseg.patches import (
+    Crop,
+    PatchLargerThanImage,
+    bbox_centre,
+    crop,
+    downscale_image,
+    downscale_mask,
+    mask_bbox,
+    normalise_patch,
+    place_window,
+    plan_crops,
+    preprocess_window,
+    roi_rng,
+    shift_offsets,
+)
+
+# ---------------------------------------------------------------------------------------------- pre-processing
+
+
+def test_downscale_image_is_block_mean():
+    window = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    out = downscale_image(window, 4)
+    expected = np.array([[window[r : r + 4, c : c + 4].mean() for c in (0, 4)] for r in (0, 4)])
+    assert out.dtype == np.float32 and out.shape == (2, 2)
+    np.testing.assert_allclose(out, expected)
+
+
+def test_downscale_mask_majority_and_binary():
+    mask = np.zeros((4, 8), dtype=bool)
+    mask[:2, :4] = True  # exactly half of the first block -> 1
+    mask[:1, 4:8] = True  # a quarter of the second block -> 0
+    out = downscale_mask(mask, 4)
+    assert out.dtype == np.uint8 and out.tolist() == [[1, 0]]
+
+
+def test_normalise_and_preprocess():
+    patch = np.array([[2.0, 4.0], [6.0, 10.0]])
+    np.testing.assert_allclose(normalise_patch(patch), (patch - 2) / 8)
+    assert not normalise_patch(np.full((3, 3), 7.0)).any()
+    window = np.random.default_rng(0).integers(0, 4096, size=(16, 16))
+    out = preprocess_window(window, 4)
+    assert out.shape == (4, 4) and out.min() == 0 and out.max() == 1
+    with pytest.raises(ValueError, match="not divisible"):
+        downscale_image(np.zeros((10, 8)), 4)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def test_mask_bbox_and_centre():
+    mask = np.zeros((50, 40), dtype=bool)
+    mask[10:20, 5:9] = True
+    mask[25, 30] = True
+    assert mask_bbox(mask) == (10, 5, 26, 31)
+    assert bbox_centre((10, 5, 26, 31)) == (18, 18)
+    with pytest.raises(ValueError, match="no foreground"):
+        mask_bbox(np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="2-D"):
+        mask_bbox(np.zeros(5))
+
+
+def test_place_window_centred_borders_and_too_large():
+    assert place_window((100, 80), 64, (300, 200)) == (68, 48)  # interior: centre - 32
+    assert place_window((5, 3), 64, (300, 200)) == (0, 0)  # top-left: moved down/right
+    assert place_window((299, 199), 64, (300, 200)) == (236, 136)  # bottom-right: flush with the border
+    assert place_window((-50, 500), 64, (300, 200)) == (0, 136)  # a centre outside the image
+    assert place_window((10, 10), 64, (64, 64)) == (0, 0)  # exactly fits
+    with pytest.raises(PatchLargerThanImage, match="larger than the image"):
+        place_window((10, 10), 64, (63, 200))
+    with pytest.raises(PatchLargerThanImage):
+        place_window((10, 10), 64, (300, 50))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 300), cols=st.integers(1, 300), size=st.sampled_from([8, 16, 32, 64]),
+    cr=st.integers(-100, 400), cc=st.integers(-100, 400),
+)
+def test_place_window_properties(rows, cols, size, cr, cc):
+    if size > rows or size > cols:
+        with pytest.raises(PatchLargerThanImage):
+            place_window((cr, cc), size, (rows, cols))
+        return
+    r0, c0 = place_window((cr, cc), size, (rows, cols))
+    assert 0 <= r0 <= rows - size and 0 <= c0 <= cols - size
+    # the window is moved by the smallest amount: unchanged when the centred window already fits
+    if 0 <= cr - size // 2 <= rows - size:
+        assert r0 == cr - size // 2
+    if 0 <= cc - size // 2 <= cols - size:
+        assert c0 == cc - size // 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(64, 200), cols=st.integers(64, 200), data=st.data(),
+)
+def test_centred_crop_contains_whole_bbox_when_it_fits(rows, cols, data):
+    h = data.draw(st.integers(1, 64))
+    w = data.draw(st.integers(1, 64))
+    r0 = data.draw(st.integers(0, rows - h))
+    c0 = data.draw(st.integers(0, cols - w))
+    crops = plan_crops((r0, c0, r0 + h, c0 + w), (rows, cols), 64, 0, 0.25, roi_rng(0, "x"))
+    (c,) = crops
+    assert c.copy_index == 0 and c.shift_row == 0 and c.shift_col == 0
+    assert c.row <= r0 and r0 + h <= c.row + 64
+    assert c.col <= c0 and c0 + w <= c.col + 64
+
+
+def test_roi_rng_depends_only_on_seed_and_roi():
+    a = roi_rng(3, "P_00001_LEFT_CC_1").integers(0, 2**32, size=8)
+    b = roi_rng(3, "P_00001_LEFT_CC_1").integers(0, 2**32, size=8)
+    c = roi_rng(4, "P_00001_LEFT_CC_1").integers(0, 2**32, size=8)
+    d = roi_rng(3, "P_00001_LEFT_CC_2").integers(0, 2**32, size=8)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any() and (a != d).any()
+
+
+def test_shift_offsets_range_and_spread():
+    offsets = shift_offsets(roi_rng(0, "r"), 4000, 64, 0.25)
+    assert offsets.shape == (4000, 2) and offsets.dtype == np.int64
+    assert offsets.min() == -16 and offsets.max() == 16  # the whole closed range is reachable
+    # uniform: every one of the 33 values appears, none dominates
+    counts = np.bincount((offsets[:, 0] + 16), minlength=33)
+    assert counts.min() > 60 and counts.max() < 200
+    assert not shift_offsets(roi_rng(0, "r"), 5, 64, 0.0).any()
+
+
+def test_plan_crops_shifted_inside_and_recorded():
+    crops = plan_crops((0, 0, 10, 10), (100, 100), 64, 4, 0.5, roi_rng(1, "corner"))
+    assert [c.copy_index for c in crops] == [0, 1, 2, 3, 4]
+    assert crops[0] == Crop(0, 0, 0, 64)
+    for c in crops[1:]:
+        assert abs(c.shift_row) <= 32 and abs(c.shift_col) <= 32
+        assert 0 <= c.row <= 36 and 0 <= c.col <= 36
+        expected = (min(max(5 + c.shift_row - 32, 0), 36), min(max(5 + c.shift_col - 32, 0), 36))
+        assert (c.row, c.col) == expected
+
+
+def test_crop_view_and_bounds():
+    array = np.arange(100).reshape(10, 10)
+    np.testing.assert_array_equal(crop(array, 2, 3, 4), array[2:6, 3:7])
+    with pytest.raises(ValueError, match="inside"):
+        crop(array, 8, 0, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(factor=st.integers(1, 17), h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**31),
+       offset=st.integers(0, 3))
+def test_downscale_matches_reshape_mean_reference(factor, h, w, seed, offset):
+    rng = np.random.default_rng(seed)
+    big = rng.integers(0, 65536, size=(h * factor + 3, w * factor + 3)).astype(np.float32)
+    window = big[offset : offset + h * factor, offset : offset + w * factor]  # a strided view, as in extraction
+    reference = window.astype(np.float64).reshape(h, factor, w, factor).mean(axis=(1, 3))
+    np.testing.assert_allclose(downscale_image(window, factor), reference, rtol=1e-6)
+    mask = rng.random(big.shape) < rng.random()
+    view = mask[offset : offset + h * factor, offset : offset + w * factor]
+    expected = (view.reshape(h, factor, w, factor).mean(axis=(1, 3)) >= 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(downscale_mask(view, factor), expected)
+    np.testing.assert_array_equal(downscale_mask(view.astype(np.uint8) * 255, factor), expected)
