@@ -14,6 +14,14 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    split="train|test",
+    k=r"\d+",
+    image_id=r"[A-Za-z0-9._-]+",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/train.smk"

@@ -1,7 +1,8 @@
-# Helpers shared by every rule file: the validated config, result paths, and the input functions that read the
+# Helpers shared by all rules -- the validated config, result paths, and the input functions that read the
 # restructured manifests once the `restructure` checkpoint has run.
 
 import json
+import os
 
 import pandas as pd
 
@@ -19,18 +20,18 @@ SOURCE = f"{R}/synth/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
 N_SHARDS = config["patches"]["n_shards"]
 
 
-wildcard_constraints:
-    split="train|test",
-    k=r"\d+",
-    image_id=r"[A-Za-z0-9._-]+",
-
-
 def config_json(*sections):
     """The config sections a rule depends on, as JSON for `mammoseg --config-json`.
 
     Passed as a param, so changing a key re-runs exactly the rules whose sections contain it.
     """
     return json.dumps({name: config[name] for name in sections}, sort_keys=True)
+
+
+def restructure_inputs(wildcards):
+    # The demo tree is a rule's output; a real download is an existing folder that Snakemake does not track
+    # file by file (re-run with --forcerun restructure after adding files to it).
+    return [rules.synth.output.csv_train, rules.synth.output.csv_test] if SYNTHETIC else []
 
 
 def manifest_path(split):
@@ -45,12 +46,11 @@ def restructured(split, relative):
     return f"{R}/restructured/{ABN}/{split}/{relative}"
 
 
-def shard_inputs(wildcards):
-    """The manifest and the image/mask files of the cases that hash to shard k: one changed case, one shard."""
+def shard_files(wildcards):
+    """The image and mask files of the cases that hash to shard k: one changed case re-extracts one shard."""
     manifest = read_manifest("train")
     mine = manifest[[shard_of(i, N_SHARDS) == int(wildcards.k) for i in manifest["image_id"]]]
-    files = sorted(set(mine["image_path"]) | set(mine["mask_path"]))
-    return {"manifest": manifest_path("train"), "files": [restructured("train", f) for f in files]}
+    return [restructured("train", f) for f in sorted(set(mine["image_path"]) | set(mine["mask_path"]))]
 
 
 def test_image_ids():
@@ -58,7 +58,9 @@ def test_image_ids():
 
 
 def test_image(wildcards):
-    return restructured("test", f"images/{wildcards.image_id}.dcm")
+    # From the manifest, not a fixed suffix: the Kaggle layout restructures to .jpg/.png files.
+    manifest = read_manifest("test")
+    return restructured("test", manifest.loc[manifest["image_id"] == wildcards.image_id, "image_path"].iloc[0])
 
 
 def test_masks(wildcards):

@@ -10,19 +10,13 @@ rule synth:
         truth=f"{R}/synth/truth.json",
     params:
         cfg=config_json("synth", "data"),
-        out=f"{R}/synth",
+        out=lambda wildcards, output: os.path.dirname(output.truth),
     log:
         f"{R}/logs/synth.log",
     benchmark:
         f"{R}/benchmarks/synth.tsv"
     shell:
         "mammoseg synth --config-json {params.cfg:q} --out {params.out} > {log} 2>&1"
-
-
-def restructure_inputs(wildcards):
-    # The demo tree is a rule's output; a real download is an existing folder that Snakemake does not track
-    # file by file (re-run with --forcerun restructure after adding files to it).
-    return [rules.synth.output.csv_train, rules.synth.output.csv_test] if SYNTHETIC else []
 
 
 checkpoint restructure:
@@ -38,7 +32,7 @@ checkpoint restructure:
     params:
         cfg=config_json("data"),
         source=SOURCE,
-        out=f"{R}/restructured/{ABN}/{{split}}",
+        out=lambda wildcards, output: os.path.dirname(output.manifest),
     log:
         f"{R}/logs/restructure/{{split}}.log",
     benchmark:

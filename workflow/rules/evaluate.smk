@@ -46,12 +46,13 @@ rule summarise:
         ),
     params:
         cfg=config_json("patches", "infer", "evaluate"),
-        out_dir=f"{R}/metrics/{MODEL}",
+        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
+        model=MODEL,
     log:
         f"{R}/logs/summarise/{MODEL}.log",
     benchmark:
         f"{R}/benchmarks/summarise/{MODEL}.tsv"
     shell:
         # tee: the summary is both logged and printed at the end of the run.
-        "mammoseg summarise --config-json {params.cfg:q} --out-dir {params.out_dir} --model-name {MODEL}"
+        "mammoseg summarise --config-json {params.cfg:q} --out-dir {params.out_dir} --model-name {params.model}"
         " {input.jsons} 2>&1 | tee {log}"

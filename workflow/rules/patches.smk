@@ -4,7 +4,8 @@
 
 rule extract_shard:
     input:
-        unpack(shard_inputs),
+        manifest=restructured("train", "manifest.csv"),
+        files=shard_files,
     output:
         f"{R}/patches/{ABN}/shard-{{k}}.h5",
     params:

@@ -17,7 +17,7 @@ rule train:
         report=f"{R}/models/{MODEL}/report.json",
     params:
         cfg=config_json("patches", "model", "train"),
-        out_dir=f"{R}/models/{MODEL}",
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     resources:
         gpu=1,
     threads: workflow.cores
