@@ -1,0 +1,107 @@
+"""Losses and metrics against independent NumPy computations on random arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+import keras  # noqa: E402
+
+from mammoseg import losses  # noqa: E402
+
+RNG = np.random.default_rng(42)
+SHAPE = (4, 16, 16, 1)
+
+
+def _arrays():
+    y_true = (RNG.random(SHAPE) > 0.8).astype(np.float32)
+    y_true[3] = 0  # one lesion-free patch
+    y_pred = RNG.random(SHAPE).astype(np.float32)
+    return y_true, y_pred
+
+
+def _np_bce(y, p, w=1.0):
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(np.mean(-(w * y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+
+def _np_soft_dice_loss(y, p, smooth=1.0):
+    scores = [1 - (2 * np.sum(a * b) + smooth) / (np.sum(a) + np.sum(b) + smooth) for a, b in zip(y, p)]
+    return float(np.mean(scores))
+
+
+def _np_overlap(y, p, kind):
+    scores = []
+    for a, b in zip(y >= 0.5, p >= 0.5):
+        inter, union, total = np.sum(a & b), np.sum(a | b), np.sum(a) + np.sum(b)
+        if kind == "dice":
+            scores.append(1.0 if total == 0 else 2 * inter / total)
+        else:
+            scores.append(1.0 if union == 0 else inter / union)
+    return float(np.mean(scores))
+
+
+def test_bce_matches_numpy_and_keras():
+    y, p = _arrays()
+    ours = float(losses.get_loss("bce")(y, p))
+    assert ours == pytest.approx(_np_bce(y, p), rel=1e-5)
+    assert ours == pytest.approx(float(keras.losses.BinaryCrossentropy()(y, p)), rel=1e-4)
+
+
+def test_weighted_bce_matches_numpy():
+    y, p = _arrays()
+    assert float(losses.get_loss("weighted_bce", pos_weight=7.5)(y, p)) == pytest.approx(_np_bce(y, p, 7.5), rel=1e-5)
+
+
+def test_weighted_bce_needs_a_weight():
+    with pytest.raises(ValueError, match="pos_weight"):
+        losses.get_loss("weighted_bce")
+
+
+def test_pos_weight_balances_the_classes():
+    y, _ = _arrays()
+    n_white = int(y.sum())
+    weight = losses.pos_weight_from_counts(y.size - n_white, n_white)
+    assert weight * n_white == pytest.approx(y.size - n_white)
+    with pytest.raises(ValueError, match="no lesion pixel"):
+        losses.pos_weight_from_counts(100, 0)
+
+
+def test_soft_dice_and_bce_dice_match_numpy():
+    y, p = _arrays()
+    assert float(losses.get_loss("dice")(y, p)) == pytest.approx(_np_soft_dice_loss(y, p), rel=1e-5)
+    assert float(losses.get_loss("bce_dice")(y, p)) == pytest.approx(_np_bce(y, p) + _np_soft_dice_loss(y, p),
+                                                                      rel=1e-5)
+
+
+@pytest.mark.parametrize("metric_cls,kind", [(losses.DiceCoefficient, "dice"), (losses.IoUCoefficient, "iou")])
+def test_thresholded_metrics_match_numpy_over_batches(metric_cls, kind):
+    y, p = _arrays()
+    p[3] = 0.1  # empty prediction on the empty patch: a perfect score of 1
+    metric = metric_cls()
+    metric.update_state(y[:2], p[:2])  # accumulated over two batches = the mean over all samples
+    metric.update_state(y[2:], p[2:])
+    assert float(metric.result()) == pytest.approx(_np_overlap(y, p, kind), rel=1e-6)
+
+
+def test_accuracy_metric():
+    y, p = _arrays()
+    accuracy = losses.get_metrics()[0]
+    accuracy.update_state(y, p)
+    assert float(accuracy.result()) == pytest.approx(float(np.mean((p >= 0.5) == (y >= 0.5))), rel=1e-6)
+
+
+def test_unknown_loss_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="bce_dice"):
+        losses.get_loss("focal")
+
+
+def test_objects_round_trip_through_keras_serialisation():
+    y, p = _arrays()
+    for obj in (losses.get_loss("weighted_bce", 3.0), losses.get_loss("bce_dice"), losses.DiceCoefficient(0.4)):
+        clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(obj), safe_mode=True)
+        assert type(clone) is type(obj)
+        assert clone.get_config() == obj.get_config()
+    assert float(losses.get_loss("weighted_bce", 3.0)(y, p)) == pytest.approx(_np_bce(y, p, 3.0), rel=1e-5)
