@@ -13,6 +13,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 
 
@@ -29,6 +32,12 @@ include: "workflow/rules/predict.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+# Seconds of work each: not worth a cluster submission.
+localrules:
+    fingerprint,
+    patch_manifest,
+
+
 rule all:
     default_target: True
     input:
@@ -37,3 +46,7 @@ rule all:
         f"{R}/models/{MODEL}/report.json",
         f"{R}/metrics/{MODEL}/summary.csv",
         f"{R}/metrics/{MODEL}/froc.png",
+
+
+onsuccess:
+    print_run_summary()

@@ -92,3 +92,30 @@ def section_hash(*sections: Any) -> str:
     """A short, stable hash of config sections, recorded in every artefact built from them."""
     blob = json.dumps(sections, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_reference_markdown() -> str:
+    """The README's configuration reference, generated from the schema (a test keeps the two in sync)."""
+    schema = _schema()
+    lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
+
+    def allowed(spec: dict) -> str:
+        if "enum" in spec:
+            return " / ".join(f"`{v}`" for v in spec["enum"])
+        symbols = {"minimum": "≥", "exclusiveMinimum": ">", "maximum": "≤"}
+        bounds = [f"{symbol} {spec[key]}" for key, symbol in symbols.items() if key in spec]
+        return " ".join([spec.get("type", ""), *bounds])
+
+    for name, spec in schema["properties"].items():
+        children = spec.get("properties")
+        if not children:
+            lines.append(f"| `{name}` | {allowed(spec)} | `{spec.get('default')}` | {spec.get('description', '')} |")
+            continue
+        for key, child in children.items():
+            meaning = str(child.get("description", "")).replace("|", "\\|")
+            lines.append(f"| `{name}.{key}` | {allowed(child)} | `{child.get('default')}` | {meaning} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m mammoseg.config  → the README's configuration reference
+    print(config_reference_markdown())

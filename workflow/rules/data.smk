@@ -11,6 +11,8 @@ rule synth:
     params:
         cfg=config_json("synth", "data"),
         out=lambda wildcards, output: os.path.dirname(output.truth),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{R}/logs/synth.log",
     benchmark:
@@ -33,6 +35,8 @@ checkpoint restructure:
         cfg=config_json("data"),
         source=SOURCE,
         out=lambda wildcards, output: os.path.dirname(output.manifest),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{R}/logs/restructure/{{split}}.log",
     benchmark:
@@ -51,6 +55,8 @@ rule fingerprint:
         plan=report(f"{R}/plan/plan.json", category="1. Data", labels={"table": "training plan"}),
     params:
         cfg=config_json("data", "patches", "model", "train"),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{R}/logs/fingerprint.log",
     benchmark:

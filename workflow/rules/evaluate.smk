@@ -19,6 +19,8 @@ rule evaluate_image:
         cfg=config_json("patches", "infer", "evaluate"),
     group:
         "per_image"
+    conda:
+        "../../envs/evaluate.yaml"
     log:
         f"{R}/logs/evaluate/{MODEL}/{{image_id}}.log",
     benchmark:
@@ -48,6 +50,8 @@ rule summarise:
         cfg=config_json("patches", "infer", "evaluate"),
         out_dir=lambda wildcards, output: os.path.dirname(output.summary),
         model=MODEL,
+    conda:
+        "../../envs/evaluate.yaml"
     log:
         f"{R}/logs/summarise/{MODEL}.log",
     benchmark:

@@ -10,6 +10,8 @@ rule extract_shard:
         f"{R}/patches/{ABN}/shard-{{k}}.h5",
     params:
         cfg=config_json("patches"),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{R}/logs/extract/shard-{{k}}.log",
     benchmark:
@@ -29,6 +31,8 @@ rule patch_manifest:
         ),
     params:
         cfg=config_json("patches"),
+    conda:
+        "../../envs/data.yaml"
     log:
         f"{R}/logs/extract/patch_manifest.log",
     benchmark:

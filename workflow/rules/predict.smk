@@ -15,6 +15,8 @@ rule predict:
         gpu=1,
     group:
         "per_image"
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{R}/logs/predict/{MODEL}/{{image_id}}.log",
     benchmark:

@@ -21,6 +21,8 @@ rule train:
     resources:
         gpu=1,
     threads: workflow.cores
+    conda:
+        "../../envs/train.yaml"
     log:
         f"{R}/logs/train/{MODEL}.log",
     benchmark:

@@ -1,0 +1,176 @@
+"""The Snakemake HTML report of a finished tiny run renders in a real browser and holds the promised results.
+
+`snakemake --report report.html` writes one self-contained HTML file (a zip only when the target ends in .zip):
+a JavaScript app with every result embedded as a data URI. The test
+1. runs the tiny workflow and renders the report;
+2. reads the embedded result index (``var results = {...}``) and checks it against the run's own files: training
+   curves, the FROC plot, the summary tables, and one overlay per test image (ids from the test manifest), each
+   under its category and with its labels, each with non-empty embedded data;
+3. opens the file in headless Chromium (Debian's ``chromium``; installed with apt-get when missing and root, else
+   the test skips) and checks that the JavaScript rendered the navigation with the categories (``--dump-dom``)
+   and that a screenshot of the page is not blank.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.workflow, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny.yaml"
+# The categories the rules give their report() outputs (workflow/rules/*.smk).
+CATEGORIES = ("1. Data", "2. Patches", "3. Training", "4. Metrics", "5. Overlays")
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # let the report's JavaScript run to completion before dumping or capturing
+    "--virtual-time-budget=15000",
+)
+
+
+def job_environment() -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (the rules call `mammoseg`); 2 cores at most."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def snakemake(workdir: Path, *args: str, timeout_s: int) -> subprocess.CompletedProcess:
+    command = [
+        "timeout", "-k", "10", str(timeout_s),
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1", *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=job_environment(), timeout=timeout_s + 60)
+
+
+def find_chromium() -> str:
+    """Path of a Chromium binary; installs Debian's `chromium` if missing and possible, else skips the test."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no chromium, and cannot install it (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+    if result.returncode != 0 or not shutil.which("chromium"):
+        pytest.skip(f"apt-get install chromium failed: {result.stderr.strip()[-300:]}")
+    return shutil.which("chromium")
+
+
+def chromium(binary: str, profile_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium with a fresh profile; no network, no sandbox (root in a container)."""
+    command = ["timeout", "-k", "5", "120", binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", *args]
+    return subprocess.run(command, capture_output=True, timeout=180)
+
+
+def embedded_json(html: str, name: str) -> dict:
+    """The JSON object the report template embeds as ``<script id="NAME"> var NAME = {...}; </script>``."""
+    match = re.search(rf'<script id="{name}">\s*var {name} = (.*?);\s*</script>', html, flags=re.S)
+    assert match is not None, f"report has no embedded '{name}' object"
+    return json.loads(match.group(1))
+
+
+def visible_text(dom: str) -> str:
+    """The text of an HTML document without scripts and styles, whitespace collapsed."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def data_uri_bytes(uri: str) -> bytes:
+    assert uri.startswith("data:"), uri[:40]
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A finished tiny run and its report: (workdir, report path, html text)."""
+    workdir = tmp_path_factory.mktemp("report-run")
+    shutil.copy(TINY, workdir / "config.yaml")
+    run = snakemake(workdir, timeout_s=1200)
+    assert run.returncode == 0, f"workflow failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    path = workdir / "report.html"
+    made = snakemake(workdir, "--report", str(path), timeout_s=300)
+    assert made.returncode == 0, f"--report failed:\n{made.stdout[-4000:]}\n{made.stderr[-4000:]}"
+    return workdir, path, path.read_text()
+
+
+def test_report_embeds_every_promised_result(report):
+    workdir, _, html = report
+    model = yaml.safe_load(TINY.read_text())["model"]["name"]
+    results = embedded_json(html, "results")
+
+    def entry_for(path_fragment: str) -> dict:
+        (entry,) = [e for p, e in results.items() if p.endswith(path_fragment)]
+        return entry
+
+    # training curves, FROC plot and the summary tables, each with its label
+    curves = entry_for(f"models/{model}/curves.png")
+    assert curves["labels"].get("figure") == "training curves"
+    froc = entry_for(f"metrics/{model}/froc.png")
+    assert froc["labels"].get("figure") == "FROC"
+    for table in ("summary", "per image"):
+        assert any(e["labels"].get("table") == table and e["filename"].endswith(".csv") for e in results.values()), table
+
+    # one overlay per test image, each embedded with its own bytes
+    test_ids = set(pd.read_csv(workdir / f"results/restructured/mass/test/manifest.csv")["image_id"])
+    overlays = {e["labels"].get("image"): e for e in results.values() if "image" in e["labels"]}
+    assert set(overlays) == test_ids
+    for image_id, entry in overlays.items():
+        png = data_uri_bytes(entry["data_uri"])
+        assert png.startswith(b"\x89PNG"), image_id
+        assert png == (workdir / f"results/overlays/{model}/{image_id}.png").read_bytes(), image_id
+
+    # the summary table embedded is the file on disk
+    summary = entry_for(f"metrics/{model}/summary.csv")
+    assert data_uri_bytes(summary["data_uri"]) == (workdir / f"results/metrics/{model}/summary.csv").read_bytes()
+
+
+def test_report_categories_are_the_rules(report):
+    _, _, html = report
+    categories = embedded_json(html, "categories")
+    assert set(CATEGORIES) <= set(categories), sorted(categories)
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    _, path, html = report
+    binary = find_chromium()
+
+    # before JavaScript runs the page says only "Loading ..."; the categories appear once the app has rendered
+    static_text = visible_text(html)
+    dumped = chromium(binary, tmp_path / "profile-dom", "--dump-dom", path.as_uri())
+    assert dumped.returncode == 0, dumped.stderr.decode(errors="replace")[-2000:]
+    rendered = visible_text(dumped.stdout.decode(errors="replace"))
+    assert len(rendered) > len(static_text) + 100, rendered[:500]
+    for category in CATEGORIES:
+        assert category in rendered and category not in static_text, category
+
+    # a screenshot of the rendered page is not a blank canvas
+    shot = tmp_path / "report.png"
+    captured = chromium(binary, tmp_path / "profile-shot", "--window-size=1280,900", f"--screenshot={shot}",
+                        path.as_uri())
+    assert captured.returncode == 0 and shot.is_file(), captured.stderr.decode(errors="replace")[-2000:]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (900, 1280)
+    assert pixels.std() > 5.0, "screenshot is (nearly) uniform: nothing rendered"

@@ -1,0 +1,267 @@
+"""Cluster orchestration: the two Snakemake profiles, and the tiny workflow through a real SLURM.
+
+Quick tests check that both profiles declare what docs/cluster.md promises and that Snakemake 9 accepts every
+key in them (a dry run fails on an unknown key or a bad value).
+
+The SLURM test (marked ``slurm`` and ``slow``) brings up a single-node SLURM from Debian's packages with
+tests/slurm/up.sh, adapts profiles/slurm to it the way docs/cluster.md tells a site to, runs the tiny config
+through ``--executor slurm`` and checks that the result tables equal those of a local run of the same config.
+Training runs with ``train.deterministic: true`` (TensorFlow op determinism) and the same seed in both runs, so
+the tables are compared exactly, not with a tolerance. It skips, with the reason, where the machine cannot run
+SLURM (not root, no apt-get, the install fails, or /etc/slurm/slurm.conf belongs to a real cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "data" / "tiny.yaml"
+SLURM_SCRIPTS = REPO / "tests" / "slurm"
+DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"
+SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+GPU_RULES = ("train", "predict")
+# Exit code of tests/slurm/up.sh for "this machine cannot run SLURM" (a skip, not a failure).
+CANNOT_RUN = 3
+# Result tables compared between the local and the SLURM run, relative to the results folder.
+TABLES = (
+    "restructured/mass/train/manifest.csv",
+    "restructured/mass/test/manifest.csv",
+    "patches/mass/patches.csv",
+    "metrics/tiny/per_image.csv",
+    "metrics/tiny/lesions.csv",
+    "metrics/tiny/summary.csv",
+    "metrics/tiny/froc.csv",
+)
+# Columns that legitimately differ between two runs: wall-clock times and absolute paths of the run folder.
+VOLATILE_COLUMNS = re.compile(r"(^|_)(time|seconds|duration|elapsed|timestamp)s?$|_source$|^source_path$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def job_environment(**extra: str) -> dict[str, str]:
+    """This process's environment with the venv's bin first on PATH, so jobs (local or SLURM) find `mammoseg`.
+
+    SLURM jobs inherit it (the plugin submits with ``--export=ALL``). Thread pools are capped at 2 because the
+    test machine has 2 cores.
+    """
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra)
+    return env
+
+
+def run_snakemake(workdir: Path, *args: str, env: dict[str, str], timeout_s: int) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` on ``workdir/config.yaml``, killed after ``timeout_s``.
+
+    ``timeout -k`` kills the whole run (Snakemake and its children) if it hangs, e.g. on a status query that
+    never returns.
+    """
+    command = [
+        "timeout", "-k", "10", str(timeout_s),
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
+
+
+def write_config(workdir: Path, **sections: dict) -> Path:
+    """The tiny config, with ``sections`` merged in, as ``workdir/config.yaml``."""
+    config = yaml.safe_load(TINY.read_text())
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def adapt_slurm_profile(dest: Path, *, partition: str, cpus: int, mem_mb: int, logdir: Path) -> Path:
+    """profiles/slurm adapted to a site, as docs/cluster.md describes, written to ``dest/config.yaml``.
+
+    Parameters
+    ----------
+    dest : folder of the new profile (created).
+    partition : SLURM partition for every rule (the test cluster has one, ``debug``).
+    cpus : CPUs of the node; ``cores`` and every ``cpus_per_gpu`` are capped to it.
+    mem_mb : memory per job in MB; every ``mem_mb`` is capped to it (a request above the node's RealMemory
+        would never be scheduled).
+    logdir : where the plugin writes one log per SLURM job (kept for successful jobs too).
+    """
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    profile["default-resources"] = {
+        **profile["default-resources"], "slurm_partition": partition,
+        "mem_mb": min(mem_mb, profile["default-resources"]["mem_mb"]), "runtime": 30,
+    }
+    for resources in profile["set-resources"].values():
+        resources.update(slurm_partition=partition, mem_mb=min(mem_mb, resources.get("mem_mb", mem_mb)), runtime=30)
+        if "cpus_per_gpu" in resources:
+            resources["cpus_per_gpu"] = min(cpus, resources["cpus_per_gpu"])
+    profile["cores"] = min(cpus, profile["cores"])
+    profile["latency-wait"] = 5
+    profile["keep-going"] = False
+    # No accounting database here: sacct cannot answer, and no account exists.
+    profile["slurm-status-command"] = "squeue"
+    profile["slurm-no-account"] = True
+    # First status query 1 s after submission instead of 40 s (then +10 s per query without news).
+    profile["slurm-init-seconds-before-status-checks"] = 1
+    profile["slurm-logdir"] = str(logdir)
+    profile["slurm-keep-successful-logs"] = True
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dest
+
+
+def submissions(stdout_and_err: str) -> dict[str, int]:
+    """Count SLURM submissions per log folder (``rule_<name>`` or ``group_<group>_<rules>``) in Snakemake's output.
+
+    The plugin prints ``... submitted with SLURM jobid N (log: <logdir>/<folder>[/<wildcards>...]/N.log)`` for
+    each sbatch.
+    """
+    counts: dict[str, int] = {}
+    pattern = r"submitted with SLURM jobid \d+ \(log: \S*?/((?:rule|group)_[^/\s]+)/\S*?\d+\.log\)"
+    for folder in re.findall(pattern, stdout_and_err):
+        counts[folder] = counts.get(folder, 0) + 1
+    return counts
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A result CSV with run-dependent columns dropped and rows in a canonical order."""
+    table = pd.read_csv(path, keep_default_na=False)
+    table = table.drop(columns=[c for c in table.columns if VOLATILE_COLUMNS.search(c)])
+    return table.sort_values(list(table.columns)).reset_index(drop=True) if len(table.columns) else table
+
+
+def tail(result: subprocess.CompletedProcess, n: int = 6000) -> str:
+    return f"rc={result.returncode}\n--- stdout ---\n{result.stdout[-n:]}\n--- stderr ---\n{result.stderr[-n:]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quick: the profiles
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_slurm_profile_declares_gpu_rules_groups_and_scopes():
+    profile = yaml.safe_load(SLURM_PROFILE.read_text())
+    assert profile["executor"] == "slurm"
+    for rule in GPU_RULES:
+        resources = profile["set-resources"][rule]
+        assert {"gpu", "cpus_per_gpu", "mem_mb", "runtime", "slurm_partition"} <= set(resources), rule
+        assert resources["gpu"] == 1
+    # a cluster gets few jobs of many images, and `gpu` limits each submission, not the whole cluster
+    (per_image,) = [entry for entry in profile["group-components"] if entry.startswith("per_image=")]
+    assert int(per_image.split("=")[1]) > 1
+    assert "gpu=local" in profile["set-resource-scopes"]
+    assert "gpu=1" in profile["resources"]
+
+
+def test_default_profile_is_local_with_one_gpu():
+    profile = yaml.safe_load(DEFAULT_PROFILE.read_text())
+    assert "executor" not in profile  # local
+    assert profile["cores"] == "all"
+    assert "gpu=1" in profile["resources"]
+    assert profile["show-failed-logs"] is True and profile["rerun-incomplete"] is True
+
+
+@pytest.mark.parametrize("profile_args", [(), ("--workflow-profile", str(SLURM_PROFILE.parent))],
+                         ids=["default", "slurm"])
+def test_snakemake_accepts_every_profile_key(tmp_path, profile_args):
+    """A dry run reads the profile: an unknown key or a malformed value is an error before any DAG is built."""
+    write_config(tmp_path)
+    # no SLURM needed: a dry run never submits
+    result = run_snakemake(tmp_path, "-n", *profile_args, env=job_environment(), timeout_s=120)
+    assert result.returncode == 0, tail(result)
+    used = re.search(r"Using workflow specific profile (\S+)", result.stdout + result.stderr)
+    assert used is not None, tail(result)
+    expected = "profiles/slurm" if profile_args else "profiles/default"
+    assert used.group(1).rstrip("/").endswith(expected), used.group(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slow: a real SLURM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A running single-node SLURM (tests/slurm/up.sh); stopped by its pid files (tests/slurm/down.sh) after."""
+    if os.geteuid() != 0:
+        pytest.skip("SLURM test needs root (installs Debian packages, starts munged/slurmctld/slurmd)")
+    if not (shutil.which("slurmctld") or shutil.which("apt-get")):
+        pytest.skip("SLURM test needs Debian's slurmctld package or apt-get to install it")
+    state = tmp_path_factory.mktemp("slurm")
+    started = time.monotonic()
+    up = subprocess.run(["bash", str(SLURM_SCRIPTS / "up.sh"), str(state)], capture_output=True, text=True,
+                        timeout=900)
+    bring_up_s = time.monotonic() - started
+    try:
+        if up.returncode == CANNOT_RUN:
+            pytest.skip(f"SLURM cannot run here: {up.stderr.strip().splitlines()[-1]}")
+        assert up.returncode == 0, f"tests/slurm/up.sh failed:\n{up.stdout}\n{up.stderr}"
+        yield {"state": state, "env": {"SLURM_CONF": str(state / "etc" / "slurm.conf")}, "bring_up_s": bring_up_s}
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "down.sh"), str(state)], capture_output=True, timeout=120)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tmp_path_factory):
+    deterministic = {"train": {"deterministic": True}}
+    local_dir = tmp_path_factory.mktemp("local")
+    slurm_dir = tmp_path_factory.mktemp("slurm-run")
+    write_config(local_dir, **deterministic)
+    write_config(slurm_dir, **deterministic)
+
+    started = time.monotonic()
+    local = run_snakemake(local_dir, "--cores", "2", "--resources", "gpu=1", env=job_environment(), timeout_s=1200)
+    local_s = time.monotonic() - started
+    assert local.returncode == 0, "local run failed:\n" + tail(local)
+
+    profile = adapt_slurm_profile(slurm_dir / "site-profile", partition="debug", cpus=os.cpu_count() or 1,
+                                  mem_mb=1000, logdir=slurm_dir / "slurm-logs")
+    started = time.monotonic()
+    cluster = run_snakemake(slurm_dir, "--workflow-profile", str(profile),
+                            env=job_environment(**slurm_cluster["env"]), timeout_s=1500)
+    slurm_s = time.monotonic() - started
+    print(f"\nSLURM bring-up {slurm_cluster['bring_up_s']:.1f} s; tiny run local {local_s:.0f} s, "
+          f"under SLURM {slurm_s:.0f} s")
+    assert cluster.returncode == 0, "SLURM run failed:\n" + tail(cluster)
+
+    # every job went through sbatch; the per-image jobs were grouped into few submissions
+    output = cluster.stdout + cluster.stderr
+    counts = submissions(output)
+    test_images = pd.read_csv(slurm_dir / "results/restructured/mass/test/manifest.csv")["image_id"].nunique()
+    assert counts.get("rule_train") == 1, counts
+    group_jobs = sum(n for folder, n in counts.items() if folder.startswith("group_per_image"))
+    per_image = int(yaml.safe_load(SLURM_PROFILE.read_text())["group-components"][0].split("=")[1])
+    assert group_jobs == -(-test_images // per_image), (counts, test_images)
+    assert set(re.findall(r"localrule (\w+):", output)) <= {"all"}, "a rule ran on the submit host"
+
+    # training saw the fake GPU's CUDA_VISIBLE_DEVICES=0 and still ran on the CPU build of TensorFlow
+    slurm_report = json.loads((slurm_dir / "results/models/tiny/report.json").read_text())
+    assert slurm_report["cuda_visible_devices"] == "0", slurm_report
+    assert slurm_report["device"].startswith("CPU"), slurm_report
+    assert "CUDA_VISIBLE_DEVICES='0'" in (slurm_dir / "results/logs/train/tiny.log").read_text()
+
+    # same tables, exactly (deterministic training, same seeds)
+    for relative in TABLES:
+        local_table = read_table(local_dir / "results" / relative)
+        slurm_table = read_table(slurm_dir / "results" / relative)
+        assert len(local_table) > 0, f"{relative} is empty in the local run"
+        pd.testing.assert_frame_equal(slurm_table, local_table, check_exact=True, obj=relative)
