@@ -13,31 +13,10 @@ import pytest
 from sklearn.metrics import f1_score, jaccard_score
 
 from mammoseg import evaluate, infer
+from dicom_helpers import write_test_dicom
 
 SHAPE = (64, 80)
 HIT, MISSED_LEVEL, FP_LEVEL = 230, 100, 200  # uint8 probability levels (0.90, 0.39, 0.78)
-
-
-def _write_dicom(path: Path, pixels: np.ndarray) -> None:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
 def _box(r0, c0, r1, c1):
@@ -64,9 +43,9 @@ def build_case(tmp_path: Path):
     rows = []
     for image_id, rois in lesions.items():
         image = np.full(SHAPE, 1000, dtype=np.uint16)
-        _write_dicom(root / "images" / f"{image_id}.dcm", image)
+        write_test_dicom(root / "images" / f"{image_id}.dcm", image)
         for roi_id, mask in rois.items():
-            _write_dicom(root / "masks" / f"{roi_id}.dcm", mask.astype(np.uint16) * 255)
+            write_test_dicom(root / "masks" / f"{roi_id}.dcm", mask.astype(np.uint16) * 255)
             rows.append({"roi_id": roi_id, "image_id": image_id, "image_path": f"images/{image_id}.dcm",
                          "mask_path": f"masks/{roi_id}.dcm"})
         meta = {"mode": "paper", "threshold": 0.5}
@@ -177,6 +156,6 @@ def test_unknown_image_and_mismatched_mask_are_clear_errors(tmp_path):
     npz = tmp_path / "pred" / "P_1_LEFT_CC.prob.npz"
     with pytest.raises(ValueError, match="no ROI row for image_id"):
         evaluate.run_evaluate(CONFIG, npz, manifest, "P_9_LEFT_CC", tmp_path / "x.json", tmp_path / "x.png")
-    _write_dicom(manifest.parent / "masks" / "P_1_LEFT_CC_2.dcm", np.zeros((10, 10), np.uint16))
+    write_test_dicom(manifest.parent / "masks" / "P_1_LEFT_CC_2.dcm", np.zeros((10, 10), np.uint16))
     with pytest.raises(ValueError, match="P_1_LEFT_CC_2.dcm: mask shape"):
         evaluate.run_evaluate(CONFIG, npz, manifest, "P_1_LEFT_CC", tmp_path / "x.json", tmp_path / "x.png")

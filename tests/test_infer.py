@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mammoseg import infer
+from dicom_helpers import write_test_dicom
 from mammoseg.infer import BreastSide
 
 WINDOW, DOWNSCALE = 32, 4  # model input s = 8
@@ -246,30 +247,9 @@ def test_model_input_mismatch_is_a_clear_error(oracle_model_path):
         infer.load_model(oracle_model_path.parent / "missing.keras")
 
 
-def _write_dicom(path: Path, pixels: np.ndarray) -> None:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-
-
 def test_run_predict_stage_writes_both_files(oracle_model_path, tmp_path):
     image, truth = paper_image(BreastSide.RIGHT)
-    _write_dicom(tmp_path / "img.dcm", image)
+    write_test_dicom(tmp_path / "img.dcm", image)
     config = {"patches": {"n": 5, "downscale": 4}, "infer": {"min_mean": 0.05, "batch_size": 2}}
     meta = infer.run_predict(config, oracle_model_path, tmp_path / "img.dcm", tmp_path / "p" / "img.prob.npz",
                              tmp_path / "p" / "img.mask.png")

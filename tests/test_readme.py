@@ -17,3 +17,11 @@ def test_quickstart_commands_are_the_ci_commands(repo_root):
     assert "make test" in (repo_root / ".ci" / "run").read_text()
     makefile = (repo_root / "Makefile").read_text()
     assert "\ndemo:" in makefile and "\ntest:" in makefile
+
+
+def test_every_skip_reason_is_documented(repo_root):
+    from mammoseg.restructure import SKIP_REASONS
+
+    readme = (repo_root / "README.md").read_text()
+    for code in SKIP_REASONS:
+        assert f"`{code}`" in readme, code
