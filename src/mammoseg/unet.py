@@ -58,6 +58,7 @@ def build_unet(
     kernel_size: int = 3,
     max_filters: int | None = 1024,
     convs_per_level: int = 2,
+    bn_momentum: float = 0.99,
     name: str = "unet",
 ):
     """Build a U-Net (defaults: the paper's model).
@@ -75,6 +76,9 @@ def build_unet(
     kernel_size : side of the convolution kernels in pixels.
     max_filters : cap on the filters of a level; ``None`` or 0 = no cap.
     convs_per_level : convolutions (+ batch norm + ReLU) per level.
+    bn_momentum : momentum of the batch-norm moving statistics (Keras default 0.99). With a few hundred
+        patches an epoch is a few dozen steps, and 0.99 leaves the moving statistics that inference uses far
+        from the batch statistics training saw for many epochs; 0.9 converges ten times sooner.
 
     Returns
     -------
@@ -92,7 +96,7 @@ def build_unet(
             x = layers.Conv2D(width, kernel_size, padding="same", kernel_initializer="he_normal",
                               name=f"{prefix}_conv{index + 1}")(x)
             if batch_norm:
-                x = layers.BatchNormalization(name=f"{prefix}_bn{index + 1}")(x)
+                x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_bn{index + 1}")(x)
             x = layers.Activation("relu", name=f"{prefix}_relu{index + 1}")(x)
         if dropout > 0:
             x = layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
@@ -107,7 +111,7 @@ def build_unet(
             x = layers.Conv2D(width, kernel_size, padding="same", kernel_initializer="he_normal",
                               name=f"{prefix}_upconv")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{prefix}_upbn")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_upbn")(x)
         return layers.Activation("relu", name=f"{prefix}_uprelu")(x)
 
     inputs = keras.Input(shape=tuple(input_shape), name="patch")
@@ -190,7 +194,7 @@ def input_size(patch_cfg: dict[str, Any]) -> int:
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The :func:`build_unet` keyword arguments from the config's ``model`` section."""
     keys = ("depth", "filters", "batch_norm", "dropout", "upsampling", "kernel_size", "max_filters",
-            "convs_per_level", "name")
+            "convs_per_level", "bn_momentum", "name")
     return {key: model_cfg[key] for key in keys if key in model_cfg}
 
 
