@@ -166,3 +166,23 @@ def test_downscale_matches_reshape_mean_reference(factor, h, w, seed, offset):
     expected = (view.reshape(h, factor, w, factor).mean(axis=(1, 3)) >= 0.5).astype(np.uint8)
     np.testing.assert_array_equal(downscale_mask(view, factor), expected)
     np.testing.assert_array_equal(downscale_mask(view.astype(np.uint8) * 255, factor), expected)
+
+
+def test_negative_windows_avoid_lesions_and_dark_background():
+    from mammoseg.patches import plan_negative_windows, roi_rng
+
+    image = np.zeros((200, 160), np.float32)
+    image[:, 60:] = 1000.0  # breast on the right, black on the left
+    lesions = np.zeros(image.shape, bool)
+    lesions[90:110, 100:120] = True
+    corners = plan_negative_windows(lesions, image, 32, 6, 0.5, roi_rng(0, "img"))
+    assert len(corners) == 6
+    for r, c in corners:
+        window_lesion = lesions[r:r + 32, c:c + 32]
+        window = image[r:r + 32, c:c + 32]
+        assert not window_lesion.any()
+        assert window.mean() >= 0.5 * image.max()
+    # deterministic per generator seed, and impossible requests return nothing rather than looping
+    assert corners == plan_negative_windows(lesions, image, 32, 6, 0.5, roi_rng(0, "img"))
+    assert plan_negative_windows(np.ones_like(lesions), image, 32, 3, 0.0, roi_rng(0, "img")) == []
+    assert plan_negative_windows(lesions, image, 256, 3, 0.0, roi_rng(0, "img")) == []

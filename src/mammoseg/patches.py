@@ -45,6 +45,7 @@ __all__ = [
     "roi_rng",
     "shift_offsets",
     "plan_crops",
+    "plan_negative_windows",
     "crop",
 ]
 
@@ -286,3 +287,53 @@ def crop(array: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
     if row < 0 or col < 0 or row + size > array.shape[0] or col + size > array.shape[1]:
         raise ValueError(f"window ({row}, {col}) + {size} does not lie inside an array of shape {array.shape}")
     return array[row : row + size, col : col + size]
+
+
+def plan_negative_windows(
+    lesions: np.ndarray,
+    image: np.ndarray,
+    size: int,
+    count: int,
+    min_mean: float,
+    rng: np.random.Generator,
+    max_tries: int = 200,
+) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``count`` lesion-free windows that inference would not skip as dark.
+
+    Beyond the paper (``patches.n_negative``, default 0): the paper trains only on windows around lesions, so its
+    network never sees the lesion-free tissue that fills most inference windows, one source of its 3.65 false
+    positives per image. A window qualifies when it holds no lesion pixel and its mean is at least ``min_mean``
+    times the image maximum (the rule :mod:`mammoseg.infer` uses to skip dark windows).
+
+    Parameters
+    ----------
+    lesions : bool (rows, cols), union of the image's ROI masks
+    image : (rows, cols) intensities
+    size : window side in pixels; must fit the image
+    count : wanted windows; fewer are returned when ``max_tries`` random draws do not find them
+    min_mean : fraction of the image maximum
+    rng : generator (seed it from the image id for determinism)
+
+    Returns
+    -------
+    list of (row, col) in full-image pixels, in draw order.
+    """
+    rows, cols = image.shape
+    if count <= 0 or size > rows or size > cols:
+        return []
+    # summed-area tables: O(1) lesion count and mean per candidate window
+    lesion_sum = np.pad(lesions.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    value_sum = np.pad(image.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def window_sum(table: np.ndarray, r: int, c: int) -> float:
+        return table[r + size, c + size] - table[r, c + size] - table[r + size, c] + table[r, c]
+
+    floor = min_mean * float(image.max()) * size * size
+    chosen: list[tuple[int, int]] = []
+    for _ in range(max_tries):
+        r, c = int(rng.integers(0, rows - size + 1)), int(rng.integers(0, cols - size + 1))
+        if window_sum(lesion_sum, r, c) == 0 and window_sum(value_sum, r, c) >= floor:
+            chosen.append((r, c))
+            if len(chosen) == count:
+                break
+    return chosen
