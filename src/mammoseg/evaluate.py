@@ -296,6 +296,7 @@ def _plot_froc(froc: pd.DataFrame, path: Path, model: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for min_area, group in froc.groupby("min_area", sort=True):
@@ -305,6 +306,10 @@ def _plot_froc(froc: pd.DataFrame, path: Path, model: str) -> None:
     for budget in FPPI_BUDGETS:
         ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
     ax.set_xscale("symlog", linthresh=0.5)
+    # FPPI is never negative: without a left limit symlog shows a mirrored negative axis
+    ax.set_xlim(left=0, right=max(8.0, float(froc["fppi"].max()) * 1.2 if len(froc) else 8.0))
+    ax.set_xticks([0, 0.5, 1, 2, 4, 8] + ([16, 64, 256] if len(froc) and froc["fppi"].max() > 12 else []))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("false positives per image (FPPI)")
     ax.set_ylabel("true positive rate (lesions detected)")
     ax.set_ylim(-0.02, 1.02)
