@@ -1,6 +1,7 @@
 # Helpers shared by all rules -- the validated config, result paths, and the input functions that read the
 # restructured manifests once the `restructure` checkpoint has run.
 
+import functools
 import json
 import os
 
@@ -39,7 +40,27 @@ def manifest_path(split):
 
 
 def read_manifest(split):
-    return pd.read_csv(manifest_path(split), dtype=str, keep_default_na=False)
+    path = manifest_path(split)
+    return _files_by_image(path, os.path.getmtime(path))[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _files_by_image(path, mtime):
+    """The manifest and {image_id: (image path, [mask paths])}, parsed once per manifest version.
+
+    Input functions run once per job while the DAG is built (hundreds of test images at CBIS scale): parsing
+    the CSV once, not per call, keeps a dry run within seconds.
+    """
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    files = {}
+    for image_id, rows in manifest.groupby("image_id", sort=True):
+        files[image_id] = (rows["image_path"].iloc[0], list(rows["mask_path"]))
+    return manifest, files
+
+
+def image_files(split, image_id):
+    path = manifest_path(split)
+    return _files_by_image(path, os.path.getmtime(path))[1][image_id]
 
 
 def restructured(split, relative):
@@ -59,13 +80,11 @@ def test_image_ids():
 
 def test_image(wildcards):
     # From the manifest, not a fixed suffix: the Kaggle layout restructures to .jpg/.png files.
-    manifest = read_manifest("test")
-    return restructured("test", manifest.loc[manifest["image_id"] == wildcards.image_id, "image_path"].iloc[0])
+    return restructured("test", image_files("test", wildcards.image_id)[0])
 
 
 def test_masks(wildcards):
-    manifest = read_manifest("test")
-    return [restructured("test", p) for p in manifest.loc[manifest["image_id"] == wildcards.image_id, "mask_path"]]
+    return [restructured("test", p) for p in image_files("test", wildcards.image_id)[1]]
 
 
 def all_image_jsons(wildcards):
