@@ -104,14 +104,3 @@ def test_benchmark_indexing(tmp_path):
     assert result["bare_s"] > 0 and result["index_s"] > 0
     assert result["ratio"] == pytest.approx(result["index_files_per_s"] / result["bare_files_per_s"])
 
-
-@pytest.mark.slow
-def test_benchmark_rate_goal(tmp_path, cbis_csv_dir):
-    """Indexing keeps up with bare dcmread (goal 0.8x) on a CBIS-scale tree of real CSV rows."""
-    synth.tree_from_csv([cbis_csv_dir / "mass_case_description_test_set.csv"], tmp_path, layout="nbia")
-    result = benchmark_indexing(tmp_path, repeats=3)
-    assert result["n_files"] > 1000
-    # the per-file work (parse, values, truncation check) against bare dcmread on the same list; the end-to-end
-    # ratio also pays for walking the tree (~0.1 ms a file here), which the bare loop gets for free
-    assert result["ratio_records"] >= 0.8, result
-    assert result["ratio"] >= 0.5, result

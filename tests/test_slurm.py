@@ -251,7 +251,8 @@ def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tmp_path_fact
     group_jobs = sum(n for folder, n in counts.items() if folder.startswith("group_per_image"))
     per_image = int(yaml.safe_load(SLURM_PROFILE.read_text())["group-components"][0].split("=")[1])
     assert group_jobs == -(-test_images // per_image), (counts, test_images)
-    assert set(re.findall(r"localrule (\w+):", output)) <= {"all"}, "a rule ran on the submit host"
+    # only `all` and the rules the Snakefile declares `localrules` (seconds of work each) may run on the submit host
+    assert set(re.findall(r"localrule (\w+):", output)) <= {"all", "fingerprint", "patch_manifest"}, output[-3000:]
 
     # training saw the fake GPU's CUDA_VISIBLE_DEVICES=0 and still ran on the CPU build of TensorFlow
     slurm_report = json.loads((slurm_dir / "results/models/tiny/report.json").read_text())

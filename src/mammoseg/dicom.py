@@ -305,7 +305,30 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
             raise DicomReadError(path, "unreadable", f"cannot read the dataset: {type(exc).__name__}: {exc}") from None
 
 
+#: Largest image side accepted, in pixels. CBIS-DDSM images are at most ~7,000 px; a corrupt Rows/Columns
+#: would otherwise make the decoder allocate rows x cols x frames buffers of many GiB before failing (the fuzz
+#: tests saw a test process grow to 18 GiB that way).
+MAX_IMAGE_SIDE = 16384
+MAX_FRAMES = 1
+
+
+def _check_dimensions(path: Path, ds: pydicom.Dataset) -> None:
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise DicomReadError(path, "bad_header", f"unreadable image dimensions: {exc}") from None
+    if not (0 < rows <= MAX_IMAGE_SIDE and 0 < cols <= MAX_IMAGE_SIDE) or frames != MAX_FRAMES or samples != 1:
+        raise DicomReadError(
+            path, "bad_header",
+            f"{rows} x {cols} px, {frames} frame(s), {samples} sample(s) per pixel: not a single-frame greyscale "
+            f"image of at most {MAX_IMAGE_SIDE} px a side",
+        )
+
+
 def _decode(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    _check_dimensions(path, ds)
     try:
         pixels = ds.pixel_array
     except (KeyboardInterrupt, SystemExit):

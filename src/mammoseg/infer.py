@@ -582,8 +582,9 @@ def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Pat
                      timeout_s: float = 1200) -> dict:
     """Run :func:`run_predict` in a fresh Python process and report its peak resident memory.
 
-    The child reports its own ``ru_maxrss`` (KiB on Linux), so TensorFlow, the model and the image are all
-    included and nothing from this process is counted.
+    The child reports the high-water mark of its own address space (``VmHWM`` in ``/proc/self/status``), so
+    TensorFlow, the model and the image are all included and nothing from this process is counted. Not
+    ``ru_maxrss``: Linux keeps that across fork and exec, so a child of a large parent reports the parent's size.
 
     Returns
     -------
@@ -598,8 +599,9 @@ def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Pat
         "from mammoseg.infer import run_predict\n"
         "a = json.loads(sys.argv[1])\n"
         "meta = run_predict(a['config'], a['model'], a['image'], a['prob'], a['mask'])\n"
-        "print('RSS_JSON=' + json.dumps({'maxrss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-        " 'meta': meta}, default=str))\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print('RSS_JSON=' + json.dumps({'maxrss_kib': kib, 'meta': meta}, default=str))\n"
     )
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, payload], capture_output=True, text=True,
