@@ -317,8 +317,8 @@ def _check_dimensions(path: Path, ds: pydicom.Dataset) -> None:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (TypeError, ValueError) as exc:
-        raise DicomReadError(path, "bad_header", f"unreadable image dimensions: {exc}") from None
+    except Exception as exc:  # a corrupt header can fail in pydicom in many ways (unknown VR, bad length, ...)
+        raise DicomReadError(path, "bad_header", f"unreadable image dimensions: {type(exc).__name__}: {exc}") from None
     if not (0 < rows <= MAX_IMAGE_SIDE and 0 < cols <= MAX_IMAGE_SIDE) or frames != MAX_FRAMES or samples != 1:
         raise DicomReadError(
             path, "bad_header",
