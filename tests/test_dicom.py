@@ -256,3 +256,19 @@ def test_hostile_patient_id_survives_indexing(tmp_path):
     path = write(tmp_path / "h.dcm", np.zeros((4, 4), np.uint8), header=header)
     record = header_record(path)
     assert record["readable"] and record["PatientID"].startswith("../../evil\x00")
+
+
+def test_corrupt_dimension_element_is_a_bad_header(tmp_path):
+    """Found by the fuzz test: a Rows element whose VR is garbage made pydicom raise NotImplementedError."""
+    from dicom_helpers import write_test_dicom
+
+    from mammoseg.dicom import DicomReadError, read_mammogram
+
+    path = write_test_dicom(tmp_path / "x.dcm", np.arange(64 * 48, dtype=np.uint16).reshape(64, 48))
+    data = bytearray(path.read_bytes())
+    at = data.find(bytes([0x28, 0x00, 0x10, 0x00]))  # (0028,0010) Rows, explicit VR little endian
+    data[at + 4:at + 6] = b"TS"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(path)
+    assert info.value.reason == "bad_header" and "x.dcm" in str(info.value)
