@@ -712,13 +712,18 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 40, n_test: int = 12
                 shutil.copyfile(staging / "csv" / name, staging / "CBIS-DDSM" / "csv" / name)
         summary = _summary(truth_images, truth_rois, truth_files, layout=layout, abnormality=abnormality,
                            seed=seed, rows=rows, cols=cols, csv_files=csv_files)
-        truth = {"summary": summary, "images": truth_images, "rois": truth_rois, "files": truth_files}
-        (staging / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
-        _publish(staging, out_dir, ["CBIS-DDSM", "csv", "truth.json"])
+        _publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _publish_with_truth(staging: Path, out_dir: Path, summary: dict, images: list, rois: list, files: list) -> None:
+    """Write truth.json into the staging folder, then move the tree, the CSVs and truth.json into ``out_dir``."""
+    truth = {"summary": summary, "images": images, "rois": rois, "files": files}
+    (staging / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
+    _publish(staging, out_dir, ["CBIS-DDSM", "csv", "truth.json"])
 
 
 def _write_image(writer: _TreeWriter, image: ImagePlan, rng: np.random.Generator, *, rows: int, cols: int,
@@ -967,9 +972,7 @@ def tree_from_csv(csv_paths: Iterable[str | Path], out_dir: str | Path, *, layou
         writer.finish()
         summary = _summary(truth_images, truth_rois, truth_files, layout=layout, seed=seed, rows=rows, cols=cols,
                            csv_files=csv_files)
-        truth = {"summary": summary, "images": truth_images, "rois": truth_rois, "files": truth_files}
-        (staging / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
-        _publish(staging, out_dir, ["CBIS-DDSM", "csv", "truth.json"])
+        _publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
