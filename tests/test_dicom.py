@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
@@ -272,3 +274,153 @@ def test_corrupt_dimension_element_is_a_bad_header(tmp_path):
     with pytest.raises(DicomReadError) as info:
         read_mammogram(path)
     assert info.value.reason == "bad_header" and "x.dcm" in str(info.value)
+
+
+# --- the direct decoder: read once, decode without pydicom's runner, same pixels ----------------------------
+
+
+def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stored=None, signed=False):
+    """A file holding ``pixels``; ``stored`` replaces the pixel bytes after the header is built (garbage high bits)."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = build_dataset(pixels, HEADER, bits_stored=bits_stored)
+    if signed:
+        ds.PixelRepresentation = 1
+    if stored is not None:
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    if rle:
+        ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    elif implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    return path
+
+
+def _direct_cases():
+    image = ramp(37, 23, top=4000)  # odd sizes: 8-bit native data are padded to an even length
+    mask = np.zeros((37, 23), np.uint8)
+    mask[5:20, 3:11] = 255
+    garbage = image | np.uint16(0xF000)  # 12 stored bits, the 4 unused high bits set
+    return {
+        "rle16": dict(pixels=image, rle=True),
+        "rle8": dict(pixels=mask, rle=True),
+        "native16": dict(pixels=image, rle=False),
+        "native8_odd": dict(pixels=mask, rle=False),
+        "implicit16": dict(pixels=image, rle=False, implicit=True),
+        "native12_high_bits": dict(pixels=image, rle=False, bits_stored=12, stored=garbage),
+        "rle12_high_bits": dict(pixels=image, rle=True, bits_stored=12, stored=garbage),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_direct_cases()))
+def test_direct_decode_equals_pydicom(tmp_path, monkeypatch, case):
+    from mammoseg import dicom
+
+    path = _file(tmp_path, f"{case}.dcm", **_direct_cases()[case])
+    expected = pydicom.dcmread(path).pixel_array  # pydicom's own decoders are the reference
+    # the direct path must serve these files: pydicom's decode path is disabled for the read
+    monkeypatch.setattr(dicom, "_decode", lambda *a: pytest.fail("fell back to pydicom's pixel_array"))
+    raw, photometric, bits = dicom.read_raw_pixels(path)
+    assert raw.dtype == expected.dtype and raw.shape == expected.shape and photometric == "MONOCHROME2"
+    np.testing.assert_array_equal(raw, expected)
+    if case.endswith("high_bits"):
+        assert bits == 12 and int(raw.max()) < 4096  # the garbage bits are cleared, as pydicom does
+    if expected.dtype == np.uint16:
+        np.testing.assert_array_equal(read_mammogram(path), expected)  # no LUT: the stored values as they are
+
+
+def test_signed_pixels_go_through_pydicom(tmp_path, monkeypatch):
+    from mammoseg import dicom
+
+    pixels = ramp(20, 16, top=300)
+    path = _file(tmp_path, "signed.dcm", pixels, rle=True, signed=True)
+    calls = []
+    original = dicom._decode
+    monkeypatch.setattr(dicom, "_decode", lambda *a: calls.append(1) or original(*a))
+    raw, _, _ = dicom.read_raw_pixels(path)
+    assert calls and raw.dtype == np.int16
+    np.testing.assert_array_equal(raw, pydicom.dcmread(path).pixel_array)
+
+
+def test_corrupt_rle_stream_is_undecodable(tmp_path):
+    path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)
+    data = bytearray(path.read_bytes())
+    # Pixel Data (12 bytes), the offset table item (8 + 4), the fragment item (8), its 64-byte RLE header: then
+    # the segments, overwritten with PackBits no-ops, which decode to nothing
+    segments = data.find(b"\xe0\x7f\x10\x00") + 12 + 12 + 8 + 64
+    data[segments:len(data) - 8] = b"\x80" * (len(data) - 8 - segments)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(path)
+    assert info.value.reason == "undecodable" and "rle.dcm" in str(info.value)
+    with pytest.raises(Exception):  # pydicom agrees that the stream is corrupt
+        pydicom.dcmread(path).pixel_array  # noqa: B018
+
+
+# --- mask binarisation and the binary fraction against plain definitions -----------------------------------
+
+
+def _reference_mask(pixels):
+    """The rule written the slow, obvious way: foreground above half the maximum; clean = two values only."""
+    values = pixels.astype(np.float64)
+    top = values.max()
+    if top <= 0:
+        return np.zeros(pixels.shape, bool), "empty"
+    mask = values > top / 2
+    clean = all((v == top) if v > top / 2 else (v == values.min()) for v in np.unique(values))
+    return mask, "clean" if clean else "thresholded"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mask_from_pixels_matches_reference(data):
+    from mammoseg.dicom import mask_from_pixels
+
+    dtype = data.draw(st.sampled_from([np.uint8, np.uint16]))
+    top = np.iinfo(dtype).max
+    values = data.draw(st.lists(st.sampled_from([0, 1, 2, 127, 128, 200, top - 1, top]), min_size=1, max_size=4,
+                                unique=True))  # fmt: skip
+    shape = (data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)))
+    pixels = np.asarray(data.draw(st.lists(st.sampled_from(values), min_size=shape[0] * shape[1],
+                                           max_size=shape[0] * shape[1])), dtype=dtype).reshape(shape)  # fmt: skip
+    read = mask_from_pixels(pixels)
+    mask, kind = _reference_mask(pixels)
+    np.testing.assert_array_equal(read.mask, mask)
+    assert {"": "clean", "empty mask": "empty"}.get(read.note, "thresholded") == kind, read.note
+    if kind == "thresholded":
+        assert f"{len(np.unique(pixels))} distinct values" in read.note
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_binary_fraction_matches_float_definition(data):
+    dtype = data.draw(st.sampled_from([np.uint8, np.uint16]))
+    n = data.draw(st.integers(2, 60))
+    pixels = np.asarray(data.draw(st.lists(st.integers(0, int(np.iinfo(dtype).max)), min_size=n, max_size=n)),
+                        dtype=dtype).reshape(1, n)  # fmt: skip
+    values = pixels.astype(np.float64)
+    low, high = values.min(), values.max()
+    band = 0.05 * (high - low)
+    expected = 1.0 if high == low else float(np.mean((values <= low + band) | (values >= high - band)))
+    assert binary_fraction(pixels) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_mask_read_bbox_is_the_foreground_box(data):
+    """The box found while binarising equals a box computed from the finished mask (None when empty)."""
+    from mammoseg.dicom import mask_from_pixels
+    from mammoseg.patches import mask_bbox
+
+    rows, cols = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
+    pixels = np.zeros((rows, cols), np.uint8)
+    for _ in range(data.draw(st.integers(0, 3))):
+        r0, c0 = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
+        r1, c1 = data.draw(st.integers(r0 + 1, rows)), data.draw(st.integers(c0 + 1, cols))
+        pixels[r0:r1, c0:c1] = data.draw(st.sampled_from([1, 100, 200, 255]))
+    read = mask_from_pixels(pixels)
+    if read.mask.any():
+        assert read.bbox == mask_bbox(read.mask)
+    else:
+        assert read.bbox is None

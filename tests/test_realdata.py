@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from mammoseg.dicom import header_record, read_mammogram, read_raw_pixels
@@ -69,9 +70,12 @@ def test_real_files_decode(real_files):
         raw, photometric, bits = read_raw_pixels(path)
         assert raw.dtype == np.uint16 and raw.shape == (record["Rows"], record["Columns"])
         assert 4000 < raw.shape[0] < 5000 and 2500 < raw.shape[1] < 3000 and photometric == "MONOCHROME2"
+        # the file is read once and decoded straight by pylibjpeg-rle: exactly what pydicom's pixel_array gives
+        np.testing.assert_array_equal(raw, pydicom.dcmread(path).pixel_array)
         image = read_mammogram(path)
-        assert image.dtype == np.float32 and image.shape == raw.shape
-        np.testing.assert_array_equal(image[::97, ::89], raw[::97, ::89].astype(np.float32))  # no rescale in CBIS
+        # no rescale, MONOCHROME2 (as in all of CBIS-DDSM): the stored values themselves, no float copy
+        assert image.dtype == np.uint16 and image.shape == raw.shape
+        np.testing.assert_array_equal(image, raw)
         assert image.max() > image.min()
 
 
