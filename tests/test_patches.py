@@ -186,3 +186,46 @@ def test_negative_windows_avoid_lesions_and_dark_background():
     assert corners == plan_negative_windows(lesions, image, 32, 6, 0.5, roi_rng(0, "img"))
     assert plan_negative_windows(np.ones_like(lesions), image, 32, 3, 0.0, roi_rng(0, "img")) == []
     assert plan_negative_windows(lesions, image, 256, 3, 0.0, roi_rng(0, "img")) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_mask_window_downscale_equals_cropping_the_whole_window(data):
+    """The bbox-restricted downscale counts only the lesion's blocks; it must equal the plain crop + downscale."""
+    from mammoseg.patches import downscale_mask_window
+
+    factor = data.draw(st.sampled_from([1, 2, 3, 4]))
+    size = factor * data.draw(st.integers(1, 8))
+    rows, cols = data.draw(st.integers(size, size + 20)), data.draw(st.integers(size, size + 20))
+    r0, c0 = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
+    r1, c1 = data.draw(st.integers(r0 + 1, rows)), data.draw(st.integers(c0 + 1, cols))
+    mask = np.zeros((rows, cols), bool)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    mask[r0:r1, c0:c1] = rng.random((r1 - r0, c1 - c0)) < rng.random()
+    mask[r0, c0] = True
+    bbox = mask_bbox(mask)
+    row, col = data.draw(st.integers(0, rows - size)), data.draw(st.integers(0, cols - size))
+    expected = downscale_mask(crop(mask, row, col, size), factor)
+    np.testing.assert_array_equal(downscale_mask_window(mask, row, col, size, factor, bbox), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), count=st.integers(1, 6), min_mean=st.floats(0, 0.9))
+def test_negative_windows_match_brute_force_choice(seed, count, min_mean):
+    """The planner draws corners in order and keeps a window iff it is lesion-free and bright enough."""
+    from mammoseg.patches import plan_negative_windows, roi_rng
+
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 4096, size=(48, 40)).astype(np.uint16)
+    lesions = rng.random(image.shape) < 0.002
+    size = 16
+    got = plan_negative_windows(lesions, image, size, count, min_mean, roi_rng(seed, "x"), max_tries=50)
+    draws, expected = roi_rng(seed, "x"), []
+    for _ in range(50):
+        r, c = int(draws.integers(0, 48 - size + 1)), int(draws.integers(0, 40 - size + 1))
+        window = image[r:r + size, c:c + size].astype(np.float64)
+        if not lesions[r:r + size, c:c + size].any() and window.mean() >= min_mean * image.max():
+            expected.append((r, c))
+            if len(expected) == count:
+                break
+    assert got == expected
