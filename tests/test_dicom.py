@@ -424,3 +424,26 @@ def test_mask_read_bbox_is_the_foreground_box(data):
         assert read.bbox == mask_bbox(read.mask)
     else:
         assert read.bbox is None
+
+
+@pytest.mark.parametrize("rle", [False, True], ids=["native", "rle"])
+def test_header_longer_than_the_prefix_is_parsed_from_the_file(tmp_path, rle):
+    """Headers are parsed from the first HEADER_PREFIX bytes; a longer one (a big private element before the
+    pixels) must give the same record and pixels as any other file."""
+    from mammoseg.dicom import HEADER_PREFIX, read_raw_pixels
+
+    pixels = ramp(30, 20, top=3000)
+    ds = build_dataset(pixels, HEADER)
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * (HEADER_PREFIX // 256 + 7))  # private, past the prefix
+    if rle:
+        ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    path = tmp_path / "long.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    record = header_record(path)
+    assert record["readable"] and (record["Rows"], record["Columns"]) == (30, 20), record
+    assert record["PatientID"] == HEADER.patient_id
+    np.testing.assert_array_equal(read_raw_pixels(path)[0], pixels)
+    # the same file cut inside that element is truncated, not read
+    data = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: HEADER_PREFIX + 100])
+    assert header_record(tmp_path / "cut.dcm")["reason"] == "truncated"
