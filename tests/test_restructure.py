@@ -72,6 +72,8 @@ def test_layout_reconciles_with_truth(synth_tree, split, tmp_path):
         assert int(row.abnormality_id) == expected["abnormality_id"]
         assert row.pathology == expected["pathology"] and row.assessment == str(expected["assessment"])
         assert row.margins == expected["mass margins"]  # literal 'NA' stays 'NA'
+        assert row.shape == expected["mass shape"] and row.calc_type == row.calc_distribution == ""
+        assert row.breast_density in {"1", "2", "3", "4"}
         assert (out / row.mask_path).is_symlink() and (out / row.image_path).is_symlink()
 
 
@@ -94,6 +96,17 @@ def test_calcifications_same_code(tmp_path):
     manifest, _ = _check_accounting(summary, tmp_path / "out")
     assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"] if r["split"] == "train" and r["fate"] == "kept"}
     assert (manifest["abnormality"] == "calc").all() and summary["collection"] == "Calc-Training"
+    # the calc CSV's own attributes reach the manifest; the mass-only columns stay empty
+    csv = pd.read_csv(root / "csv" / "calc_case_description_train_set.csv", dtype=str, keep_default_na=False)
+    by_roi = {f"{r['patient_id']}_{r['left or right breast']}_{r['image view']}_{r['abnormality id']}": r
+              for r in csv.to_dict("records")}  # fmt: skip
+    assert len(manifest) > 0
+    for row in manifest.itertuples():
+        expected = by_roi[row.roi_id]
+        assert (row.calc_type, row.calc_distribution) == (expected["calc type"], expected["calc distribution"])
+        assert row.breast_density == expected["breast density"] and row.pathology == expected["pathology"]
+        assert row.shape == row.margins == ""
+    assert manifest["calc_type"].nunique() > 1  # not one constant copied everywhere
 
 
 def test_links_resolve_from_any_cwd_and_copy_option(tmp_path, monkeypatch):

