@@ -294,6 +294,17 @@ def test_empty_shard_is_valid(tmp_path):
     assert attrs["shard_index"] == empty_index
 
 
+def test_manifest_without_rows_gives_empty_shards(tmp_path):
+    """A collection whose every ROI was skipped in restructuring has a header-only manifest: still valid."""
+    manifest = write_collection(tmp_path, {"P_00001_LEFT_CC": ((128, 128), [Lesion(10, 10, 20, 20)])})
+    frame = pd.read_csv(manifest)
+    frame.iloc[:0].to_csv(manifest, index=False)
+    info = extract_shard(manifest, tmp_path / "s.h5", shard_index=0, n_shards=2, **PARAMS)
+    images, _, prov, skipped, _ = load_shard(tmp_path / "s.h5")
+    assert info["n_patches"] == info["n_rois"] == 0 and images.shape == (0, 16, 16) and prov.empty and skipped.empty
+    assert shards.shard_input_files(manifest, 0, 2) == []
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_killed_write_leaves_no_shard(tmp_path, monkeypatch, error):
     manifest = random_collection(tmp_path, 4)
@@ -390,3 +401,21 @@ def test_import_is_tensorflow_free():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_filters_per_dataset_and_recorded(tmp_path):
+    """Masks lzf and images raw by default (lzf does not shrink float32 patches); both settable, both recorded."""
+    manifest = random_collection(tmp_path, 3, smooth=True)
+    default, both = tmp_path / "default.h5", tmp_path / "both.h5"
+    extract_shard(manifest, default, shard_index=0, n_shards=1, **PARAMS)
+    extract_shard(manifest, both, shard_index=0, n_shards=1, **PARAMS, image_compression="lzf")
+    with h5py.File(default) as h5:
+        assert h5["masks"].compression == "lzf" and h5["images"].compression is None
+        assert (h5.attrs["compression"], h5.attrs["image_compression"]) == ("lzf", "none")
+        images, masks = h5["images"][()], h5["masks"][()]
+    with h5py.File(both) as h5:
+        assert h5["images"].compression == "lzf" and h5.attrs["image_compression"] == "lzf"
+        np.testing.assert_array_equal(h5["images"][()], images)  # the filter never changes a value
+        np.testing.assert_array_equal(h5["masks"][()], masks)
+    with pytest.raises(ValueError, match="image_compression"):
+        extract_shard(manifest, tmp_path / "x.h5", shard_index=0, n_shards=1, **PARAMS, image_compression="zstd")

@@ -6,8 +6,9 @@ set is never loaded. TensorFlow is imported inside the
 functions, so importing this module is cheap.
 
 Reading: h5py serialises every HDF5 call behind one global lock, so parallel reads are safe from tf.data's
-threads; open file handles are cached per shard (opening a file costs far more than reading one lzf chunk) and
-the lzf decompression of a chunk happens inside that lock. See :func:`benchmark_read_rate`.
+threads; open file handles are cached per shard (opening a file costs far more than reading one chunk) and
+the lzf decompression of a chunk (masks by default; images too with ``patches.image_compression: lzf``) happens
+inside that lock. See :func:`benchmark_read_rate`.
 """
 
 from __future__ import annotations

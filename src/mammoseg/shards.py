@@ -7,10 +7,11 @@ downscales and normalises them exactly as inference does (:func:`mammoseg.patche
 
 Shard layout (``s = 2**n // downscale``)
 ---------------------------------------
-``images``      float32 (N, s, s), values in [0, 1], one patch per chunk (1, s, s), lzf by default
-``masks``       uint8   (N, s, s), values in {0, 1}, same chunking and filter
-                (``compression=None`` writes them uncompressed: on 256x256 float32 patches lzf saves ~20 % of
-                the bytes but reads ~10x slower; see ``extract_shard``)
+``images``      float32 (N, s, s), values in [0, 1], one patch per chunk (1, s, s), uncompressed by default
+                (``image_compression``: lzf saves 0-7 % of float32 patch bytes, measured, and costs a fifth of
+                the extraction time at full size; see ``extract_shard``)
+``masks``       uint8   (N, s, s), values in {0, 1}, same chunking, lzf by default (``compression``: stores
+                about 3 % of the bytes)
 ``provenance/`` one 1-D dataset of length N per column (:data:`PROVENANCE_COLUMNS`); strings are UTF-8
 ``skipped/``    one 1-D dataset per column of :data:`SKIPPED_COLUMNS`
 root attributes: :data:`ROOT_ATTRIBUTES`
@@ -87,7 +88,7 @@ SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason":
 ROOT_ATTRIBUTES = (
     "config_hash", "mammoseg_version", "h5py_version", "hdf5_version", "numpy_version", "n", "window_size",
     "patch_size", "downscale", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean", "shard_index",
-    "n_shards", "compression",
+    "n_shards", "compression", "image_compression",
 )
 #: manifest.csv columns extraction needs (docs/architecture.md)
 MANIFEST_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")
@@ -346,6 +347,13 @@ def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -
                                     f"{free / 2**20:.1f} MiB free")
 
 
+def _filter(name: str | None, key: str) -> str | None:
+    value = None if name in (None, "none") else str(name)
+    if value not in (None, "lzf", "gzip"):
+        raise ValueError(f"{key} must be 'lzf', 'gzip' or 'none', got {name!r}")
+    return value
+
+
 def extract_shard(
     manifest_csv: str | Path,
     out_path: str | Path,
@@ -359,6 +367,7 @@ def extract_shard(
     seed: int,
     config_hash: str = "",
     compression: str | None = "lzf",
+    image_compression: str | None = None,
     n_negative: int = 0,
     negative_min_mean: float = 0.05,
 ) -> dict[str, Any]:
@@ -378,9 +387,12 @@ def extract_shard(
     n_negative : lesion-free windows per image, beyond the paper (copy_index -1, roi_id ``<image_id>_negK``,
         all-zero mask; see :func:`mammoseg.patches.plan_negative_windows`); 0 = the paper's method
     negative_min_mean : a negative window's mean must reach this fraction of the image maximum
-    compression : HDF5 filter of ``images``/``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or
-        ``None``/``"none"``. Measured on 256x256 float32 patches, lzf saves only 15-40 % of the space but makes
-        writes ~10x and per-index reads ~15x slower than no compression (see :func:`benchmark_extraction`).
+    compression : HDF5 filter of ``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or ``None``/``"none"``.
+        0/1 masks are mostly runs: lzf keeps about 3 % of their bytes at almost no cost.
+    image_compression : HDF5 filter of ``images``, same choices, default none. Measured (benchmarks/README.md):
+        lzf saves 0 % of the bytes of the demo's float32 patches and 7 % of real lesion windows (the mantissas of
+        normalised block means are noise to it), while it costs about a fifth of the extraction time on
+        full-size mammograms and slows every per-index read in training.
 
     Returns
     -------
@@ -396,9 +408,8 @@ def extract_shard(
     import h5py
 
     started = time.perf_counter()
-    compression = None if compression in (None, "none") else str(compression)
-    if compression not in (None, "lzf", "gzip"):
-        raise ValueError(f"compression must be 'lzf', 'gzip' or 'none', got {compression!r}")
+    compression = _filter(compression, "compression")
+    image_compression = _filter(image_compression, "image_compression")
     params = PatchParams(int(n), int(downscale), int(n_shifted), float(max_shift), int(seed), int(n_negative),
                          float(negative_min_mean))
     if not 0 <= shard_index < n_shards:
@@ -415,12 +426,13 @@ def extract_shard(
         groups.setdefault(roi["image_id"], []).append(roi)
     tables = _Tables()
     s = params.patch_size
-    _check_free_space(out_path, len(records) * (1 + params.n_shifted), s)
+    _check_free_space(out_path, len(records) * (1 + params.n_shifted) + len(groups) * params.n_negative, s)
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w", track_order=False) as h5:
-            chunk = {"chunks": (1, s, s), "compression": compression, "maxshape": (None, s, s), "track_times": False}
-            images = h5.create_dataset("images", shape=(0, s, s), dtype=np.float32, **chunk)
-            masks = h5.create_dataset("masks", shape=(0, s, s), dtype=np.uint8, **chunk)
+            chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
+            images = h5.create_dataset("images", shape=(0, s, s), dtype=np.float32, compression=image_compression,
+                                       **chunk)  # fmt: skip
+            masks = h5.create_dataset("masks", shape=(0, s, s), dtype=np.uint8, compression=compression, **chunk)
             count = 0
             for image_id, rois in groups.items():
                 image_paths = {r["image_path"] for r in rois}
@@ -451,6 +463,7 @@ def extract_shard(
                 "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
                 "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
                 "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
+                "image_compression": image_compression or "none",
             }
             for key in ROOT_ATTRIBUTES:
                 h5.attrs[key] = attrs[key]
@@ -567,7 +580,8 @@ def run_extract(config: dict, manifest_csv: str | Path, out_path: str | Path, sh
         manifest_csv, out_path, shard_index=int(shard_index), n_shards=section["n_shards"], n=section["n"],
         downscale=section["downscale"], n_shifted=section["n_shifted"], max_shift=section["max_shift"],
         seed=section["seed"], config_hash=section_hash(section),
-        compression=section["compression"], n_negative=section["n_negative"],
+        compression=section["compression"], image_compression=section["image_compression"],
+        n_negative=section["n_negative"],
         negative_min_mean=section["negative_min_mean"],
     )
 
@@ -600,7 +614,7 @@ def _decode_only(path: Path) -> None:
 
 def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: int = 8, downscale: int = 4,
                          n_shifted: int = 4, max_shift: float = 0.25, seed: int = 0, compression: str | None = "lzf",
-                         repeats: int = 5) -> dict[str, Any]:
+                         image_compression: str | None = None, repeats: int = 5) -> dict[str, Any]:
     """Extraction time against the bare DICOM decode time of the same files (all in this process, one shard).
 
     Four timings over the same files, in ``repeats`` rounds whose order rotates (so that neither a cold cache nor
@@ -617,8 +631,8 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
     -------
     dict with ``decode_s``, ``stored_s``, ``read_s``, ``extract_s``, ``ratio`` (extract / decode; goal <= 1.3),
     ``ratio_vs_readers`` (extract / read: the cost of extraction beyond the shared readers), ``n_files``,
-    ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``, ``shard_bytes``, ``compression``, ``rounds`` (every
-    round's seconds per contender).
+    ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``, ``shard_bytes``, ``compression``,
+    ``image_compression``, ``rounds`` (every round's seconds per contender).
     """
     from .dicom import read_mammogram, read_mask, read_raw_pixels
 
@@ -645,7 +659,8 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
 
     def extract() -> None:
         result.update(extract_shard(manifest_csv, out, shard_index=0, n_shards=1, n=n, downscale=downscale,
-                                    n_shifted=n_shifted, max_shift=max_shift, seed=seed, compression=compression))
+                                    n_shifted=n_shifted, max_shift=max_shift, seed=seed, compression=compression,
+                                    image_compression=image_compression))
 
     contenders = {"decode": decode, "stored": stored, "read": readers, "extract": extract}
     names = list(contenders)
@@ -662,7 +677,8 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
         "ratio_vs_readers": round(best["extract"] / best["read"], 3),
         "n_files": len(images) + len(masks), "n_images": result["n_images"], "n_rois": result["n_rois"],
         "n_patches": result["n_patches"], "n_skipped": result["n_skipped"], "shard_bytes": out.stat().st_size,
-        "compression": compression or "none", "rounds": {k: [round(t, 4) for t in v] for k, v in rounds.items()},
+        "compression": compression or "none", "image_compression": image_compression or "none",
+        "rounds": {k: [round(t, 4) for t in v] for k, v in rounds.items()},
     }
 
 
