@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pydicom
@@ -90,3 +91,38 @@ def test_real_tree_indexes_and_restructures(real_tree, mass_test_csv, tmp_path):
     assert summary["images_found"] == 8 and summary["rois_found"] == n_rois and summary["kept"] == 0
     assert summary["found"] == summary["skipped"] == 8 + n_rois
     assert summary["skipped_by_reason"] == {"image_without_mask": 8, "mask_missing": n_rois}
+
+
+def test_extraction_on_real_mammograms_recrops_what_pydicom_decodes(real_files, tmp_path):
+    """Full-size real RLE images (with synthetic full-size masks): every stored patch is the window of the pixels
+    that pydicom's own decoder gives for the source files, and every ROI's mask patches hold its lesion."""
+    from mammoseg.patches import downscale_mask, preprocess_window
+    from mammoseg.shards import extract_shard, read_table
+    from mammoseg.synth import tree_with_real_images
+
+    summary = tree_with_real_images(real_files[:2], tmp_path / "tree", seed=1)  # 1 + 2 ROIs
+    assert (summary["images"], summary["rois"]) == (2, 3)
+    restructured = restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="test",
+                                          progress=False)  # fmt: skip
+    assert restructured["rois_kept"] == 3 and restructured["found"] == restructured["kept"] == 5
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv", dtype=str, keep_default_na=False).set_index("roi_id")
+    shard = tmp_path / "shard.h5"
+    info = extract_shard(tmp_path / "out" / "manifest.csv", shard, shard_index=0, n_shards=1, n=10, downscale=4,
+                         n_shifted=4, max_shift=0.25, seed=0)  # fmt: skip
+    assert info["n_patches"] == 15 and info["n_skipped"] == 0
+    with h5py.File(shard) as h5:
+        images, masks, prov = h5["images"][()], h5["masks"][()], read_table(h5, "provenance")
+    decoded: dict[str, np.ndarray] = {}
+
+    def pixels(path: str) -> np.ndarray:
+        if path not in decoded:
+            decoded[path] = pydicom.dcmread(path).pixel_array
+        return decoded[path]
+
+    for i, row in prov.iterrows():
+        entry = manifest.loc[row.roi_id]
+        window = np.s_[row.crop_row : row.crop_row + 1024, row.crop_col : row.crop_col + 1024]
+        image, mask = pixels(entry["image_source"]), pixels(entry["mask_source"]) > 127
+        np.testing.assert_array_equal(images[i], preprocess_window(image[window], 4))
+        np.testing.assert_array_equal(masks[i], downscale_mask(mask[window], 4))
+        assert masks[i].any(), f"patch {i} of {row.roi_id} misses its lesion"
