@@ -447,3 +447,68 @@ def test_header_longer_than_the_prefix_is_parsed_from_the_file(tmp_path, rle):
     data = path.read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: HEADER_PREFIX + 100])
     assert header_record(tmp_path / "cut.dcm")["reason"] == "truncated"
+
+
+# --- the direct path never reads what pydicom would not, and never escapes with another exception ----------
+
+
+def test_encapsulated_data_under_a_native_syntax_is_refused_cleanly(tmp_path):
+    """A one-character flip of the transfer syntax (RLE ...1.2.5 -> native ...1.2.1) must not reach np.frombuffer."""
+    path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)
+    data = path.read_bytes().replace(b"1.2.840.10008.1.2.5", b"1.2.840.10008.1.2.1", 1)
+    path.write_bytes(data)
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(path)
+    assert "rle.dcm" in str(info.value)
+
+
+def test_unreadable_rescale_slope_is_a_bad_header(tmp_path):
+    ds = build_dataset(ramp(), HEADER)
+    ds.add_new(0x00281052, "DS", "0")
+    ds.add_new(0x00281053, "FD", 1.0)  # RescaleSlope with a binary VR, then cut to 4 bytes: an FD needs 8
+    path = tmp_path / "slope.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    at = data.find(b"\x28\x00\x53\x10FD\x08\x00")
+    assert at > 0
+    path.write_bytes(data[:at] + b"\x28\x00\x53\x10FD\x04\x00" + data[at + 8:at + 12] + data[at + 16:])
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(path)
+    assert info.value.reason == "bad_header"
+
+
+def test_rle_stream_the_rust_decoder_rejects_gets_pydicoms_decoder(tmp_path):
+    """pylibjpeg-rle refuses an RLE header with a stray offset in an unused slot; pydicom's own decoder reads it,
+    and so must we (through the same fallback pydicom uses)."""
+    path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)
+    data = bytearray(path.read_bytes())
+    header = data.find(b"\xe0\x7f\x10\x00") + 12 + 12 + 8  # Pixel Data, offset table item, fragment item
+    assert int.from_bytes(data[header:header + 4], "little") == 2  # two segments: high and low bytes
+    data[header + 12:header + 16] = (7).to_bytes(4, "little")  # offset of an unused third segment
+    path.write_bytes(bytes(data))
+    expected = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(read_mammogram(path), expected)
+    np.testing.assert_array_equal(expected, ramp(40, 30))
+
+
+def test_missing_bits_stored_is_decided_by_pydicom(tmp_path):
+    path = _file(tmp_path, "x.dcm", ramp(), rle=False)
+    ds = pydicom.dcmread(path)
+    del ds.BitsStored
+    ds.save_as(path, enforce_file_format=True)
+    try:
+        expected = pydicom.dcmread(path).pixel_array
+    except Exception:  # noqa: BLE001 - pydicom refuses: so must the reader, with a reason
+        with pytest.raises(DicomReadError):
+            read_mammogram(path)
+    else:
+        np.testing.assert_array_equal(read_mammogram(path), expected)
+
+
+def test_implicit_vr_length_that_spells_letters(tmp_path):
+    """37 x 257 16-bit pixels are 19,018 bytes = 0x4A4A ('JJ'): the length must not be taken for an explicit VR."""
+    pixels = ramp(37, 257, top=4000)
+    path = _file(tmp_path, "jj.dcm", pixels, rle=False, implicit=True)
+    record = header_record(path)
+    assert record["readable"], record
+    np.testing.assert_array_equal(read_mammogram(path), pixels)

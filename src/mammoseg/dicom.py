@@ -119,30 +119,32 @@ def _parse_header(path: str | Path, handle, specific_tags: tuple[str, ...] | Non
         raise DicomReadError(path, "unreadable", f"cannot parse the DICOM header: {type(exc).__name__}: {exc}") from None
 
 
-def _check_pixel_data(path: str | Path, read_at, start: int, file_size: int,
-                      values: dict[str, Any]) -> tuple[int, int]:  # fmt: skip
+def _check_pixel_data(path: str | Path, read_at, start: int, file_size: int, values: dict[str, Any],
+                      implicit: bool | None = None) -> tuple[int, int, bool]:  # fmt: skip
     """Check, without decoding, that the Pixel Data element is present and complete; return where its value is.
 
     ``start`` is where :func:`pydicom.dcmread` stopped (the start of Pixel Data); ``read_at(position, n)`` reads
-    bytes of the file. Uncompressed data must be as long as Rows x Columns x SamplesPerPixel x Frames x
+    bytes of the file; ``implicit`` is the dataset's VR encoding (None: guessed from the bytes). Uncompressed data must be as long as Rows x Columns x SamplesPerPixel x Frames x
     BitsAllocated/8 and fit in the file; encapsulated (compressed) data must end with its sequence delimiter.
     Costs one 12-byte read and, for compressed data, one 8-byte read at the end of the file.
 
     Returns
     -------
-    (value_start, value_length) : byte offset of the element's value in the file and its length in bytes; for
-    encapsulated data the items up to, not including, the closing sequence delimiter.
+    (value_start, value_length, encapsulated) : byte offset of the element's value in the file, its length in
+    bytes (for encapsulated data the items up to, not including, the closing sequence delimiter) and whether
+    the data are encapsulated (undefined length).
     """
     element = read_at(start, 12)
     if len(element) < 8 or element[:4] != _PIXEL_DATA_TAG:
         raise DicomReadError(path, "no_pixel_data", "no Pixel Data element (7FE0,0010)")
-    explicit = element[4:6].isalpha()
+    # the encoding, not the bytes, says whether a VR follows the tag: an implicit length can spell letters
+    explicit = element[4:6].isalpha() if implicit is None else not implicit
     length = struct.unpack("<I", element[8:12] if explicit else element[4:8])[0] if len(element) == 12 else 0
     value_start = start + (12 if explicit else 8)
     if length == _UNDEFINED_LENGTH:
         if read_at(max(file_size - 8, 0), 8) != _SEQUENCE_DELIMITER:
             raise DicomReadError(path, "truncated", "compressed pixel data do not end with a sequence delimiter (file cut short)")
-        return value_start, max(file_size - 8 - value_start, 0)
+        return value_start, max(file_size - 8 - value_start, 0), True
     if value_start + length > file_size:
         raise DicomReadError(
             path, "truncated", f"pixel data declare {length} bytes but only {max(file_size - value_start, 0)} are in the file"
@@ -151,7 +153,7 @@ def _check_pixel_data(path: str | Path, read_at, start: int, file_size: int,
     expected = rows * cols * values["SamplesPerPixel"] * values["NumberOfFrames"] * values["BitsAllocated"] // 8
     if length < expected:
         raise DicomReadError(path, "truncated", f"pixel data hold {length} bytes, {expected} expected for {rows}x{cols}")
-    return value_start, length
+    return value_start, length, False
 
 
 def read_header(path: str | Path) -> pydicom.Dataset:
@@ -234,6 +236,8 @@ def _raw_header_values(path: str | Path, ds: pydicom.Dataset) -> dict[str, Any]:
             if is_us and getattr(element, "VR", None) not in _US_VRS:
                 raise DicomReadError(path, "bad_header", f"{name} has VR {element.VR!r}, expected US")
             value = _element_value(ds, tag, element)
+            if is_us and isinstance(value, bytes) and len(value) != 2:  # one US value is 2 bytes
+                raise DicomReadError(path, "bad_header", f"{name} holds {len(value)} bytes, expected one 2-byte value")
             values[name] = _as_us(value) if is_us else _as_string(value)
     return values
 
@@ -245,6 +249,11 @@ def _check_values(path: Path, values: dict[str, Any], *, at_end: bool = False) -
             if at_end:
                 raise DicomReadError(path, "truncated", f"file ends inside the header ({name} never reached)")
             raise DicomReadError(path, "bad_header", f"{name} is missing or zero ({values.get(name)!r})")
+    # pydicom refuses to decode without these; they are defaulted here for the index, and remembered, so that
+    # such files are decoded by pydicom (and refused the same way) rather than by the direct path
+    values["defaulted"] = {name for name in ("BitsStored", "SamplesPerPixel", "PixelRepresentation")
+                           if values.get(name) is None} | ({"PhotometricInterpretation"}
+                                                           if not values.get("PhotometricInterpretation") else set())
     if values.get("BitsStored") is None:
         values["BitsStored"] = values["BitsAllocated"]
     if values.get("SamplesPerPixel") is None:
@@ -276,6 +285,7 @@ class _Header:
     file_size: int
     pixel_start: int  # byte offset of the Pixel Data value
     pixel_length: int  # its length in bytes (encapsulated: the items, without the closing delimiter)
+    encapsulated: bool = False  # Pixel Data of undefined length: items of compressed fragments
 
     @property
     def photometric(self) -> str:
@@ -323,9 +333,11 @@ def _read_checked_header(path: str | Path, handle, *, check_pixels: bool = True)
         handle.seek(position)
         return handle.read(n)
 
-    start, length = _check_pixel_data(path, read_at, stop, size, values) if check_pixels else (-1, -1)
+    implicit = getattr(ds, "original_encoding", (None, True))[0]
+    start, length, encapsulated = (_check_pixel_data(path, read_at, stop, size, values, implicit) if check_pixels
+                                   else (-1, -1, False))  # fmt: skip
     syntax = _text(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    return _Header(ds, values, syntax, size, start, length)
+    return _Header(ds, values, syntax, size, start, length, encapsulated)
 
 
 #: header_record keys filled from the header values
@@ -449,14 +461,17 @@ def _direct_decodable(header: _Header) -> bool:
     unsigned, one frame, one sample, 8 or 16 bits allocated. Anything else goes through pydicom.
     """
     v = header.values
-    if v["SamplesPerPixel"] != 1 or v["NumberOfFrames"] != 1 or v["PixelRepresentation"] != 0:
+    if v["defaulted"] or v["SamplesPerPixel"] != 1 or v["NumberOfFrames"] != 1 or v["PixelRepresentation"] != 0:
         return False
     if v["BitsAllocated"] not in (8, 16) or not 1 <= v["BitsStored"] <= v["BitsAllocated"]:
         return False
     syntax = header.transfer_syntax
     if syntax == _RLE_LOSSLESS:
         return _rle_decoder() is not None
-    return syntax in _NATIVE_LITTLE_ENDIAN and getattr(header.ds, "is_little_endian", True) is not False
+    expected = v["Rows"] * v["Columns"] * v["BitsAllocated"] // 8
+    # native data have a defined length that holds the image (an undefined one means encapsulated data under a
+    # native transfer syntax: pydicom's business)
+    return syntax in _NATIVE_LITTLE_ENDIAN and not header.encapsulated and header.pixel_length >= expected
 
 
 def _rle_decoder():
@@ -537,7 +552,13 @@ def _read_stored(path: str | Path) -> tuple[np.ndarray, _Header]:
     with open(path, "rb") as handle:
         header = _read_checked_header(path, handle)
         if _direct_decodable(header):
-            return _decode_direct(path, header, handle), header
+            try:
+                return _decode_direct(path, header, handle), header
+            except DicomReadError as exc:
+                if exc.reason != "undecodable":
+                    raise
+                # pylibjpeg-rle is stricter than the standard (the first segment at offset 64, no stray offset
+                # entries); pydicom falls back to its own RLE decoder, so such a stream gets the same chance here
         handle.seek(0)
         try:
             header.ds = pydicom.dcmread(handle)
@@ -585,14 +606,15 @@ def read_raw_pixels(path: str | Path) -> tuple[np.ndarray, str, int]:
 
 
 def _modality_lut_is_identity(ds: pydicom.Dataset) -> bool:
-    if "ModalityLUTSequence" in ds:
-        return False
+    """Whether ``apply_modality_lut`` would leave every value as it is (its own conditions, no guessed defaults)."""
     try:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    except (TypeError, ValueError):
-        return False  # let apply_modality_lut report it
-    return slope == 1.0 and intercept == 0.0
+        if ds.get("ModalityLUTSequence"):
+            return False
+        if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+            return float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) == 0.0
+        return True
+    except Exception:  # noqa: BLE001 - an unreadable value: let apply_modality_lut report it as a bad header
+        return False
 
 
 def read_mammogram(path: str | Path) -> np.ndarray:
