@@ -432,13 +432,17 @@ def extract_shard(
         groups.setdefault(roi["image_id"], []).append(roi)
     tables = _Tables()
     s = params.patch_size
-    _check_free_space(out_path, len(records) * (1 + params.n_shifted) + len(groups) * params.n_negative, s)
+    max_patches = len(records) * (1 + params.n_shifted) + len(groups) * params.n_negative
+    _check_free_space(out_path, max_patches, s)
     with atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w", track_order=False) as h5:
             chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
-            images = h5.create_dataset("images", shape=(0, s, s), dtype=np.float32, compression=image_compression,
-                                       **chunk)  # fmt: skip
-            masks = h5.create_dataset("masks", shape=(0, s, s), dtype=np.uint8, compression=compression, **chunk)
+            # sized for every patch the shard can hold and cut to the patches written at the end: one resize
+            # instead of two per image (chunks are allocated on write, so the unused rows cost nothing)
+            images = h5.create_dataset("images", shape=(max_patches, s, s), dtype=np.float32,
+                                       compression=image_compression, **chunk)  # fmt: skip
+            masks = h5.create_dataset("masks", shape=(max_patches, s, s), dtype=np.uint8, compression=compression,
+                                      **chunk)  # fmt: skip
             count = 0
             for image_id, rois in groups.items():
                 image_paths = {r["image_path"] for r in rois}
@@ -453,14 +457,14 @@ def extract_shard(
                 batch = list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
                 if not batch:
                     continue
-                images.resize(count + len(batch), axis=0)
-                masks.resize(count + len(batch), axis=0)
                 images[count:count + len(batch)] = np.stack([image_patch for _, image_patch, _ in batch])
                 masks[count:count + len(batch)] = np.stack([mask_patch for _, _, mask_patch in batch])
                 for row, _, _ in batch:
                     for key in PROVENANCE_COLUMNS:
                         tables.provenance[key].append(row[key])
                 count += len(batch)
+            images.resize(count, axis=0)
+            masks.resize(count, axis=0)
             _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
             _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
             attrs = {
