@@ -124,8 +124,9 @@ def _check_pixel_data(path: str | Path, read_at, start: int, file_size: int, val
     """Check, without decoding, that the Pixel Data element is present and complete; return where its value is.
 
     ``start`` is where :func:`pydicom.dcmread` stopped (the start of Pixel Data); ``read_at(position, n)`` reads
-    bytes of the file; ``implicit`` is the dataset's VR encoding (None: guessed from the bytes). Uncompressed data must be as long as Rows x Columns x SamplesPerPixel x Frames x
-    BitsAllocated/8 and fit in the file; encapsulated (compressed) data must end with its sequence delimiter.
+    bytes of the file; ``implicit`` is the dataset's VR encoding (None: guessed from the bytes). Uncompressed
+    data must be as long as Rows x Columns x SamplesPerPixel x Frames x BitsAllocated/8 and fit in the file;
+    encapsulated (compressed) data must end with its sequence delimiter.
     Costs one 12-byte read and, for compressed data, one 8-byte read at the end of the file.
 
     Returns
@@ -282,7 +283,6 @@ class _Header:
     ds: pydicom.Dataset
     values: dict[str, Any]  # _raw_header_values, checked and completed by _check_values
     transfer_syntax: str
-    file_size: int
     pixel_start: int  # byte offset of the Pixel Data value
     pixel_length: int  # its length in bytes (encapsulated: the items, without the closing delimiter)
     encapsulated: bool = False  # Pixel Data of undefined length: items of compressed fragments
@@ -337,7 +337,7 @@ def _read_checked_header(path: str | Path, handle, *, check_pixels: bool = True)
     start, length, encapsulated = (_check_pixel_data(path, read_at, stop, size, values, implicit) if check_pixels
                                    else (-1, -1, False))  # fmt: skip
     syntax = _text(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    return _Header(ds, values, syntax, size, start, length, encapsulated)
+    return _Header(ds, values, syntax, start, length, encapsulated)
 
 
 #: header_record keys filled from the header values
@@ -468,10 +468,9 @@ def _direct_decodable(header: _Header) -> bool:
     syntax = header.transfer_syntax
     if syntax == _RLE_LOSSLESS:
         return _rle_decoder() is not None
-    expected = v["Rows"] * v["Columns"] * v["BitsAllocated"] // 8
-    # native data have a defined length that holds the image (an undefined one means encapsulated data under a
-    # native transfer syntax: pydicom's business)
-    return syntax in _NATIVE_LITTLE_ENDIAN and not header.encapsulated and header.pixel_length >= expected
+    # native data have a defined length (_check_pixel_data made sure it holds the image); an undefined one means
+    # encapsulated data under a native transfer syntax: pydicom's business
+    return syntax in _NATIVE_LITTLE_ENDIAN and not header.encapsulated
 
 
 def _rle_decoder():
