@@ -149,8 +149,7 @@ def _rows_of_shard(rows: list[dict[str, str]], shard_index: int, n_shards: int) 
 
 def shard_image_ids(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
     """Sorted image ids of ``manifest_csv`` that belong to shard ``shard_index``."""
-    ids = sorted({row["image_id"] for row in _read_manifest(manifest_csv)})
-    return [i for i in ids if shard_of(i, n_shards) == shard_index]
+    return sorted({row["image_id"] for row in _rows_of_shard(_read_manifest(manifest_csv), shard_index, n_shards)})
 
 
 def shard_input_files(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
@@ -451,7 +450,7 @@ def extract_shard(
                         tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
                                     f"{manifest_csv}: image {image_id} has several image_path values")
                     continue
-                # One resize and one slice write per image (its 5 x ROIs patches), not per patch: HDF5 calls
+                # One slice write per dataset and image (its 5 x ROIs patches), not per patch: HDF5 calls
                 # dominated extraction time. Not across images either: patches kept while the next full-size
                 # image decodes fragment the heap, and extraction of real mammograms got 20 % slower (measured).
                 batch = list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
