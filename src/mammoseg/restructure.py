@@ -77,13 +77,20 @@ __all__ = [
 
 MANIFEST_COLUMNS = [
     "roi_id", "image_id", "patient_id", "abnormality", "split", "side", "view", "abnormality_id", "pathology",
-    "assessment", "subtlety", "breast_density", "shape", "margins", "calc_type", "calc_distribution", "image_rows", "image_cols", "mask_rows", "mask_cols",
+    "assessment", "subtlety", "breast_density", "shape", "margins", "calc_type", "calc_distribution", "image_rows",
+    "image_cols", "mask_rows", "mask_cols",
     "image_path", "mask_path", "image_source", "mask_source", "mask_note",
 ]  # fmt: skip
 SKIPPED_COLUMNS = ["source_path", "image_id", "roi_id", "reason", "message"]
-#: manifest columns copied from the official case CSV
-CSV_ATTRIBUTES = ("pathology", "assessment", "subtlety", "breast_density", "shape", "margins", "calc_type",
-                  "calc_distribution")  # fmt: skip
+#: manifest column -> its column in the official case CSVs: both kinds, masses only, calcifications only. The two
+#: kinds spell breast density differently (LAYOUTS.md section 1).
+_CSV_COLUMNS: dict[str, dict[str, str]] = {
+    "both": {"pathology": "pathology", "assessment": "assessment", "subtlety": "subtlety"},
+    "mass": {"breast_density": "breast_density", "shape": "mass shape", "margins": "mass margins"},
+    "calc": {"breast_density": "breast density", "calc_type": "calc type", "calc_distribution": "calc distribution"},
+}
+#: manifest columns copied from the official case CSV (empty when the CSV has no such column)
+CSV_ATTRIBUTES = tuple(dict.fromkeys(name for columns in _CSV_COLUMNS.values() for name in columns))
 
 #: Skip reason codes and what they mean. ``unit`` says what one skipped.csv row stands for.
 SKIP_REASONS: dict[str, tuple[str, str]] = {
@@ -166,11 +173,7 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
     needed = {"image file path", "ROI mask file path", "cropped image file path", "pathology"}
     if needed - set(frame.columns):
         raise ValueError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
-    # manifest column -> CSV column; the two CSV kinds spell breast density differently (LAYOUTS.md section 1)
-    columns = {"pathology": "pathology", "assessment": "assessment", "subtlety": "subtlety",
-               "breast_density": "breast_density" if "breast_density" in frame.columns else "breast density",
-               "shape": "mass shape", "margins": "mass margins", "calc_type": "calc type",
-               "calc_distribution": "calc distribution"}  # fmt: skip
+    columns = {**_CSV_COLUMNS["both"], **_CSV_COLUMNS[abnormality]}
     table = CaseTable(path=str(path))
     for record in frame.to_dict("records"):
         record = {key: str(value).strip() for key, value in record.items()}
@@ -181,7 +184,8 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
             continue
         if case.roi_id in table.rows:
             continue  # a repeated row adds nothing
-        table.rows[case.roi_id] = {name: record.get(column, "") for name, column in columns.items()}
+        table.rows[case.roi_id] = {name: record.get(columns[name], "") if name in columns else ""
+                                   for name in CSV_ATTRIBUTES}  # fmt: skip
         for column in ("ROI mask file path", "cropped image file path"):
             series = _series_of(record[column])
             if series:
