@@ -437,16 +437,19 @@ def describe_machine() -> dict[str, Any]:
 def run_row_subprocess(name: str, work: Path, quick: bool, timeout: float) -> tuple[list[dict], float]:
     """Run one row in a fresh Python process; a failure becomes a row that says so (the table still prints)."""
     out = work / f"row-{name}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--work", str(work),
-               "--row-json", str(out)] + (["--quick"] if quick else [])
+
+    def child(*args: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), *args, "--work", str(work)] + (
+            ["--quick"] if quick else [])
+
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     try:
         if name in INPUTS:
-            prepare = [sys.executable, str(Path(__file__).resolve()), "--prepare", name, "--work", str(work)]
-            subprocess.run(prepare + (["--quick"] if quick else []), capture_output=True, text=True,
-                           timeout=timeout, env=env, check=True)  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+            subprocess.run(child("--prepare", name), capture_output=True, text=True, timeout=timeout, env=env,
+                           check=True)  # fmt: skip
+        done = subprocess.run(child("--row", name, "--row-json", str(out)), capture_output=True, text=True,
+                              timeout=timeout, env=env, check=False)  # fmt: skip
         failure = None if done.returncode == 0 else done.stderr.strip()[-1500:]
     except subprocess.TimeoutExpired:
         failure = f"timed out after {timeout:.0f} s"
