@@ -72,7 +72,7 @@ def _once(folder: Path, build: Callable[[Path], Any]) -> Path:
 
 
 def _restructure(tree: Path, out: Path, split: str) -> Path:
-    from mammoseg.restructure import restructure_collection
+    from mammoseg.data.restructure import restructure_collection
 
     restructure_collection(tree, out, abnormality="mass", split=split, progress=False)
     return out / "manifest.csv"
@@ -80,7 +80,8 @@ def _restructure(tree: Path, out: Path, split: str) -> Path:
 
 def mass_test_tree(work: Path) -> tuple[Path, str]:
     """A tree of the real mass test CSV (tiny pixels); falls back to the synthetic generator without the CSVs."""
-    from mammoseg.synth import generate_dataset, tree_from_csv
+    from mammoseg.data.synth import generate_dataset
+    from mammoseg.testing.trees import tree_from_csv
 
     csv_dir = shared_csv_dir()
 
@@ -96,7 +97,7 @@ def mass_test_tree(work: Path) -> tuple[Path, str]:
 
 def demo_manifest(work: Path, n_train: int) -> Path:
     """The demo's synthetic training collection (1024x640 px, RLE, 16-bit), restructured."""
-    from mammoseg.synth import generate_dataset
+    from mammoseg.data.synth import generate_dataset
 
     def build(folder: Path) -> None:
         generate_dataset(folder / "tree", n_train=n_train, n_test=2, rows=1024, cols=640, seed=0, quirks=False)
@@ -107,7 +108,7 @@ def demo_manifest(work: Path, n_train: int) -> Path:
 
 def real_extraction_manifest(work: Path, images: list[Path]) -> Path:
     """The real mammograms of ``mammograms`` with synthetic full-size RLE masks, restructured (Mass-Test)."""
-    from mammoseg.synth import tree_with_real_images
+    from mammoseg.testing.trees import tree_with_real_images
 
     def build(folder: Path) -> None:
         tree_with_real_images(images, folder / "tree", seed=0)
@@ -119,7 +120,7 @@ def real_extraction_manifest(work: Path, images: list[Path]) -> Path:
 def demo_shards(work: Path, manifest: Path) -> dict[str, Path]:
     """Shards of the demo manifest: the demo's 64x64 patches and 256x256 patches (n=8, downscale 1) for the
     paper model's input size."""
-    from mammoseg.shards import extract_shard
+    from mammoseg.patches.shards import extract_shard
 
     def build(folder: Path) -> None:
         extract_shard(manifest, folder / "demo-64.h5", shard_index=0, n_shards=1, **DEMO_PATCHES)
@@ -133,7 +134,7 @@ def demo_shards(work: Path, manifest: Path) -> dict[str, Path]:
 def saved_model(work: Path, model_cfg: dict, side: int) -> Path:
     """An untrained model of ``model_cfg`` saved as ``.keras`` (inference cost does not depend on the weights)."""
     def build(folder: Path) -> None:
-        from mammoseg.unet import build_unet, model_kwargs
+        from mammoseg.model.unet import build_unet, model_kwargs
 
         model = build_unet((side, side, 1), **model_kwargs(model_cfg))
         model.save(folder / "model.keras")
@@ -149,7 +150,7 @@ def row(what: str, measured: str, ratio: float | None, goal: str, passed: bool |
 
 
 def bench_indexing(work: Path, quick: bool) -> list[dict]:
-    from mammoseg.layouts import benchmark_indexing
+    from measures import benchmark_indexing
 
     tree, origin = mass_test_tree(work)
     r = benchmark_indexing(tree, repeats=3)
@@ -173,7 +174,7 @@ def _extraction_row(what: str, r: dict, lzf: dict, size: str) -> dict:
 
 def _bench_extraction(manifest: Path, out: Path, patches: dict, repeats: int) -> tuple[dict, dict]:
     """The default shard (masks lzf, images uncompressed) and the same with lzf on the images."""
-    from mammoseg.shards import benchmark_extraction
+    from measures import benchmark_extraction
 
     out.mkdir(exist_ok=True)
     default = benchmark_extraction(manifest, out, **patches, repeats=repeats)
@@ -211,8 +212,8 @@ def bench_extraction_demo(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_read_vs_train(work: Path, quick: bool) -> list[dict]:
-    from mammoseg.dataset import benchmark_read_rate
-    from mammoseg.train import benchmark_training
+    from measures import benchmark_read_rate
+    from measures import benchmark_training
 
     manifest = demo_manifest(work, 8 if quick else 24)
     shards = demo_shards(work, manifest)
@@ -233,14 +234,15 @@ def bench_read_vs_train(work: Path, quick: bool) -> list[dict]:
 def bench_inference(work: Path, quick: bool) -> list[dict]:
     import numpy as np
 
-    from mammoseg.dicom import read_mammogram
-    from mammoseg.infer import benchmark_inference, load_model
+    from mammoseg.io.dicom import read_mammogram
+    from measures import benchmark_inference
+    from mammoseg.inference.sliding import load_model
 
     images = real_mammograms()
     if images:
         image, origin = read_mammogram(images[0]), f"real mammogram {images[0].parent.name}/{images[0].name}"
     else:  # without the PyPI package, a synthetic full image of the demo size
-        from mammoseg.synth import render_mammogram
+        from mammoseg.data.synth import render_mammogram
 
         image = render_mammogram(np.random.default_rng(0), 1024, 640, "left", [])[0].astype(np.float32)
         origin = "synthetic 1024x640 image"
@@ -268,7 +270,7 @@ def _snakemake(workdir: Path, *args: str, timeout: float = 900) -> tuple[subproc
 def bench_dag(work: Path, quick: bool) -> list[dict]:
     import yaml
 
-    from mammoseg.synth import tree_from_csv
+    from mammoseg.testing.trees import tree_from_csv
 
     csv_dir = shared_csv_dir()
     if csv_dir is None:
@@ -314,7 +316,7 @@ def _job_count(text: str) -> int | None:
 
 
 def bench_inference_memory(work: Path, quick: bool) -> list[dict]:
-    from mammoseg.infer import measure_peak_rss
+    from measures import measure_peak_rss
 
     images = real_mammograms()
     if not images:
@@ -341,8 +343,9 @@ def bench_inference_memory(work: Path, quick: bool) -> list[dict]:
 def bench_extraction_memory(work: Path, quick: bool) -> list[dict]:
     import pandas as pd
 
-    from mammoseg.shards import benchmark_extraction_memory
-    from mammoseg.synth import generate_dataset, tree_from_csv
+    from measures import benchmark_extraction_memory
+    from mammoseg.data.synth import generate_dataset
+    from mammoseg.testing.trees import tree_from_csv
 
     sizes = [10, 100] if quick else [10, 100, 1000]
     csv_dir = shared_csv_dir()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# benchmarks/measures.py (the measurements of `make bench`) is tested too; it is not part of the package
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def shared_data_dir() -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammoseg.dicomwrite import DicomHeader, build_dataset, make_uid, write_dicom
+from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid, write_dicom
 
 
 def write_test_dicom(path: Path, pixels: np.ndarray, *, patient_id: str = "Mass-Test_P_00001_LEFT_CC") -> Path:

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from test_shards import extract_all, load_shard, random_collection  # noqa: E402  (tests/ is on sys.path)
 
-from mammoseg.dataset import ShardReader, make_dataset, read_provenance  # noqa: E402
+from mammoseg.model.dataset import ShardReader, make_dataset, read_provenance  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 

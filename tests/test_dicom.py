@@ -1,4 +1,4 @@
-"""mammoseg.dicom: pixel and header reading on hand-built bad and awkward DICOM files."""
+"""mammoseg.io.dicom: pixel and header reading on hand-built bad and awkward DICOM files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from mammoseg.dicom import (
+from mammoseg.io.dicom import (
     DicomReadError,
     binary_fraction,
     header_record,
@@ -21,7 +21,7 @@ from mammoseg.dicom import (
     read_mask,
     safe_name,
 )
-from mammoseg.dicomwrite import DicomHeader, build_dataset
+from mammoseg.io.dicomwrite import DicomHeader, build_dataset
 
 HEADER = DicomHeader("Mass-Training_P_00001_LEFT_CC", "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6", "full mammogram images",
                      "20160720", "L", "CC")  # fmt: skip
@@ -264,7 +264,7 @@ def test_corrupt_dimension_element_is_a_bad_header(tmp_path):
     """Found by the fuzz test: a Rows element whose VR is garbage made pydicom raise NotImplementedError."""
     from dicom_helpers import write_test_dicom
 
-    from mammoseg.dicom import DicomReadError, read_mammogram
+    from mammoseg.io.dicom import DicomReadError, read_mammogram
 
     path = write_test_dicom(tmp_path / "x.dcm", np.arange(64 * 48, dtype=np.uint16).reshape(64, 48))
     data = bytearray(path.read_bytes())
@@ -315,7 +315,7 @@ def _direct_cases():
 
 @pytest.mark.parametrize("case", sorted(_direct_cases()))
 def test_direct_decode_equals_pydicom(tmp_path, monkeypatch, case):
-    from mammoseg import dicom
+    from mammoseg.io import dicom
 
     path = _file(tmp_path, f"{case}.dcm", **_direct_cases()[case])
     expected = pydicom.dcmread(path).pixel_array  # pydicom's own decoders are the reference
@@ -331,7 +331,7 @@ def test_direct_decode_equals_pydicom(tmp_path, monkeypatch, case):
 
 
 def test_signed_pixels_go_through_pydicom(tmp_path, monkeypatch):
-    from mammoseg import dicom
+    from mammoseg.io import dicom
 
     pixels = ramp(20, 16, top=300)
     path = _file(tmp_path, "signed.dcm", pixels, rle=True, signed=True)
@@ -375,7 +375,7 @@ def _reference_mask(pixels):
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_mask_from_pixels_matches_reference(data):
-    from mammoseg.dicom import mask_from_pixels
+    from mammoseg.io.dicom import mask_from_pixels
 
     dtype = data.draw(st.sampled_from([np.uint8, np.uint16]))
     top = np.iinfo(dtype).max
@@ -410,8 +410,8 @@ def test_binary_fraction_matches_float_definition(data):
 @given(st.data())
 def test_mask_read_bbox_is_the_foreground_box(data):
     """The box found while binarising equals a box computed from the finished mask (None when empty)."""
-    from mammoseg.dicom import mask_from_pixels
-    from mammoseg.patches import mask_bbox
+    from mammoseg.io.dicom import mask_from_pixels
+    from mammoseg.patches.geometry import mask_bbox
 
     rows, cols = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
     pixels = np.zeros((rows, cols), np.uint8)
@@ -430,7 +430,7 @@ def test_mask_read_bbox_is_the_foreground_box(data):
 def test_header_longer_than_the_prefix_is_parsed_from_the_file(tmp_path, rle):
     """Headers are parsed from the first HEADER_PREFIX bytes; a longer one (a big private element before the
     pixels) must give the same record and pixels as any other file."""
-    from mammoseg.dicom import HEADER_PREFIX, read_raw_pixels
+    from mammoseg.io.dicom import HEADER_PREFIX, read_raw_pixels
 
     pixels = ramp(30, 20, top=3000)
     ds = build_dataset(pixels, HEADER)

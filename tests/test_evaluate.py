@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, jaccard_score
 
-from mammoseg import evaluate, infer
+from mammoseg.evaluation import evaluate
+from mammoseg.inference import sliding as infer
 from dicom_helpers import write_test_dicom
 
 SHAPE = (64, 80)

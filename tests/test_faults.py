@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammoseg.atomic import atomic_path, write_json_atomic
+from mammoseg.io.atomic import atomic_path, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "mammoseg.cli"]
@@ -66,8 +66,8 @@ def assert_one_line_error(done: subprocess.CompletedProcess, names: Path) -> Non
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory) -> Path:
     """A restructured synthetic training collection (16 images 1024x640, RLE): its manifest.csv."""
-    from mammoseg.restructure import restructure_collection
-    from mammoseg.synth import generate_dataset
+    from mammoseg.data.restructure import restructure_collection
+    from mammoseg.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("faults")
     generate_dataset(root / "tree", n_train=16, n_test=1, rows=1024, cols=640, seed=3, quirks=False)
@@ -124,7 +124,7 @@ def truncate(path: Path, keep_fraction: float = 0.5) -> None:
 
 @pytest.fixture(scope="module")
 def small_shard(collection, tmp_path_factory) -> Path:
-    from mammoseg.shards import run_extract
+    from mammoseg.patches.shards import run_extract
 
     out = tmp_path_factory.mktemp("shard") / "shard-0.h5"
     run_extract({"patches": {**PATCHES, "n": 6, "downscale": 2}}, collection, out, 0)
@@ -168,7 +168,7 @@ def test_truncated_shard_train_cli_names_the_file(small_shard, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    from mammoseg.unet import build_unet
+    from mammoseg.model.unet import build_unet
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
     build_unet((32, 32, 1), depth=2, filters=4).save(path)
@@ -257,8 +257,8 @@ def test_snakemake_recreates_truncated_shard_and_model_on_request(tmp_path):
     # and a real rerun rebuilds it whole
     done = snakemake(tmp_path, "--until", "train", "--forcerun", str(model.relative_to(tmp_path)))
     assert done.returncode == 0, done.stderr[-5000:]
-    from mammoseg.dataset import read_provenance
-    from mammoseg.infer import load_model
+    from mammoseg.model.dataset import read_provenance
+    from mammoseg.inference.sliding import load_model
 
     assert len(read_provenance([shard])) > 0
     load_model(model)
@@ -286,7 +286,8 @@ def test_enospc_inside_atomic_block_leaves_old_file_and_no_temporary(tmp_path):
 
 
 def test_enospc_during_extraction_cli_clear_error_no_shard(collection, tmp_path, monkeypatch):
-    from mammoseg import cli, shards
+    from mammoseg import cli
+    from mammoseg.patches import shards
 
     calls = {"n": 0}
     real = shards.preprocess_window

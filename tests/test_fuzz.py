@@ -2,9 +2,9 @@
 
 DICOM ingestion must either read a file or record why not; nothing else may happen:
 
-* :func:`mammoseg.dicom.header_record` never raises; a record is readable or carries a reason code;
-* :func:`mammoseg.dicom.read_mammogram` and :func:`~mammoseg.dicom.read_mask` return an array of the header's size
-  or raise :class:`~mammoseg.dicom.DicomReadError` (a ``ValueError`` naming the file and a reason code);
+* :func:`mammoseg.io.dicom.header_record` never raises; a record is readable or carries a reason code;
+* :func:`mammoseg.io.dicom.read_mammogram` and :func:`~mammoseg.io.dicom.read_mask` return an array of the header's size
+  or raise :class:`~mammoseg.io.dicom.DicomReadError` (a ``ValueError`` naming the file and a reason code);
 * restructuring a one-case tree whose image or mask was mutated finishes, and every file found is either kept or
   in ``skipped.csv`` with a reason (found = kept + skipped);
 * none of them hangs: every example runs under a wall-clock alarm (``EXAMPLE_TIMEOUT_S``).
@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mammoseg.config import ConfigError, validate_config
-from mammoseg.dicom import DicomReadError, header_record, read_mammogram, read_mask
+from mammoseg.io.dicom import DicomReadError, header_record, read_mammogram, read_mask
 
 EXAMPLE_TIMEOUT_S = 20  # a real mammogram decodes in < 1 s; anything near this is a hang
 REASONS = {"zero_byte", "not_dicom", "truncated", "no_pixel_data", "bad_header", "undecodable", "unreadable"}
@@ -165,7 +165,7 @@ def check_ingestion(path: Path) -> str:
 @pytest.fixture(scope="module")
 def synthetic_dicoms(tmp_path_factory) -> dict[str, bytes]:
     """Small synthetic files like the real ones: an RLE image, an uncompressed image, an RLE mask (16/8 bit)."""
-    from mammoseg.dicomwrite import DicomHeader, build_dataset, make_uid, write_dicom
+    from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid, write_dicom
 
     folder = tmp_path_factory.mktemp("fuzz-src")
     rng = np.random.default_rng(0)
@@ -253,7 +253,7 @@ def test_fuzz_real_mammogram_many(real_bytes, tmp_path_factory, data):
 
 @pytest.fixture(scope="module")
 def one_case_tree(tmp_path_factory, cbis_csv_dir) -> Path:
-    from mammoseg.synth import tree_from_csv
+    from mammoseg.testing.trees import tree_from_csv
 
     root = tmp_path_factory.mktemp("one-case")
     tree_from_csv([cbis_csv_dir / "mass_case_description_test_set.csv"], root / "tree", rows=48, cols=32, limit=1)
@@ -263,7 +263,7 @@ def one_case_tree(tmp_path_factory, cbis_csv_dir) -> Path:
 def restructure_mutated(tree: Path, tmp_path: Path, data) -> None:
     import shutil
 
-    from mammoseg.restructure import restructure_collection
+    from mammoseg.data.restructure import restructure_collection
 
     copy = tmp_path / "tree"
     shutil.copytree(tree, copy)
@@ -302,7 +302,7 @@ def test_fuzz_restructure_one_case_tree_many(one_case_tree, tmp_path_factory, da
 
 def schema_leaves() -> list[tuple[tuple[str, ...], dict]]:
     """(path, schema) of every leaf key of the config schema."""
-    from mammoseg.config import _schema
+    from mammoseg.config.schema import _schema
 
     leaves = []
 

@@ -10,9 +10,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-from mammoseg import infer
+from mammoseg.inference import sliding as infer
 from dicom_helpers import write_test_dicom
-from mammoseg.infer import BreastSide
+from mammoseg.inference.sliding import BreastSide
 
 WINDOW, DOWNSCALE = 32, 4  # model input s = 8
 
@@ -155,7 +155,7 @@ def test_saved_mask_equals_thresholded_saved_map(tmp_path):
     assert set(np.unique(png)) <= {0, 255}
     np.testing.assert_array_equal(png == 255, prob >= np.ceil(0.4 * 255))
     # identity predictor: the map is the min-max normalised, block-mean downscaled window, upsampled
-    from mammoseg.patches import preprocess_window
+    from mammoseg.patches.geometry import preprocess_window
 
     box = meta["crop_box"]
     win = image[box["top"]: box["top"] + 32, box["left"]: box["left"] + 32]
@@ -266,7 +266,7 @@ def _real_cases():
 
 @pytest.mark.realdata
 def test_breast_side_on_real_mammograms():
-    from mammoseg.dicom import read_mammogram
+    from mammoseg.io.dicom import read_mammogram
 
     for case in _real_cases()[:1]:
         for view, path in case.items():  # rcc, lcc, rmlo, lmlo
@@ -288,7 +288,7 @@ def _tiny_unet_like(s: int):
 
 @pytest.mark.realdata
 def test_paper_mode_on_a_real_mammogram_with_an_untrained_model():
-    from mammoseg.dicom import read_mammogram
+    from mammoseg.io.dicom import read_mammogram
 
     path = _real_cases()[0]["rcc"]
     image = read_mammogram(path)
@@ -305,10 +305,11 @@ def test_paper_mode_on_a_real_mammogram_with_an_untrained_model():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_benchmark_batched_beats_per_window_predict():
-    from mammoseg.dicom import read_mammogram
+    import measures
+    from mammoseg.io.dicom import read_mammogram
 
     image = read_mammogram(_real_cases()[0]["lcc"])
-    report = infer.benchmark_inference(_tiny_unet_like(256), image, downscale=4, batch_size=8)
+    report = measures.benchmark_inference(_tiny_unet_like(256), image, downscale=4, batch_size=8)
     assert report["max_abs_diff"] < 1e-4
     assert report["speedup"] > 1.0, report
 
@@ -316,10 +317,12 @@ def test_benchmark_batched_beats_per_window_predict():
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_peak_rss_of_paper_mode_on_a_real_mammogram_is_under_3_gib(tmp_path):
+    import measures
+
     path = _real_cases()[0]["lcc"]
     model_path = tmp_path / "tiny.keras"
     _tiny_unet_like(256).save(model_path)
     config = {"patches": {"n": 10, "downscale": 4}, "infer": {"mode": "paper", "batch_size": 8}}
-    report = infer.measure_peak_rss(config, model_path, path, tmp_path / "out")
+    report = measures.measure_peak_rss(config, model_path, path, tmp_path / "out")
     assert 0.2 < report["peak_rss_gib"] <= 3.0, report
     assert report["meta"]["side"] == "LEFT"

@@ -1,4 +1,4 @@
-"""mammoseg.layouts: case names, layout detection, header indexing, collection filtering, benchmark."""
+"""mammoseg.data.layouts: case names, layout detection, header indexing, collection filtering, benchmark."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from mammoseg.layouts import (
+from mammoseg.data.layouts import (
     INDEX_COLUMNS,
     LAYOUTS,
-    benchmark_indexing,
     detect_layout,
     index_tree,
     parse_case_name,
 )
 
-synth = pytest.importorskip("mammoseg.synth", reason="mammoseg.synth (the tree generator) is not there yet")
+synth = pytest.importorskip("mammoseg.data.synth", reason="mammoseg.data.synth (the tree generator) is not there yet")
 
 SIZE = {"rows": 256, "cols": 160}
 
@@ -98,6 +97,8 @@ def test_kaggle_missing_file_is_recorded(tmp_path):
 
 
 def test_benchmark_indexing(tmp_path):
+    from measures import benchmark_indexing
+
     synth.generate_dataset(tmp_path, n_train=4, n_test=2, seed=7, layout="doi", **SIZE)
     result = benchmark_indexing(tmp_path, repeats=2)
     assert result["n_files"] == len(list((tmp_path / "CBIS-DDSM").rglob("*.dcm")))

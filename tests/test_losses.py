@@ -9,7 +9,7 @@ pytest.importorskip("tensorflow")
 
 import keras  # noqa: E402
 
-from mammoseg import losses  # noqa: E402
+from mammoseg.model import losses  # noqa: E402
 
 RNG = np.random.default_rng(42)
 SHAPE = (4, 16, 16, 1)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
 from skimage.morphology import remove_small_objects
 
-from mammoseg import metrics
+from mammoseg.evaluation import metrics
 
 
 def _disc(shape, centre, radius):
@@ -182,7 +182,7 @@ def test_froc_grid_contains_half_and_avoids_ends():
 
 
 def test_metrics_module_does_not_import_tensorflow():
-    code = "import sys, mammoseg.metrics, mammoseg.evaluate; print('tensorflow' in sys.modules)"
+    code = "import sys, mammoseg.evaluation.metrics, mammoseg.evaluation.evaluate; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mammoseg import overlays
+from mammoseg.evaluation import overlays
 
 
 def _scene(shape=(40, 60)):

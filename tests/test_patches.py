@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mammoseg.patches import (
+from mammoseg.patches.geometry import (
     Crop,
     PatchLargerThanImage,
     bbox_centre,
@@ -169,7 +169,7 @@ def test_downscale_matches_reshape_mean_reference(factor, h, w, seed, offset):
 
 
 def test_negative_windows_avoid_lesions_and_dark_background():
-    from mammoseg.patches import plan_negative_windows, roi_rng
+    from mammoseg.patches.geometry import plan_negative_windows, roi_rng
 
     image = np.zeros((200, 160), np.float32)
     image[:, 60:] = 1000.0  # breast on the right, black on the left
@@ -192,7 +192,7 @@ def test_negative_windows_avoid_lesions_and_dark_background():
 @given(data=st.data())
 def test_mask_window_downscale_equals_cropping_the_whole_window(data):
     """The bbox-restricted downscale counts only the lesion's blocks; it must equal the plain crop + downscale."""
-    from mammoseg.patches import downscale_mask_window
+    from mammoseg.patches.geometry import downscale_mask_window
 
     factor = data.draw(st.sampled_from([1, 2, 3, 4]))
     size = factor * data.draw(st.integers(1, 8))
@@ -213,7 +213,7 @@ def test_mask_window_downscale_equals_cropping_the_whole_window(data):
 @given(seed=st.integers(0, 2**31), count=st.integers(1, 6), min_mean=st.floats(0, 0.9))
 def test_negative_windows_match_brute_force_choice(seed, count, min_mean):
     """The planner draws corners in order and keeps a window iff it is lesion-free and bright enough."""
-    from mammoseg.patches import plan_negative_windows, roi_rng
+    from mammoseg.patches.geometry import plan_negative_windows, roi_rng
 
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 4096, size=(48, 40)).astype(np.uint16)

@@ -30,7 +30,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mammoseg.dicom import safe_name
+from mammoseg.io.dicom import safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "mammoseg"
@@ -124,7 +124,7 @@ def test_text_grep_agrees_no_unsafe_tokens_outside_comments():
 
 def test_keras_model_with_python_code_is_refused(tmp_path):
     keras = pytest.importorskip("keras")
-    from mammoseg.infer import load_model
+    from mammoseg.inference.sliding import load_model
 
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)  # arbitrary Python: serialised as bytecode
@@ -165,7 +165,7 @@ def rewrite_headers(tree: Path, **values: str) -> int:
 
 @pytest.fixture(scope="module")
 def source_tree(tmp_path_factory) -> Path:
-    from mammoseg.synth import generate_dataset
+    from mammoseg.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("privacy-src")
     generate_dataset(root, n_train=6, n_test=3, rows=256, cols=160, seed=1, quirks=False)
@@ -173,7 +173,7 @@ def source_tree(tmp_path_factory) -> Path:
 
 
 def test_traversal_patient_id_stays_inside_output(source_tree, tmp_path):
-    from mammoseg.restructure import restructure_collection
+    from mammoseg.data.restructure import restructure_collection
 
     tree = tmp_path / "src"
     shutil.copytree(source_tree, tree)
@@ -284,12 +284,12 @@ def test_leak_check_finds_planted_values(tmp_path):
 def test_derived_artefacts_carry_no_identifying_values(identified_tree, tmp_path):
     pytest.importorskip("tensorflow")
     from mammoseg.config import validate_config
-    from mammoseg.evaluate import run_evaluate
-    from mammoseg.fingerprint import run_fingerprint
-    from mammoseg.infer import run_predict
-    from mammoseg.restructure import restructure_collection
-    from mammoseg.shards import run_extract, run_patch_manifest
-    from mammoseg.unet import build_unet
+    from mammoseg.evaluation.evaluate import run_evaluate
+    from mammoseg.config.fingerprint import run_fingerprint
+    from mammoseg.inference.sliding import run_predict
+    from mammoseg.data.restructure import restructure_collection
+    from mammoseg.patches.shards import run_extract, run_patch_manifest
+    from mammoseg.model.unet import build_unet
 
     results = tmp_path / "results"
     config = validate_config({"patches": {"n": 6, "downscale": 2, "n_shards": 1, "n_shifted": 1},

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from mammoseg.config import config_reference_markdown
+from mammoseg.config.schema import config_reference_markdown
 
 
 def test_config_reference_matches_schema(repo_root):
     readme = (repo_root / "README.md").read_text()
-    assert config_reference_markdown() in readme, "regenerate with: python -m mammoseg.config"
+    assert config_reference_markdown() in readme, "regenerate with: python -m mammoseg.config.schema"
 
 
 def test_quickstart_commands_are_the_ci_commands(repo_root):
@@ -20,7 +20,7 @@ def test_quickstart_commands_are_the_ci_commands(repo_root):
 
 
 def test_every_skip_reason_is_documented(repo_root):
-    from mammoseg.restructure import SKIP_REASONS
+    from mammoseg.data.restructure import SKIP_REASONS
 
     readme = (repo_root / "README.md").read_text()
     for code in SKIP_REASONS:

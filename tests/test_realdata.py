@@ -11,9 +11,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mammoseg.dicom import header_record, read_mammogram, read_raw_pixels
-from mammoseg.layouts import index_tree, parse_case_name
-from mammoseg.restructure import restructure_collection
+from mammoseg.io.dicom import header_record, read_mammogram, read_raw_pixels
+from mammoseg.data.layouts import index_tree, parse_case_name
+from mammoseg.data.restructure import restructure_collection
 
 pytestmark = pytest.mark.realdata
 
@@ -96,9 +96,9 @@ def test_real_tree_indexes_and_restructures(real_tree, mass_test_csv, tmp_path):
 def test_extraction_on_real_mammograms_recrops_what_pydicom_decodes(real_files, tmp_path):
     """Full-size real RLE images (with synthetic full-size masks): every stored patch is the window of the pixels
     that pydicom's own decoder gives for the source files, and every ROI's mask patches hold its lesion."""
-    from mammoseg.patches import downscale_mask, preprocess_window
-    from mammoseg.shards import extract_shard, read_table
-    from mammoseg.synth import tree_with_real_images
+    from mammoseg.patches.geometry import downscale_mask, preprocess_window
+    from mammoseg.patches.shards import extract_shard, read_table
+    from mammoseg.testing.trees import tree_with_real_images
 
     summary = tree_with_real_images(real_files[:2], tmp_path / "tree", seed=1)  # 1 + 2 ROIs
     assert (summary["images"], summary["rois"]) == (2, 3)

@@ -1,4 +1,4 @@
-"""mammoseg.restructure: every layout reconciles with the generator's truth; every bad input has its fate."""
+"""mammoseg.data.restructure: every layout reconciles with the generator's truth; every bad input has its fate."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from mammoseg.dicom import read_mammogram, read_mask
-from mammoseg.dicomwrite import DicomHeader, build_dataset, make_uid
-from mammoseg.layouts import LAYOUTS
-from mammoseg.restructure import MANIFEST_COLUMNS, SKIP_REASONS, SKIPPED_COLUMNS, restructure_collection, run_restructure
+from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
+from mammoseg.data.layouts import LAYOUTS
+from mammoseg.data.restructure import MANIFEST_COLUMNS, SKIP_REASONS, SKIPPED_COLUMNS, restructure_collection, run_restructure
 
-synth = pytest.importorskip("mammoseg.synth", reason="mammoseg.synth (the tree generator) is not there yet")
+synth = pytest.importorskip("mammoseg.data.synth", reason="mammoseg.data.synth (the tree generator) is not there yet")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's remarks on tiny RLE frames
 
@@ -141,10 +141,10 @@ def test_rerun_removes_stale_outputs(tmp_path):
 
 def test_tree_from_real_csv_rows(tmp_path, cbis_csv_dir):
     """Real patient ids, UIDs, multi-abnormality images, id gaps and separate-series ROIs (tiny pixels)."""
-    if not hasattr(synth, "tree_from_csv"):
-        pytest.skip("synth.tree_from_csv not available")
+    from mammoseg.testing.trees import tree_from_csv
+
     csv = cbis_csv_dir / "mass_case_description_test_set.csv"
-    synth.tree_from_csv([csv], tmp_path / "tree", layout="nbia", limit=60)
+    tree_from_csv([csv], tmp_path / "tree", layout="nbia", limit=60)
     truth = json.loads((tmp_path / "tree" / "truth.json").read_text())
     summary = restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="test", progress=False)
     manifest, skipped = _check_accounting(summary, tmp_path / "out")

@@ -14,10 +14,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from mammoseg import shards
-from mammoseg.dicom import read_mammogram, read_mask
-from mammoseg.patches import downscale_mask, preprocess_window
-from mammoseg.shards import (
+from mammoseg.patches import shards
+from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.patches.geometry import downscale_mask, preprocess_window
+from mammoseg.patches.shards import (
     PROVENANCE_COLUMNS,
     extract_shard,
     read_table,
@@ -397,7 +397,7 @@ def test_import_is_tensorflow_free():
     import subprocess
     import sys
 
-    code = "import sys, mammoseg.shards; print('tensorflow' in sys.modules, 'h5py' in sys.modules)"
+    code = "import sys, mammoseg.patches.shards; print('tensorflow' in sys.modules, 'h5py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.stdout.split() == ["False", "False"]

@@ -16,7 +16,8 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from mammoseg.synth import LAYOUTS, generate_dataset, run_synth, tree_from_csv, write_case_csv
+from mammoseg.data.synth import LAYOUTS, generate_dataset, run_synth, write_case_csv
+from mammoseg.testing.trees import tree_from_csv
 
 CBIS_CSV_DIR = Path("/work/shared/data/cbis-ddsm")
 if not CBIS_CSV_DIR.exists():  # the repository's own copy, wherever the shared folder is

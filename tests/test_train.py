@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammoseg.shards import PROVENANCE_COLUMNS
-from mammoseg.train import split_train_val
+from mammoseg.patches.shards import PROVENANCE_COLUMNS
+from mammoseg.model.train import split_train_val
 
 SIDE = 32  # patch side in pixels: patches n=5, downscale 1
 PATCH_CFG = {"n": 5, "downscale": 1, "n_shifted": 2}
@@ -118,8 +118,8 @@ def test_two_epoch_training_writes_every_output_and_reloads(tmp_path):
     pytest.importorskip("tensorflow")
     import keras
 
-    from mammoseg.dataset import read_provenance
-    from mammoseg.train import HISTORY_COLUMNS, mask_pixel_counts, train_model
+    from mammoseg.model.dataset import read_provenance
+    from mammoseg.model.train import HISTORY_COLUMNS, mask_pixel_counts, train_model
 
     shard = write_tiny_shard(tmp_path / "shard-0.h5")
     out = tmp_path / "models" / "tiny"
@@ -164,7 +164,7 @@ def test_two_epoch_training_writes_every_output_and_reloads(tmp_path):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys
-    from mammoseg.train import train_model
+    from mammoseg.model.train import train_model
     args = json.loads(sys.argv[1])
     train_model(args["shards"], args["out"], model_cfg=args["model"], train_cfg=args["train"],
                 patch_cfg=args["patches"])

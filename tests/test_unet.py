@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from mammoseg.config import load_config  # noqa: E402
-from mammoseg.unet import build_unet, count_parameters, level_filters, parameter_counts, run_summary  # noqa: E402
+from mammoseg.model.unet import build_unet, count_parameters, level_filters, parameter_counts, run_summary  # noqa: E402
 
 PAPER_TRAINABLE = 91_238_241  # Marita et al., model summary
 PAPER_NON_TRAINABLE = 24_256

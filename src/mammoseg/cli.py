@@ -50,31 +50,31 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _synth(args, config):
-    from mammoseg.synth import run_synth
+    from mammoseg.data.synth import run_synth
 
     return run_synth(config, Path(args.out))
 
 
 def _restructure(args, config):
-    from mammoseg.restructure import run_restructure
+    from mammoseg.data.restructure import run_restructure
 
     return run_restructure(config, Path(args.source), Path(args.out), args.split)
 
 
 def _extract(args, config):
-    from mammoseg.shards import run_extract
+    from mammoseg.patches.shards import run_extract
 
     return run_extract(config, Path(args.manifest), Path(args.out), args.shard)
 
 
 def _patch_manifest(args, config):
-    from mammoseg.shards import run_patch_manifest
+    from mammoseg.patches.shards import run_patch_manifest
 
     return run_patch_manifest(config, [Path(p) for p in args.shards], Path(args.out), Path(args.skipped))
 
 
 def _patch_show(args, config):
-    from mammoseg.shards import render_grid
+    from mammoseg.patches.shards import render_grid
 
     out = Path(args.out) if args.out else Path(args.shard).with_suffix(".png")
     render_grid(Path(args.shard), out, n=args.n)
@@ -83,19 +83,19 @@ def _patch_show(args, config):
 
 
 def _fingerprint(args, config):
-    from mammoseg.fingerprint import run_fingerprint
+    from mammoseg.config.fingerprint import run_fingerprint
 
     return run_fingerprint(config, [Path(p) for p in args.manifests], Path(args.out_fingerprint), Path(args.out_plan))
 
 
 def _train(args, config):
-    from mammoseg.train import run_train
+    from mammoseg.model.train import run_train
 
     return run_train(config, [Path(p) for p in args.shards], Path(args.out_dir))
 
 
 def _model_summary(args, config):
-    from mammoseg.unet import run_summary
+    from mammoseg.model.unet import run_summary
 
     counts = run_summary(config)
     print(json.dumps(counts, indent=2))
@@ -103,13 +103,13 @@ def _model_summary(args, config):
 
 
 def _predict(args, config):
-    from mammoseg.infer import run_predict
+    from mammoseg.inference.sliding import run_predict
 
     return run_predict(config, Path(args.model), Path(args.image), Path(args.out_prob), Path(args.out_mask))
 
 
 def _evaluate(args, config):
-    from mammoseg.evaluate import run_evaluate
+    from mammoseg.evaluation.evaluate import run_evaluate
 
     return run_evaluate(
         config, Path(args.prob), Path(args.manifest), args.image_id, Path(args.out_json), Path(args.out_overlay)
@@ -117,7 +117,7 @@ def _evaluate(args, config):
 
 
 def _summarise(args, config):
-    from mammoseg.evaluate import run_summarise
+    from mammoseg.evaluation.evaluate import run_summarise
 
     return run_summarise(config, [Path(p) for p in args.image_jsons], Path(args.out_dir), args.model_name)
 

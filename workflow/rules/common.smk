@@ -8,7 +8,7 @@ import os
 import pandas as pd
 
 from mammoseg.config import validate_config
-from mammoseg.shards import shard_of
+from mammoseg.patches.shards import shard_of
 
 # Fills every default and fails with the key and the allowed values on a bad config.
 config.update(validate_config(config))

@@ -1,4 +1,4 @@
-"""The training input pipeline: a ``tf.data.Dataset`` over HDF5 patch shards (:mod:`mammoseg.shards`).
+"""The training input pipeline: a ``tf.data.Dataset`` over HDF5 patch shards (:mod:`mammoseg.patches.shards`).
 
 Only patch *indices* (shard, row) are held in memory and shuffled; the indices are batched and each batch is
 read from the shards when the pipeline asks for it, several batches in parallel, then prefetched, so the whole
@@ -8,7 +8,7 @@ functions, so importing this module is cheap.
 Reading: h5py serialises every HDF5 call behind one global lock, so parallel reads are safe from tf.data's
 threads; open file handles are cached per shard (opening a file costs far more than reading one chunk) and
 the lzf decompression of a chunk (masks by default; images too with ``patches.image_compression: lzf``) happens
-inside that lock. See :func:`benchmark_read_rate`.
+inside that lock. Its read rate is measured in benchmarks/measures.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["read_provenance", "make_dataset", "ShardReader", "benchmark_read_rate"]
+__all__ = ["read_provenance", "make_dataset", "ShardReader"]
 
 
 def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  # noqa: F821
@@ -28,7 +28,7 @@ def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  #
 
     Returns
     -------
-    pandas.DataFrame with :data:`mammoseg.shards.PROVENANCE_COLUMNS` plus ``shard_path`` (str, as given) and
+    pandas.DataFrame with :data:`mammoseg.patches.shards.PROVENANCE_COLUMNS` plus ``shard_path`` (str, as given) and
     ``row`` (int64, the patch's index in that shard's ``images``/``masks``). Pass a subset of it (e.g. the
     training split) to :func:`make_dataset`.
 
@@ -40,7 +40,7 @@ def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  #
     import h5py
     import pandas as pd
 
-    from .shards import PROVENANCE_COLUMNS, read_table
+    from mammoseg.patches.shards import PROVENANCE_COLUMNS, read_table
 
     frames, sizes = [], {}
     for path in shard_paths:
@@ -190,31 +190,3 @@ def make_dataset(
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(tf_load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def benchmark_read_rate(shard_paths: Sequence[str | Path], *, batch_size: int = 32, max_patches: int = 5000,
-                        through_tf: bool = True) -> float:
-    """Patches per second read from the shards (one shuffled pass, at most ``max_patches`` patches).
-
-    ``through_tf=True`` times :func:`make_dataset` end to end (what training sees); ``False`` times bare
-    :class:`ShardReader` reads in random order in one thread (the HDF5 + lzf floor).
-    """
-    rows = read_provenance(shard_paths)
-    if rows.empty:
-        raise ValueError("the shards hold no patches to read")
-    rows = rows.sample(n=min(len(rows), max_patches), random_state=0)
-    if not through_tf:
-        reader = ShardReader(shard_paths)
-        position = {str(p): k for k, p in enumerate(shard_paths)}
-        start = time.perf_counter()
-        for path, row in zip(rows["shard_path"], rows["row"]):
-            reader.read(position[path], row)
-        seconds = time.perf_counter() - start
-        reader.close()
-        return len(rows) / seconds
-    ds = make_dataset(shard_paths, rows, batch_size, shuffle=True, seed=0)
-    count = 0
-    start = time.perf_counter()
-    for images, _ in ds:
-        count += int(images.shape[0])
-    return count / (time.perf_counter() - start)

@@ -18,7 +18,7 @@ import yaml
 
 __all__ = ["ConfigError", "SCHEMA_PATH", "load_config", "validate_config", "section_hash"]
 
-SCHEMA_PATH = Path(str(resources.files("mammoseg") / "schemas" / "config.schema.yaml"))
+SCHEMA_PATH = Path(str(resources.files("mammoseg.config") / "config.schema.yaml"))
 
 
 class ConfigError(ValueError):
@@ -117,5 +117,5 @@ def config_reference_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mammoseg.config  → the README's configuration reference
+if __name__ == "__main__":  # python -m mammoseg.config.schema  → the README's configuration reference
     print(config_reference_markdown())

@@ -1,9 +1,9 @@
 """Paper-exact training patches written into HDF5 shards, with a provenance row per patch.
 
 Stage ``extract``: reads a restructured collection's ``manifest.csv`` (docs/architecture.md), cuts the centred
-``2**n`` window and ``n_shifted`` shifted windows around every ROI (geometry in :mod:`mammoseg.patches`),
-downscales and normalises them exactly as inference does (:func:`mammoseg.patches.preprocess_window`,
-:func:`mammoseg.patches.downscale_mask`) and writes them into one of ``n_shards`` HDF5 files.
+``2**n`` window and ``n_shifted`` shifted windows around every ROI (geometry in :mod:`mammoseg.patches.geometry`),
+downscales and normalises them exactly as inference does (:func:`mammoseg.patches.geometry.preprocess_window`,
+:func:`mammoseg.patches.geometry.downscale_mask`) and writes them into one of ``n_shards`` HDF5 files.
 
 Shard layout (``s = 2**n // downscale``)
 ---------------------------------------
@@ -36,9 +36,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path, write_csv_atomic
-from .patches import (
+from mammoseg import __version__
+from mammoseg.io.atomic import atomic_path, write_csv_atomic
+from mammoseg.patches.geometry import (
     PatchLargerThanImage,
     crop,
     downscale_mask_window,
@@ -63,8 +63,6 @@ __all__ = [
     "render_grid",
     "run_extract",
     "run_patch_manifest",
-    "benchmark_extraction",
-    "benchmark_extraction_memory",
 ]
 
 #: provenance column -> kind ("str" stored as UTF-8 variable-length strings, "int" as int64)
@@ -221,7 +219,7 @@ def _roi_patches(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
                  params: PatchParams):  # fmt: skip
     """Yield (provenance row, image patch float32 (s, s), mask patch uint8 (s, s)) for each crop of one ROI.
 
-    ``bbox`` is the mask's foreground box (:func:`mammoseg.patches.mask_bbox`).
+    ``bbox`` is the mask's foreground box (:func:`mammoseg.patches.geometry.mask_bbox`).
     """
     crops = plan_crops(bbox, image.shape, params.window_size, params.n_shifted, params.max_shift,
                        roi_rng(params.seed, roi["roi_id"]))
@@ -240,7 +238,7 @@ def _roi_patches(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
 
 def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: _Tables):
     """Read one image and its masks; yield its patches and record skips. One image in memory at a time."""
-    from .dicom import read_mammogram, read_mask
+    from mammoseg.io.dicom import read_mammogram, read_mask
 
     image_id = rois[0]["image_id"]
     try:
@@ -392,7 +390,7 @@ def extract_shard(
     seed : seeds each ROI's generator together with its roi_id
     config_hash : recorded as a root attribute
     n_negative : lesion-free windows per image, beyond the paper (copy_index -1, roi_id ``<image_id>_negK``,
-        all-zero mask; see :func:`mammoseg.patches.plan_negative_windows`); 0 = the paper's method
+        all-zero mask; see :func:`mammoseg.patches.geometry.plan_negative_windows`); 0 = the paper's method
     negative_min_mean : a negative window's mean must reach this fraction of the image maximum
     compression : HDF5 filter of ``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or ``None``/``"none"``.
         0/1 masks are mostly runs: lzf keeps about 3 % of their bytes at almost no cost.
@@ -576,14 +574,14 @@ def render_grid(shard_path: str | Path, out_png: str | Path, n: int = 16) -> dic
 
 
 def _patch_section(config: dict) -> dict:
-    from .config import validate_config
+    from mammoseg.config import validate_config
 
     return validate_config(config)["patches"]
 
 
 def run_extract(config: dict, manifest_csv: str | Path, out_path: str | Path, shard_index: int) -> dict[str, Any]:
     """Stage ``extract`` for one shard: parameters from ``config['patches']`` (defaults filled in)."""
-    from .config import section_hash
+    from mammoseg.config import section_hash
 
     section = _patch_section(config)
     return extract_shard(
@@ -599,7 +597,7 @@ def run_extract(config: dict, manifest_csv: str | Path, out_path: str | Path, sh
 def run_patch_manifest(config: dict, shard_paths: Iterable[str | Path], out_csv: str | Path,
                        skipped_csv: str | Path) -> dict[str, Any]:
     """Stage ``patch manifest``: checks every shard was built with this config, then writes both CSVs."""
-    from .config import section_hash
+    from mammoseg.config import section_hash
 
     expected = section_hash(_patch_section(config))
     shard_paths = list(shard_paths)
@@ -609,136 +607,3 @@ def run_patch_manifest(config: dict, shard_paths: Iterable[str | Path], out_csv:
             raise ValueError(f"{path}: built with config hash {found!r}, the current 'patches' config is {expected!r};"
                              " re-run extraction")
     return write_patch_manifest(shard_paths, out_csv, skipped_csv)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Benchmarks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _decode_only(path: Path) -> None:
-    import pydicom
-
-    pydicom.dcmread(str(path)).pixel_array  # noqa: B018 - decoding is the point
-
-
-def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: int = 8, downscale: int = 4,
-                         n_shifted: int = 4, max_shift: float = 0.25, seed: int = 0, compression: str | None = "lzf",
-                         image_compression: str | None = None, repeats: int = 5) -> dict[str, Any]:
-    """Extraction time against the bare DICOM decode time of the same files (all in this process, one shard).
-
-    Four timings over the same files, in ``repeats`` rounds whose order rotates (so that neither a cold cache nor
-    a busy moment favours one contender):
-
-    * ``decode_s``: ``pydicom.dcmread(path).pixel_array`` for every image and mask file (the floor);
-    * ``stored_s``: :func:`mammoseg.dicom.read_raw_pixels` for the same files: the project's own read of the
-      stored values (one header parse, the same decoder without pydicom's copies);
-    * ``read_s``: the contract's readers, :func:`mammoseg.dicom.read_mammogram` per image and
-      :func:`mammoseg.dicom.read_mask` per mask (adds the modality-LUT check and the mask binarisation);
-    * ``extract_s``: :func:`extract_shard` end to end (reads + geometry + pre-processing + HDF5 writes + fsync).
-
-    The ratio is the median over rounds of extract / decode within the round: a round's contenders run back to
-    back in the same state of the machine and of the allocator (on this VM, a process whose heap has just been
-    warmed by large frees decodes small files up to twice as fast as one that faults in fresh pages, and that
-    state changes between rounds). Best-of-rounds times are reported too.
-
-    Returns
-    -------
-    dict with ``decode_s``, ``stored_s``, ``read_s``, ``extract_s`` (best round, seconds), ``ratio`` (median
-    per-round extract / decode; goal <= 1.3), ``ratio_best`` (best extract / best decode), ``ratio_vs_readers``
-    (extract / read: the cost of extraction beyond the shared readers), ``n_files``,
-    ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``, ``shard_bytes``, ``compression``,
-    ``image_compression``, ``rounds`` (every round's seconds per contender).
-    """
-    from .dicom import read_mammogram, read_mask, read_raw_pixels
-
-    rows = _read_manifest(manifest_csv)
-    base = Path(manifest_csv).resolve().parent
-    images = sorted({base / row["image_path"] for row in rows})
-    masks = sorted({base / row["mask_path"] for row in rows})
-    out = Path(out_dir) / "benchmark-shard.h5"
-    result: dict[str, Any] = {}
-
-    def decode() -> None:
-        for path in [*images, *masks]:
-            _decode_only(path)
-
-    def stored() -> None:
-        for path in [*images, *masks]:
-            read_raw_pixels(path)
-
-    def readers() -> None:
-        for path in images:
-            read_mammogram(path)
-        for path in masks:
-            read_mask(path)
-
-    def extract() -> None:
-        result.update(extract_shard(manifest_csv, out, shard_index=0, n_shards=1, n=n, downscale=downscale,
-                                    n_shifted=n_shifted, max_shift=max_shift, seed=seed, compression=compression,
-                                    image_compression=image_compression))
-
-    contenders = {"decode": decode, "stored": stored, "read": readers, "extract": extract}
-    names = list(contenders)
-    rounds: dict[str, list[float]] = {name: [] for name in names}
-    for k in range(max(1, repeats)):
-        for name in names[k % len(names):] + names[: k % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            rounds[name].append(time.perf_counter() - start)
-    best = {name: min(times) for name, times in rounds.items()}
-    paired = [e / d for e, d in zip(rounds["extract"], rounds["decode"])]
-    return {
-        "decode_s": round(best["decode"], 4), "stored_s": round(best["stored"], 4), "read_s": round(best["read"], 4),
-        "extract_s": round(best["extract"], 4), "ratio": round(float(np.median(paired)), 3),
-        "ratio_best": round(best["extract"] / best["decode"], 3),
-        "ratio_vs_readers": round(best["extract"] / best["read"], 3),
-        "n_files": len(images) + len(masks), "n_images": result["n_images"], "n_rois": result["n_rois"],
-        "n_patches": result["n_patches"], "n_skipped": result["n_skipped"], "shard_bytes": out.stat().st_size,
-        "compression": compression or "none", "image_compression": image_compression or "none",
-        "rounds": {k: [round(t, 4) for t in v] for k, v in rounds.items()},
-    }
-
-
-def benchmark_extraction_memory(manifest_csv: str | Path, out_path: str | Path, **params: Any) -> dict[str, Any]:
-    """Peak resident memory of one extraction, measured in a fresh Python process (Linux ``/proc``).
-
-    ``params`` are :func:`extract_shard` keywords (defaults: n=8, downscale=4, n_shifted=4, max_shift=0.25, seed=0).
-    After the imports the process resets its peak-RSS mark (``/proc/self/clear_refs`` = 5), so ``added_mib`` is
-    the peak reached during extraction minus the resident size before it: flat in the number of cases when
-    memory holds one image at a time.
-
-    Returns
-    -------
-    dict with ``baseline_mib`` (RSS after imports), ``peak_mib`` (peak RSS during extraction), ``added_mib``,
-    ``n_images``, ``n_rois``, ``n_patches``, ``seconds``.
-    """
-    import json
-    import subprocess
-    import sys
-
-    kwargs = {"n": 8, "downscale": 4, "n_shifted": 4, "max_shift": 0.25, "seed": 0, **params,
-              "shard_index": 0, "n_shards": 1}
-    code = (
-        "import json, sys\n"
-        "import h5py, pandas, pydicom, numpy\n"
-        "from mammoseg.shards import extract_shard\n"
-        "from mammoseg import dicom\n"
-        "def status(key):\n"
-        "    for line in open('/proc/self/status'):\n"
-        "        if line.startswith(key + ':'):\n"
-        "            return int(line.split()[1]) / 1024\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "base = status('VmRSS')\n"
-        "r = extract_shard(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))\n"
-        "print(json.dumps({'baseline_mib': base, 'peak_mib': status('VmHWM'), 'n_patches': r['n_patches'],"
-        " 'n_rois': r['n_rois'], 'n_images': r['n_images'], 'seconds': r['seconds']}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(manifest_csv), str(out_path), json.dumps(kwargs)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"memory benchmark failed for {manifest_csv}: {proc.stderr.strip()[-2000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["added_mib"] = round(out["peak_mib"] - out["baseline_mib"], 1)
-    out["baseline_mib"], out["peak_mib"] = round(out["baseline_mib"], 1), round(out["peak_mib"], 1)
-    return out

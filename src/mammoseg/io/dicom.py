@@ -86,7 +86,7 @@ class MaskRead:
         non-binary mask, e.g. ``thresholded non-binary mask at 127.5 (max=255, 37 distinct values)``).
     bbox : (r0, c0, r1, c1) or None
         Bounding box of the foreground in pixels, ``r1``/``c1`` exclusive (as
-        :func:`mammoseg.patches.mask_bbox`); None when nothing is foreground. Found while binarising, from the
+        :func:`mammoseg.patches.geometry.mask_bbox`); None when nothing is foreground. Found while binarising, from the
         rows that hold the lesion, so that nobody has to scan a full-size mask again.
     """
 

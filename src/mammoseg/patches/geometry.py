@@ -1,7 +1,7 @@
 """Patch geometry and the pre-processing shared by extraction and inference.
 
-Everything here is NumPy only. Training patches (:mod:`mammoseg.shards`) and inference windows
-(:mod:`mammoseg.infer`) both go through :func:`preprocess_window`, so the network sees the same kind of input
+Everything here is NumPy only. Training patches (:mod:`mammoseg.patches.shards`) and inference windows
+(:mod:`mammoseg.inference.sliding`) both go through :func:`preprocess_window`, so the network sees the same kind of input
 in both stages.
 
 Patch geometry (Marita et al.; all coordinates are full-resolution pixels, rows first)
@@ -338,7 +338,7 @@ def plan_negative_windows(
     Beyond the paper (``patches.n_negative``, default 0): the paper trains only on windows around lesions, so its
     network never sees the lesion-free tissue that fills most inference windows, one source of its 3.65 false
     positives per image. A window qualifies when it holds no lesion pixel and its mean is at least ``min_mean``
-    times the image maximum (the rule :mod:`mammoseg.infer` uses to skip dark windows).
+    times the image maximum (the rule :mod:`mammoseg.inference.sliding` uses to skip dark windows).
 
     Parameters
     ----------

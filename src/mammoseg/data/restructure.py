@@ -1,7 +1,7 @@
 """Pair full mammograms with their ROI masks, for one collection, and account for every file.
 
 One call of :func:`restructure_collection` handles one collection (``abnormality`` x ``split``, e.g. Mass-Training)
-of a download in any layout (:mod:`mammoseg.layouts`) and writes, per ``docs/architecture.md``::
+of a download in any layout (:mod:`mammoseg.data.layouts`) and writes, per ``docs/architecture.md``::
 
     out_dir/images/{image_id}.dcm     one link (or copy) per kept full image   (.jpg/.png in the Kaggle layout)
     out_dir/masks/{roi_id}.dcm        one link (or copy) per kept ROI mask
@@ -60,9 +60,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoseg.atomic import atomic_path, write_csv_atomic
-from mammoseg.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
-from mammoseg.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
+from mammoseg.io.atomic import atomic_path, write_csv_atomic
+from mammoseg.io.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
+from mammoseg.data.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -394,7 +394,7 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
 
     Parameters
     ----------
-    index : from :func:`mammoseg.layouts.index_tree`, one collection
+    index : from :func:`mammoseg.data.layouts.index_tree`, one collection
     prefix : the collection, e.g. ``Mass-Training``
     table : the case CSV, or None
     progress : tqdm bar (stderr) over the ROI files whose pixels are read
@@ -534,12 +534,12 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
 
     Parameters
     ----------
-    source_root : the download (see :func:`mammoseg.layouts.detect_layout`)
+    source_root : the download (see :func:`mammoseg.data.layouts.detect_layout`)
     out_dir : e.g. ``results/restructured/mass/train``; nothing is written outside it
     abnormality : ``mass`` or ``calc``
     split : ``train`` or ``test``
     csv_dir : folder of the official case CSVs; None = look beside and inside ``source_root``
-    layout : ``auto`` or one of :data:`mammoseg.layouts.LAYOUTS`
+    layout : ``auto`` or one of :data:`mammoseg.data.layouts.LAYOUTS`
     link : ``symlink`` (absolute links) or ``copy``
     progress : tqdm bars on stderr
 

@@ -1,7 +1,7 @@
 """Sliding-window inference on full mammograms: the paper's mode and a blended mode.
 
 Geometry and pre-processing are NumPy only; TensorFlow/Keras are imported lazily inside the functions that
-need a model, so ``mammoseg.evaluate`` can read predictions (:func:`load_prediction`) without TensorFlow.
+need a model, so ``mammoseg.evaluation.evaluate`` can read predictions (:func:`load_prediction`) without TensorFlow.
 
 Paper mode (Marita et al.)
     1. The breast side is the side whose strip (``strip_fraction`` of the width) has the larger mean.
@@ -11,7 +11,7 @@ Paper mode (Marita et al.)
     3. Non-overlapping windows; a window is skipped when its mean raw intensity is below
        ``min_mean × image max`` (background) or when its max equals its min (flat: per-window min-max
        normalisation is undefined).
-    4. Kept windows go through :func:`mammoseg.patches.preprocess_window` (block mean by ``downscale`` then
+    4. Kept windows go through :func:`mammoseg.patches.geometry.preprocess_window` (block mean by ``downscale`` then
        min-max), are predicted in batches by one compiled ``tf.function``, and the probabilities are brought back
        to full resolution with ``np.repeat`` by ``downscale`` (the inverse footprint of the block mean).
     5. The saved probability map holds these per-window probabilities (0 in skipped windows and in the cropped
@@ -32,7 +32,7 @@ Blended mode (beyond the paper; as nnU-Net/MONAI)
     only by skipped windows get probability 0. Optional TTA averages with the horizontally flipped prediction.
 
 Probability maps are returned and saved as uint8, ``round(p × 255)``; the binary mask is always
-``mammoseg.metrics.binarise(prob_u8, threshold)``, so the saved mask equals what evaluation recomputes.
+``mammoseg.evaluation.metrics.binarise(prob_u8, threshold)``, so the saved mask equals what evaluation recomputes.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mammoseg.atomic import atomic_path
+from mammoseg.io.atomic import atomic_path
 from mammoseg.config import section_hash, validate_config
-from mammoseg.dicom import read_mammogram
-from mammoseg.metrics import binarise
-from mammoseg.patches import preprocess_window
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.evaluation.metrics import binarise
+from mammoseg.patches.geometry import preprocess_window
 
 __all__ = [
     "BreastSide",
@@ -75,8 +75,6 @@ __all__ = [
     "save_prediction",
     "load_prediction",
     "run_predict",
-    "benchmark_inference",
-    "measure_peak_rss",
 ]
 
 #: A batch predictor: float32 (B, s, s) in [0, 1] → float32 probabilities (B, s, s).
@@ -378,8 +376,8 @@ def predict_blended(
 # --------------------------------------------------------------------------------------------------------------
 def load_model(model_path: str | Path):
     """Load a ``.keras`` model safely (``compile=False, safe_mode=True``), custom objects registered first."""
-    if importlib.util.find_spec("mammoseg.losses") is not None:
-        importlib.import_module("mammoseg.losses")  # registers the project's serialisable custom objects
+    if importlib.util.find_spec("mammoseg.model.losses") is not None:
+        importlib.import_module("mammoseg.model.losses")  # registers the project's serialisable custom objects
     import keras
 
     path = Path(model_path)
@@ -523,93 +521,3 @@ def run_predict(config: dict, model_path: str | Path, image_path: str | Path, ou
     })
     save_prediction(result.prob, result.mask, out_prob, out_mask, meta)
     return meta
-
-
-# --------------------------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------------------------
-def benchmark_inference(model, image: np.ndarray, window: int | None = None, downscale: int = 4,
-                        strip_fraction: float = 0.1, min_mean: float = 0.1, batch_size: int = 16,
-                        repeats: int = 1) -> dict:
-    """The paper's per-window ``model.predict`` loop against the batched ``tf.function`` path, same windows.
-
-    Parameters
-    ----------
-    model : Keras model with input (s, s, 1); image : raw full image (rows, cols)
-    window : full-resolution window (default: s × downscale)
-
-    Returns
-    -------
-    dict with ``windows``, ``loop_seconds``, ``batched_seconds``, ``loop_windows_per_s``,
-    ``batched_windows_per_s``, ``speedup`` and ``max_abs_diff`` between the two paths' probabilities.
-    The batched predictor is warmed up (traced) before timing, as ``model.predict`` builds its own function on
-    its first call, which is also warmed up.
-    """
-    s = int(model.input_shape[1])
-    window = window or s * downscale
-    image = np.asarray(image, dtype=np.float32)
-    side = breast_side(image, strip_fraction)
-    work, _ = _pad_to_window(image, window, side)
-    box = paper_crop_box(work.shape, window, side)
-    level = min_mean * float(image.max())
-    corners = [(r, c) for r, c in paper_windows(box, window)
-               if not _skip_reason(work[r : r + window, c : c + window], level)]
-    if not corners:
-        raise ValueError("no window passes the skip rules; nothing to benchmark")
-    inputs = np.stack([preprocess_window(work[r : r + window, c : c + window], downscale) for r, c in corners])
-    predictor = make_predictor(model, batch_size)
-    predictor(inputs[:1])  # trace once
-    model.predict(inputs[:1, ..., None], verbose=0)  # let Keras build its predict function
-    start = time.perf_counter()
-    for _ in range(repeats):
-        loop = np.stack([model.predict(x[None, ..., None], verbose=0)[0, ..., 0] for x in inputs])
-    loop_seconds = (time.perf_counter() - start) / repeats
-    start = time.perf_counter()
-    for _ in range(repeats):
-        batched = predictor(inputs)
-    batched_seconds = (time.perf_counter() - start) / repeats
-    n = len(inputs)
-    return {
-        "windows": n, "window": window, "downscale": downscale, "batch_size": batch_size,
-        "loop_seconds": loop_seconds, "batched_seconds": batched_seconds,
-        "loop_windows_per_s": n / loop_seconds, "batched_windows_per_s": n / batched_seconds,
-        "speedup": loop_seconds / batched_seconds,
-        "max_abs_diff": float(np.max(np.abs(loop - batched))),
-    }
-
-
-def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Path, out_dir: str | Path,
-                     timeout_s: float = 1200) -> dict:
-    """Run :func:`run_predict` in a fresh Python process and report its peak resident memory.
-
-    The child reports the high-water mark of its own address space (``VmHWM`` in ``/proc/self/status``), so
-    TensorFlow, the model and the image are all included and nothing from this process is counted. Not
-    ``ru_maxrss``: Linux keeps that across fork and exec, so a child of a large parent reports the parent's size.
-
-    Returns
-    -------
-    dict with ``peak_rss_mib``, ``peak_rss_gib``, ``seconds`` (wall time of the child) and the child's metadata.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"config": config, "model": str(model_path), "image": str(image_path),
-                          "prob": str(out_dir / "rss.prob.npz"), "mask": str(out_dir / "rss.mask.png")})
-    script = (
-        "import json, resource, sys\n"
-        "from mammoseg.infer import run_predict\n"
-        "a = json.loads(sys.argv[1])\n"
-        "meta = run_predict(a['config'], a['model'], a['image'], a['prob'], a['mask'])\n"
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-        "kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print('RSS_JSON=' + json.dumps({'maxrss_kib': kib, 'meta': meta}, default=str))\n"
-    )
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script, payload], capture_output=True, text=True,
-                          timeout=timeout_s, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"inference subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    line = [l for l in done.stdout.splitlines() if l.startswith("RSS_JSON=")][-1]
-    report = json.loads(line[len("RSS_JSON="):])
-    kib = int(report["maxrss_kib"])
-    return {"peak_rss_mib": kib / 1024, "peak_rss_gib": kib / 1024**2, "seconds": seconds, "meta": report["meta"]}

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 
-from mammoseg.dicom import header_record
+from mammoseg.io.dicom import header_record
 
 __all__ = [
     "LAYOUTS",
@@ -50,7 +50,6 @@ __all__ = [
     "detect_layout",
     "list_files",
     "index_tree",
-    "benchmark_indexing",
 ]
 
 LAYOUTS = ("doi", "nbia-old", "nbia", "nbia-no-na", "kaggle")
@@ -350,57 +349,3 @@ def index_tree(root: str | Path, *, layout: str = "auto", collection_prefix: str
     if layout == "kaggle":
         return _index_kaggle(root, collection_prefix, progress)
     return _index_dicom_tree(root, collection_prefix, progress)
-
-
-def benchmark_indexing(root: str | Path, *, collection_prefix: str | None = None, repeats: int = 3) -> dict:
-    """Header-indexing rate of :func:`index_tree` against bare ``pydicom.dcmread(stop_before_pixels=True)``.
-
-    Over the same files (layouts A-C), ``repeats`` rounds, the order of the contenders alternating; the best time
-    of each counts, so that a cold file cache or a busy machine penalises neither. Contenders: ``bare`` (a
-    dcmread loop over a file list it gets for free), ``records`` (:func:`mammoseg.dicom.header_record` over the
-    same list: parse, value extraction, truncation check) and ``index`` (:func:`index_tree` end to end: walking the
-    tree, records, DataFrame).
-
-    Returns
-    -------
-    dict : ``n_files``; ``bare_s``, ``records_s``, ``index_s`` (seconds, best of ``repeats``);
-    ``bare_files_per_s``, ``index_files_per_s``; ``ratio`` (index rate / bare rate: the goal is >= 0.8) and
-    ``ratio_records`` (records rate / bare rate: the per-file cost alone).
-    """
-    root = Path(root)
-    case_root = find_case_root(root)
-    if case_root is None:
-        raise ValueError(f"{root}: benchmark_indexing needs a DICOM tree (layouts A-C)")
-    layout = detect_layout(root)
-    paths = [path for path, _top in list_files(case_root, collection_prefix)]
-    if not paths:
-        raise ValueError(f"{case_root}: no files to index")
-
-    def bare() -> None:
-        for path in paths:
-            try:
-                pydicom.dcmread(path, stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - bad files cost what they cost in every contender
-                pass
-
-    def records() -> None:
-        for path in paths:
-            header_record(path)
-
-    def index() -> None:
-        index_tree(root, layout=layout, collection_prefix=collection_prefix)
-
-    contenders = {"bare": bare, "records": records, "index": index}
-    best = {name: float("inf") for name in contenders}
-    for round_number in range(max(1, repeats)):
-        names = list(contenders)
-        for name in names if round_number % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            contenders[name]()
-            best[name] = min(best[name], time.perf_counter() - start)
-    n = len(paths)
-    return {
-        "n_files": n, "bare_s": best["bare"], "records_s": best["records"], "index_s": best["index"],
-        "bare_files_per_s": n / best["bare"], "index_files_per_s": n / best["index"],
-        "ratio": best["bare"] / best["index"], "ratio_records": best["bare"] / best["records"],
-    }  # fmt: skip

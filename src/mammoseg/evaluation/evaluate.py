@@ -1,12 +1,12 @@
 """Stage glue for evaluation: one JSON + one overlay per test image, then the tables of a whole model.
 
-Never imports TensorFlow (predictions are read with :func:`mammoseg.infer.load_prediction`, which does not
-need it). Metric definitions and conventions are in :mod:`mammoseg.metrics`.
+Never imports TensorFlow (predictions are read with :func:`mammoseg.inference.sliding.load_prediction`, which does not
+need it). Metric definitions and conventions are in :mod:`mammoseg.evaluation.metrics`.
 
 Per image (``run_evaluate``), at the configured ``infer.threshold`` and for each ``min_area`` variant (0 = as
 predicted; plus ``evaluate.min_area`` when > 0): pixel counts, Dice/IoU over the whole image and "at lesions",
 lesion rows and false-positive component rows; and for the FROC, per threshold of
-:func:`mammoseg.metrics.froc_threshold_grid` and variant: detected lesions, FP components, TP/FP/FN pixels.
+:func:`mammoseg.evaluation.metrics.froc_threshold_grid` and variant: detected lesions, FP components, TP/FP/FN pixels.
 The overlay shows the prediction as made (no ``min_area`` filtering).
 
 All pixel work is done inside the bounding box of (probability > 0 at the lowest threshold) ∪ ground truth:
@@ -23,12 +23,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from mammoseg.atomic import atomic_path, write_csv_atomic, write_json_atomic
+from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from mammoseg.config import section_hash, validate_config
-from mammoseg.dicom import read_mammogram, read_mask
-from mammoseg.infer import load_prediction
-from mammoseg import metrics
-from mammoseg.overlays import make_overlay, write_overlay
+from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.inference.sliding import load_prediction
+from mammoseg.evaluation import metrics
+from mammoseg.evaluation.overlays import make_overlay, write_overlay
 
 __all__ = ["config_hash", "load_lesions", "evaluate_arrays", "run_evaluate", "run_summarise", "FPPI_BUDGETS"]
 

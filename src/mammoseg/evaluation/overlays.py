@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mammoseg.atomic import atomic_path
+from mammoseg.io.atomic import atomic_path
 
 __all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "reduction_factor", "make_overlay", "write_overlay"]
 

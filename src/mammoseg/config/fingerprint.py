@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mammoseg import __version__
-from mammoseg.atomic import write_json_atomic
+from mammoseg.io.atomic import write_json_atomic
 from mammoseg.config import section_hash
 
 __all__ = ["dataset_fingerprint", "training_plan", "run_fingerprint"]

@@ -42,9 +42,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path, write_csv_atomic, write_json_atomic
-from .config import section_hash
+from mammoseg import __version__
+from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
+from mammoseg.config import section_hash
 
 __all__ = [
     "split_train_val",
@@ -52,7 +52,6 @@ __all__ = [
     "configure_runtime",
     "train_model",
     "run_train",
-    "benchmark_training",
     "HISTORY_COLUMNS",
 ]
 
@@ -75,9 +74,9 @@ def _log(message: str) -> None:
 
 def _dataset_module():
     try:
-        from . import dataset
+        from mammoseg.model import dataset
     except ImportError as exc:  # pragma: no cover - only while the package is incomplete
-        raise ImportError(f"mammoseg.dataset (read_provenance, make_dataset) is needed for training: {exc}") from exc
+        raise ImportError(f"mammoseg.model.dataset (read_provenance, make_dataset) is needed for training: {exc}") from exc
     return dataset
 
 
@@ -412,8 +411,8 @@ def _versions() -> dict[str, str]:
 def _build_and_compile(model_cfg, side: int, loss, learning_rate: float):
     import keras
 
-    from .losses import get_metrics
-    from .unet import build_unet, model_kwargs
+    from mammoseg.model.losses import get_metrics
+    from mammoseg.model.unet import build_unet, model_kwargs
 
     model = build_unet((side, side, 1), **model_kwargs(model_cfg))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss, metrics=get_metrics())
@@ -436,8 +435,8 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
     """
     import keras
 
-    from . import losses as _losses  # noqa: F401 - registers the custom objects for loading snapshots
-    from .unet import input_size, parameter_counts
+    from mammoseg.model import losses as _losses  # noqa: F401 - registers the custom objects for loading snapshots
+    from mammoseg.model.unet import input_size, parameter_counts
 
     out_dir = Path(out_dir)
     resume_dir = out_dir / RESUME_DIR
@@ -467,7 +466,7 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
          f"mixed precision: {runtime.mixed_precision}; replicas: {runtime.strategy.num_replicas_in_sync}")
     n_black, n_white = mask_pixel_counts(train_rows)
     pos_weight = n_black / n_white if n_white else None
-    from .losses import get_loss
+    from mammoseg.model.losses import get_loss
 
     loss = get_loss(loss_name, pos_weight if loss_name == "weighted_bce" else None)
     _log(f"{len(train_rows)} training / {len(val_rows)} validation patches of {side}x{side} px "
@@ -550,45 +549,3 @@ def run_train(config: dict[str, Any], shard_paths: Sequence[str | Path], out_dir
     """Stage entry (``mammoseg train``): the ``model``, ``train`` and ``patches`` sections of a validated config."""
     return train_model(shard_paths, out_dir, model_cfg=dict(config.get("model", {})),
                        train_cfg=dict(config.get("train", {})), patch_cfg=dict(config.get("patches", {})))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------------------------------
-
-
-def benchmark_training(model_cfg: dict[str, Any], input_size: int, batch_size: int, steps: int, *,
-                       loss: str = "bce_dice", warmup: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Training throughput of a configured U-Net on random data (no disk I/O).
-
-    Returns
-    -------
-    dict with ``samples_per_s``, ``seconds_per_batch`` (mean of ``steps`` timed steps after ``warmup`` untimed
-    ones, which include graph tracing), ``parameters``, ``device``, ``mixed_precision``, and the inputs.
-    """
-    import keras
-
-    from .losses import get_loss
-    from .unet import parameter_counts
-
-    runtime = configure_runtime({"seed": seed, "mixed_precision": "auto"})
-    rng = np.random.default_rng(seed)
-    images = rng.random((batch_size, input_size, input_size, 1), dtype=np.float32)
-    masks = (rng.random((batch_size, input_size, input_size, 1)) > 0.9).astype(np.float32)
-    with runtime.strategy.scope():
-        model = _build_and_compile(model_cfg, input_size, get_loss(loss), 1e-3)
-    for _ in range(max(1, warmup)):
-        model.train_on_batch(images, masks)
-    started = time.perf_counter()
-    for _ in range(steps):
-        model.train_on_batch(images, masks)
-    seconds = (time.perf_counter() - started) / max(1, steps)
-    result = {
-        "model": {k: model_cfg.get(k) for k in ("depth", "filters", "batch_norm", "max_filters") if k in model_cfg},
-        "input_size": input_size, "batch_size": batch_size, "steps": steps,
-        "seconds_per_batch": seconds, "samples_per_s": batch_size / seconds,
-        "parameters": parameter_counts(model), "device": runtime.device,
-        "mixed_precision": runtime.mixed_precision,
-    }
-    keras.mixed_precision.set_global_policy("float32")
-    return result

@@ -1,0 +1,1 @@
+"""Step 5: pixel and lesion metrics, FROC, overlays and summary tables."""

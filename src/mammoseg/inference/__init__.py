@@ -1,0 +1,1 @@
+"""Step 4: sliding-window inference on full mammograms."""

@@ -1,0 +1,1 @@
+"""Reading and writing files: DICOM and raster mammograms and masks, atomic writes."""
