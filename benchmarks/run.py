@@ -39,17 +39,9 @@ PAPER_PATCHES = {"n": 10, "downscale": 4, "n_shifted": 4, "max_shift": 0.25, "se
 # ----------------------------------------------------------------------------------------------------------
 # Inputs (built once per run, reused by every row that needs them)
 # ----------------------------------------------------------------------------------------------------------
-def shared_csv_dir() -> Path | None:
-    """The folder of the official CBIS-DDSM case CSVs: ``$MAMMOSEG_SHARED/data/cbis-ddsm`` or ``../shared/...``."""
-    candidates = []
-    if os.environ.get("MAMMOSEG_SHARED"):
-        root = Path(os.environ["MAMMOSEG_SHARED"])
-        candidates += [root / "data" / "cbis-ddsm", root]
-    candidates.append(REPO.parent / "shared" / "data" / "cbis-ddsm")
-    for folder in candidates:
-        if (folder / "mass_case_description_test_set.csv").is_file():
-            return folder
-    return None
+def shared_csv_dir() -> Path:
+    """The folder of the official CBIS-DDSM case CSVs: the repository's copy (tests/data/cbis-ddsm)."""
+    return REPO / "tests" / "data" / "cbis-ddsm"
 
 
 def real_mammograms() -> list[Path]:

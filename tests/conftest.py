@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def shared_data_dir() -> Path:
-    """The official CBIS-DDSM CSVs: $MAMMOSEG_SHARED/data/cbis-ddsm, else ../shared beside the checkout."""
-    root = Path(os.environ.get("MAMMOSEG_SHARED", REPO.parent / "shared"))
-    return root / "data" / "cbis-ddsm"
+#: The four official CBIS-DDSM case CSVs (CC BY 3.0), kept in the repository so every test runs on a fresh clone.
+CBIS_CSV_DIR = REPO / "tests" / "data" / "cbis-ddsm"
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +23,4 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def cbis_csv_dir() -> Path:
-    path = shared_data_dir()
-    if not (path / "mass_case_description_test_set.csv").is_file():
-        pytest.skip(f"official CBIS-DDSM CSVs not found under {path} (set MAMMOSEG_SHARED)")
-    return path
+    return CBIS_CSV_DIR

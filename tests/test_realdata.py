@@ -15,6 +15,8 @@ from mammoseg.io.dicom import header_record, read_mammogram, read_raw_pixels
 from mammoseg.data.layouts import index_tree, parse_case_name
 from mammoseg.data.restructure import restructure_collection
 
+from conftest import CBIS_CSV_DIR
+
 pytestmark = pytest.mark.realdata
 
 
@@ -29,11 +31,7 @@ def real_files() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def mass_test_csv() -> pd.DataFrame:
-    root = Path(os.environ.get("MAMMOSEG_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-    path = root / "data" / "cbis-ddsm" / "mass_case_description_test_set.csv"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set MAMMOSEG_SHARED to the folder holding data/cbis-ddsm)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(CBIS_CSV_DIR / "mass_case_description_test_set.csv", dtype=str, keep_default_na=False)
     frame["series_uid"] = frame["image file path"].str.strip().str.split("/").str[2]
     return frame
 
@@ -83,7 +81,7 @@ def test_real_files_decode(real_files):
 def test_real_tree_indexes_and_restructures(real_tree, mass_test_csv, tmp_path):
     index = index_tree(real_tree, collection_prefix="Mass-Test")
     assert len(index) == 8 and index["readable"].all()
-    csv_dir = Path(os.environ.get("MAMMOSEG_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "cbis-ddsm"
+    csv_dir = CBIS_CSV_DIR
     summary = restructure_collection(real_tree, tmp_path / "out", abnormality="mass", split="test", csv_dir=csv_dir,
                                      progress=False)  # fmt: skip
     # no masks ship with the package: every image is skipped as image_without_mask, every CSV ROI as mask_missing

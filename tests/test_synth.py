@@ -19,11 +19,7 @@ from scipy import ndimage
 from mammoseg.data.synth import LAYOUTS, generate_dataset, run_synth, write_case_csv
 from mammoseg.testing.trees import tree_from_csv
 
-CBIS_CSV_DIR = Path("/work/shared/data/cbis-ddsm")
-if not CBIS_CSV_DIR.exists():  # the repository's own copy, wherever the shared folder is
-    CBIS_CSV_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cbis-ddsm"
-needs_real_csv = pytest.mark.skipif(not (CBIS_CSV_DIR / "mass_case_description_test_set.csv").exists(),
-                                    reason="official CBIS-DDSM case CSVs not found")
+from conftest import CBIS_CSV_DIR
 
 UID = r"1\.3\.6\.1\.4\.1\.9590\.100\.1\.2\.\d+"
 TOP = r"(Mass|Calc)-(Training|Test)_P_\d{5}_(LEFT|RIGHT)_(CC|MLO)(_\d+)?"
@@ -221,7 +217,6 @@ def test_csv_format_quirks(demo):
                                                    nrows=0).columns)
 
 
-@needs_real_csv
 @pytest.mark.parametrize("name", ["mass_case_description_test_set.csv", "calc_case_description_test_set.csv"])
 def test_case_csv_writer_reproduces_the_real_file_bytes(tmp_path, name):
     source = CBIS_CSV_DIR / name
@@ -274,7 +269,6 @@ def test_layout_paths_match_layouts_md(tmp_path, layout):
         assert (tmp_path / "CBIS-DDSM" / "csv" / "mass_case_description_train_set.csv").exists()
 
 
-@needs_real_csv
 @pytest.mark.parametrize("layout", ["doi", "nbia"])
 def test_tree_from_real_csv_rows_keeps_their_uids_and_ids(tmp_path, layout):
     source = CBIS_CSV_DIR / "mass_case_description_test_set.csv"
