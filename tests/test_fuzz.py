@@ -302,7 +302,7 @@ def test_fuzz_restructure_one_case_tree_many(one_case_tree, tmp_path_factory, da
 
 def schema_leaves() -> list[tuple[tuple[str, ...], dict]]:
     """(path, schema) of every leaf key of the config schema."""
-    from mammoseg.config.schema import _schema
+    from mammoseg.config.schema import schema as _schema
 
     leaves = []
 

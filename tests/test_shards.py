@@ -185,6 +185,35 @@ def test_lesions_at_known_places_centred_and_border(tmp_path):
     assert attrs["patch_size"] == 16 and attrs["n"] == 6
 
 
+def test_a_second_mass_inside_the_window_is_a_mass_in_the_target(tmp_path):
+    """Two masses 40 px apart: every window around either holds both, and both are foreground in its mask."""
+    image_id = "P_00005_LEFT_CC"
+    first, second = Lesion(100, 100, 120, 124), Lesion(150, 130, 166, 150)
+    manifest = write_collection(tmp_path / "c", {image_id: ((320, 256), [first, second])})
+    (path,) = extract_all(manifest, tmp_path / "s", n=7, downscale=1, n_shifted=2, max_shift=0.05)
+    images, masks, prov, skipped, _ = load_shard(path)
+    assert skipped.empty and len(prov) == 2 * 3
+    for k, row in prov.iterrows():
+        assert set(row["rois_in_window"].split(";")) == {f"{image_id}_1", f"{image_id}_2"}
+        # the target is the union of both lesions, re-cut independently from their boxes
+        truth = np.zeros((320, 256), dtype=np.uint8)
+        for les in (first, second):
+            truth[les.r0 : les.r1, les.c0 : les.c1] = 1
+        r, c = int(row["crop_row"]), int(row["crop_col"])
+        np.testing.assert_array_equal(masks[k], truth[r : r + 128, c : c + 128])
+        assert masks[k].sum() == (20 * 24 + 16 * 20)
+
+
+def test_a_window_that_misses_the_other_mass_names_only_its_own(tmp_path):
+    image_id = "P_00006_RIGHT_MLO"
+    near, far = Lesion(20, 20, 40, 40), Lesion(280, 200, 300, 230)
+    manifest = write_collection(tmp_path / "c", {image_id: ((320, 256), [near, far])})
+    (path,) = extract_all(manifest, tmp_path / "s", n=6, downscale=1, n_shifted=0)
+    _, masks, prov, _, _ = load_shard(path)
+    assert prov["rois_in_window"].tolist() == [f"{image_id}_1", f"{image_id}_2"]
+    assert [int(m.sum()) for m in masks] == [400, 600]
+
+
 def test_patch_larger_than_image_is_skipped_with_reason(tmp_path):
     manifest = write_collection(tmp_path, {
         "P_00001_LEFT_CC": ((200, 60), [Lesion(10, 10, 20, 20)]),  # 64 > 60 columns

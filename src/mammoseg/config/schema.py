@@ -7,6 +7,7 @@ workflow accepts is one the command line accepts, with the same defaults.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from importlib import resources
@@ -16,17 +17,21 @@ from typing import Any
 import jsonschema
 import yaml
 
-__all__ = ["ConfigError", "SCHEMA_PATH", "load_config", "validate_config", "section_hash"]
+from mammoseg.errors import ConfigError
+
+__all__ = ["ConfigError", "SCHEMA_PATH", "schema", "load_config", "validate_config", "section_hash"]
 
 SCHEMA_PATH = Path(str(resources.files("mammoseg.config") / "config.schema.yaml"))
 
 
-class ConfigError(ValueError):
-    """A config that violates the schema; the message names the key and what is allowed."""
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text()
 
 
-def _schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+def schema() -> dict:
+    """The configuration schema (JSON Schema as a dict, a fresh copy)."""
+    return yaml.safe_load(_schema_text())
 
 
 def _with_defaults(validator_class):
@@ -64,7 +69,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         Naming the offending key and the allowed values for each violation found.
     """
     filled = copy.deepcopy(config) if config else {}
-    validator = _with_defaults(jsonschema.Draft202012Validator)(_schema())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
@@ -96,7 +101,7 @@ def section_hash(*sections: Any) -> str:
 
 def config_reference_markdown() -> str:
     """The README's configuration reference, generated from the schema (a test keeps the two in sync)."""
-    schema = _schema()
+    schema = schema()
     lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
 
     def allowed(spec: dict) -> str:

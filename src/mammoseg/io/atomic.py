@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from mammoseg.errors import NoSpaceError
+
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
 
 _UMASK = os.umask(0)
@@ -29,10 +31,10 @@ def _disk_full(exc: OSError) -> bool:
     return exc.errno in _DISK_FULL or "errno = 28" in text or os.strerror(errno.ENOSPC) in text
 
 
-def _name_target(exc: OSError, target: Path) -> OSError:
+def _name_target(exc: OSError, target: Path) -> NoSpaceError:
     """The same failure with the target's name in front, so a one-line CLI error says which output failed."""
     code = exc.errno if exc.errno in _DISK_FULL else errno.ENOSPC
-    return OSError(code, f"{target}: cannot write ({os.strerror(code)}): {exc}")
+    return NoSpaceError(code, f"{target}: cannot write ({os.strerror(code)}): {exc}")
 
 
 @contextlib.contextmanager
@@ -41,7 +43,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
     The temporary name keeps the target's suffix, so libraries that infer a format from it (h5py, PNG writers,
     Keras' ``.keras``) still work. A full disk (``ENOSPC``, ``EDQUOT``, ``EFBIG``) inside the block or while
-    flushing is re-raised as an ``OSError`` with the same errno whose message starts with ``target``.
+    flushing is re-raised as a :class:`~mammoseg.errors.NoSpaceError` (an ``OSError`` with the same errno) whose
+    message starts with ``target``.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,8 @@ PROVENANCE_COLUMNS: dict[str, str] = {
     "bbox_c0": "int",
     "bbox_r1": "int",
     "bbox_c1": "int",
+    # every ROI of the image with mask pixels inside the window, ';'-separated: the patch's mask is their union
+    "rois_in_window": "str",
 }
 SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason": "str", "message": "str"}
 ROOT_ATTRIBUTES = (
@@ -215,14 +217,40 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _roi_patches(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int, int], roi: dict,
+@dataclass(frozen=True)
+class _Lesion:
+    """One kept ROI of an image: its row in the manifest, foreground box (half-open) and mask inside that box."""
+
+    roi: dict
+    bbox: tuple[int, int, int, int]
+    mask_in_box: np.ndarray  # bool (r1 - r0, c1 - c0)
+
+    def inside(self, row: int, col: int, size: int) -> bool:
+        """True when some foreground pixel of this lesion lies inside the window (row, col, size)."""
+        r0, c0, r1, c1 = self.bbox
+        top, bottom = max(row, r0), min(row + size, r1)
+        left, right = max(col, c0), min(col + size, c1)
+        return top < bottom and left < right and bool(
+            self.mask_in_box[top - r0 : bottom - r0, left - c0 : right - c0].any())
+
+
+def _union_box(lesions: Sequence[_Lesion]) -> tuple[int, int, int, int]:
+    boxes = np.array([lesion.bbox for lesion in lesions])
+    return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
+
+
+def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions: Sequence[_Lesion],
                  params: PatchParams):  # fmt: skip
     """Yield (provenance row, image patch float32 (s, s), mask patch uint8 (s, s)) for each crop of one ROI.
 
-    ``bbox`` is the mask's foreground box (:func:`mammoseg.patches.geometry.mask_bbox`).
+    The crops are placed around this ROI (:func:`mammoseg.patches.geometry.plan_crops`); the mask patch is the
+    union of *every* lesion of the image inside the window, so a second mass that a window catches is taught as
+    a mass, not as background.
     """
+    roi, bbox = lesion.roi, lesion.bbox
     crops = plan_crops(bbox, image.shape, params.window_size, params.n_shifted, params.max_shift,
                        roi_rng(params.seed, roi["roi_id"]))
+    union_box = _union_box(lesions)
     for c in crops:
         row = {
             "roi_id": roi["roi_id"], "image_id": roi["image_id"], "patient_id": roi["patient_id"],
@@ -230,15 +258,45 @@ def _roi_patches(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
             "crop_row": c.row, "crop_col": c.col, "crop_size": c.size, "shift_row": c.shift_row,
             "shift_col": c.shift_col, "downscale": params.downscale,
             "bbox_r0": bbox[0], "bbox_c0": bbox[1], "bbox_r1": bbox[2], "bbox_c1": bbox[3],
+            "rois_in_window": ";".join(other.roi["roi_id"] for other in lesions if other.inside(c.row, c.col, c.size)),
         }
         image_patch = preprocess_window(crop(image, c.row, c.col, c.size), params.downscale)
-        mask_patch = downscale_mask_window(mask, c.row, c.col, c.size, params.downscale, bbox)
+        mask_patch = downscale_mask_window(union, c.row, c.col, c.size, params.downscale, union_box)
         yield row, image_patch, mask_patch
+
+
+def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequence[dict], base: Path,
+                   tables: _Tables) -> tuple[list[_Lesion], np.ndarray]:  # fmt: skip
+    """Read the masks of one image: the usable lesions and their union (bool, the image's shape); skips recorded."""
+    from mammoseg.io.dicom import read_mask
+
+    image_id = rois[0]["image_id"]
+    union = np.zeros(image_shape, dtype=bool)
+    lesions = []
+    for roi in rois:
+        mask_path = base / roi["mask_path"]
+        try:
+            read = read_mask(mask_path)
+        except Exception as exc:
+            tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
+            continue
+        if read.mask.shape != image_shape:
+            tables.skip(roi["roi_id"], image_id, "mask_size_mismatch",
+                        f"{mask_path}: mask {read.mask.shape} differs from image {image_shape} ({image_path})")
+            continue
+        if read.bbox is None:
+            tables.skip(roi["roi_id"], image_id, "empty_mask", f"{mask_path}: mask has no foreground pixel")
+            continue
+        r0, c0, r1, c1 = read.bbox
+        box = read.mask[r0:r1, c0:c1]
+        union[r0:r1, c0:c1] |= box  # the lesion's box only: a full-size mask is mostly background
+        lesions.append(_Lesion(roi=roi, bbox=read.bbox, mask_in_box=box.copy()))
+    return lesions, union
 
 
 def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: _Tables):
     """Read one image and its masks; yield its patches and record skips. One image in memory at a time."""
-    from mammoseg.io.dicom import read_mammogram, read_mask
+    from mammoseg.io.dicom import read_mammogram
 
     image_id = rois[0]["image_id"]
     try:
@@ -247,30 +305,13 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
         for roi in rois:
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
         return
-    # the union of the image's lesions, only needed to keep lesion-free windows free of lesions
-    lesions = np.zeros(image.shape, dtype=bool) if params.n_negative > 0 else None
-    for roi in rois:
-        mask_path = base / roi["mask_path"]
+    lesions, union = _image_lesions(image_path, image.shape, rois, base, tables)
+    for lesion in lesions:
         try:
-            read = read_mask(mask_path)
-        except Exception as exc:
-            tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
-            continue
-        mask = read.mask
-        if mask.shape == image.shape and lesions is not None:
-            lesions |= mask
-        if mask.shape != image.shape:
-            tables.skip(roi["roi_id"], image_id, "mask_size_mismatch",
-                        f"{mask_path}: mask {mask.shape} differs from image {image.shape} ({image_path})")
-            continue
-        if read.bbox is None:
-            tables.skip(roi["roi_id"], image_id, "empty_mask", f"{mask_path}: mask has no foreground pixel")
-            continue
-        try:
-            yield from _roi_patches(image, mask, read.bbox, roi, params)
+            yield from _roi_patches(image, union, lesion, lesions, params)
         except PatchLargerThanImage as exc:
-            tables.skip(roi["roi_id"], image_id, "patch_larger_than_image", f"{image_path}: {exc}")
-    yield from _negative_patches(image, lesions, rois[0], params)
+            tables.skip(lesion.roi["roi_id"], image_id, "patch_larger_than_image", f"{image_path}: {exc}")
+    yield from _negative_patches(image, union, rois[0], params)
 
 
 def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params: PatchParams):
@@ -286,7 +327,7 @@ def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params:
             "roi_id": f"{image_id}_neg{j}", "image_id": image_id, "patient_id": roi["patient_id"],
             "split": roi["split"], "abnormality_id": 0, "copy_index": -1, "crop_row": r, "crop_col": c,
             "crop_size": params.window_size, "shift_row": 0, "shift_col": 0, "downscale": params.downscale,
-            "bbox_r0": -1, "bbox_c0": -1, "bbox_r1": -1, "bbox_c1": -1,
+            "bbox_r0": -1, "bbox_c0": -1, "bbox_r1": -1, "bbox_c1": -1, "rois_in_window": "",
         }
         window = crop(image, r, c, params.window_size)
         yield row, preprocess_window(window, params.downscale), np.zeros((s, s), dtype=np.uint8)

@@ -1,0 +1,122 @@
+"""How a run's configuration is put together: one resolver for the workflow and the command line.
+
+A run's configuration is, in this order (later wins, mappings merged key by key):
+
+1. the schema's defaults (``config.schema.yaml``: every key has one);
+2. the config files the user gives (``--configfile A.yaml B.yaml``), in order; when none is given, the
+   repository's demo, ``config/config.yaml`` (:func:`default_configfiles`);
+3. the ``--config KEY=VALUE`` overrides, each VALUE read as YAML, so ``infer='{threshold: 0.4}'`` gives the
+   number 0.4 (Snakemake's own parser keeps nested values as text).
+
+The demo is one such file, never a base under the others: ``--configfile config/paper.yaml`` resolves to the
+paper's settings and the schema's defaults, nothing of the demo. The Snakefile calls :func:`resolve_config` with
+the files and overrides Snakemake was given; ``mammoseg config show`` calls it with its own arguments, so both
+print and run exactly the same configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from mammoseg.config.schema import schema, validate_config
+from mammoseg.errors import ConfigError
+
+__all__ = ["DEMO_CONFIG", "default_configfiles", "parse_overrides", "merge", "resolve_config", "config_yaml"]
+
+#: The demo's config file, relative to the workflow's folder (the repository root).
+DEMO_CONFIG = Path("config") / "config.yaml"
+
+
+def default_configfiles(root: str | Path) -> list[Path]:
+    """``[root/config/config.yaml]`` (the demo) if it exists, else ``[]`` (schema defaults alone)."""
+    path = Path(root) / DEMO_CONFIG
+    return [path] if path.is_file() else []
+
+
+def parse_overrides(entries: Iterable[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (Snakemake's ``--config`` syntax) to a mapping, each VALUE parsed as YAML.
+
+    Raises
+    ------
+    ConfigError
+        For an entry without ``=`` or whose value is not valid YAML, naming the entry.
+    """
+    overrides: dict[str, Any] = {}
+    for entry in entries or ():
+        key, sep, value = str(entry).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--config {entry!r}: expected KEY=VALUE")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {entry!r}: the value is not valid YAML: {exc}") from None
+        overrides = merge(overrides, {key.strip(): parsed})
+    return overrides
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``override``: mappings merged key by key (recursively), anything else replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_configfile(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Schema defaults, then each of ``configfiles`` in order, then ``overrides``; validated.
+
+    Parameters
+    ----------
+    configfiles : YAML files, applied in order (pass :func:`default_configfiles` for "the demo unless told")
+    overrides : already parsed ``--config`` values (:func:`parse_overrides`)
+
+    Returns
+    -------
+    dict : the complete configuration, every key present.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file that cannot be read, or the key that violates the schema and what is allowed (with the
+        files the configuration came from).
+    """
+    merged: dict[str, Any] = {}
+    for path in configfiles:
+        merged = merge(merged, _read_configfile(Path(path)))
+    merged = merge(merged, overrides or {})
+    try:
+        return validate_config(merged)
+    except ConfigError as exc:
+        sources = ", ".join(str(p) for p in configfiles) or "no config file"
+        raise ConfigError(f"{exc} (config from {sources}{', --config' if overrides else ''})") from None
+
+
+def _in_schema_order(value: Any, spec: Mapping[str, Any]) -> Any:
+    properties = spec.get("properties")
+    if not isinstance(value, Mapping) or not properties:
+        return value
+    ordered = {key: _in_schema_order(value[key], properties[key]) for key in properties if key in value}
+    ordered.update({key: v for key, v in value.items() if key not in ordered})
+    return ordered
+
+
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """The configuration as YAML, keys in the schema's order (what ``mammoseg config show`` prints)."""
+    return yaml.safe_dump(_in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
