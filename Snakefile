@@ -1,16 +1,16 @@
 # mammoseg: mass segmentation in mammograms (Marita et al., U-Net on CBIS-DDSM), as a Snakemake workflow.
 #
-#   snakemake --cores all --resources gpu=1                       # the demo (config/config.yaml)
+#   snakemake --cores all --resources gpu=1                                   # the demo (config/config.yaml)
 #   snakemake --cores all --resources gpu=1 --configfile config/paper.yaml --config data='{...}'
 #
-# The science lives in the `mammoseg` package; every rule calls one `mammoseg` subcommand.
+# A run's configuration is the schema's defaults, then the --configfile files (the demo when none is given),
+# then --config (README "Configuration"). Every artefact lives under a path keyed by the settings that made it
+# (docs/architecture.md), so variants coexist. The science lives in the `mammoseg` package; every rule runs a
+# thin script of workflow/scripts/ that calls one stage function.
 
 from snakemake.utils import min_version
 
 min_version("9.0")
-
-
-configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -21,8 +21,10 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     split="train|test",
+    image_set="test|oof",
     k=r"\d+",
-    image_id=r"[A-Za-z0-9._-]+",
+    c=r"\d+",
+    f=r"\d+",
 
 
 include: "workflow/rules/data.smk"
@@ -35,17 +37,20 @@ include: "workflow/rules/evaluate.smk"
 # Seconds of work each: not worth a cluster submission.
 localrules:
     fingerprint,
+    plan,
     patch_manifest,
+    experiment_config,
+    summarise,
 
 
 rule all:
     default_target: True
     input:
-        f"{R}/plan/plan.json",
-        f"{R}/patches/{ABN}/patches.csv",
-        f"{R}/models/{MODEL}/report.json",
-        f"{R}/metrics/{MODEL}/summary.csv",
-        f"{R}/metrics/{MODEL}/froc.png",
+        FINGERPRINT,
+        f"{PATCHES}/patches.csv",
+        expand(f"{MODELS}/fold-{{f}}/report.json", f=FOLDS),
+        f"{EXPERIMENT}/config.yaml",
+        expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
 
 
 onsuccess:

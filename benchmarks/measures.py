@@ -28,7 +28,8 @@ from mammoseg.io.dicom import header_record
 from mammoseg.model.dataset import ShardReader, make_dataset, read_provenance
 from mammoseg.model.train import _build_and_compile, configure_runtime
 from mammoseg.patches.geometry import preprocess_window
-from mammoseg.patches.shards import _read_manifest, extract_shard
+from mammoseg.data.manifest import read_manifest
+from mammoseg.patches.shards import extract_shard
 
 # ---- from mammoseg.data.layouts -------------------------------------------------------------------------------
 def benchmark_indexing(root: str | Path, *, collection_prefix: str | None = None, repeats: int = 3) -> dict:
@@ -122,7 +123,7 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
     """
     from mammoseg.io.dicom import read_mammogram, read_mask, read_raw_pixels
 
-    rows = _read_manifest(manifest_csv)
+    rows = read_manifest(manifest_csv)
     base = Path(manifest_csv).resolve().parent
     images = sorted({base / row["image_path"] for row in rows})
     masks = sorted({base / row["mask_path"] for row in rows})

@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from mammoseg.errors import InputError
 from mammoseg.patches import shards
 from mammoseg.io.dicom import read_mammogram, read_mask
 from mammoseg.patches.geometry import downscale_mask, preprocess_window
@@ -375,7 +376,7 @@ def test_unreadable_and_mismatched_inputs_are_recorded(tmp_path):
 def test_bad_manifest_and_parameters_raise_clear_errors(tmp_path):
     bad = tmp_path / "manifest.csv"
     pd.DataFrame({"roi_id": ["a"], "image_id": ["b"]}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"manifest\.csv.*image_path"):
+    with pytest.raises(InputError, match=r"manifest\.csv.*image_path"):
         extract_shard(bad, tmp_path / "s.h5", shard_index=0, n_shards=1, **PARAMS)
     manifest = random_collection(tmp_path / "ok", 1)
     with pytest.raises(ValueError, match="divide"):

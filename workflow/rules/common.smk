@@ -1,32 +1,54 @@
-# Helpers shared by all rules -- the validated config, result paths, and the input functions that read the
-# restructured manifests once the `restructure` checkpoint has run.
+# Helpers shared by all rules: the resolved configuration, the keyed result folders, and the input functions
+# that read the restructured manifests once the `restructure` checkpoint has run.
 
 import functools
-import json
 import os
+from pathlib import Path
 
-import pandas as pd
+from mammoseg.config.checks import check_data_paths
+from mammoseg.config.keys import stage_keys, stage_settings
+from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
+from mammoseg.data.manifest import bucket_of, files_of, images_of, read_manifest, rows_of_bucket
 
-from mammoseg.config import validate_config
-from mammoseg.patches.shards import shard_of
+# Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
+# as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
+_resolved = resolve_config(
+    list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
+    parse_overrides(workflow.config_settings.config_args),
+)
+config.clear()
+config.update(_resolved)
+check_data_paths(config)
 
-# Fills every default and fails with the key and the allowed values on a bad config.
-config.update(validate_config(config))
-
+KEYS = stage_keys(config)
+SETTINGS = stage_settings(config)
 R = config["results"]
 ABN = config["data"]["abnormality"]
-MODEL = config["model"]["name"]
 SYNTHETIC = config["data"]["source"] == "synthetic"
-SOURCE = f"{R}/synth/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
 N_SHARDS = config["patches"]["n_shards"]
+N_CHUNKS = config["infer"]["n_chunks"]
+FOLDS = list(range(config["train"]["folds"]))
+# out-of-fold predictions of the training images exist only with cross-validation
+IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
+
+# One folder per stage key (mammoseg.config.keys): the path of an artefact says what made it.
+SYNTH = f"{R}/synth/{KEYS.synth}"
+DATA = f"{R}/restructured/{KEYS.data}"
+FINGERPRINT = f"{DATA}/fingerprint.json"
+PATCHES = f"{R}/patches/{KEYS.patches}"
+PLAN = f"{PATCHES}/plan.json"
+MODELS = f"{R}/models/{KEYS.model}"
+PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
+EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
+SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
 
 
-def config_json(*sections):
-    """The config sections a rule depends on, as JSON for `mammoseg --config-json`.
+def log_path(rule_name, *parts):
+    return f"{R}/logs/{rule_name}/" + "/".join(parts) + ".log"
 
-    Passed as a param, so changing a key re-runs exactly the rules whose sections contain it.
-    """
-    return json.dumps({name: config[name] for name in sections}, sort_keys=True)
+
+def benchmark_path(rule_name, *parts):
+    return f"{R}/benchmarks/{rule_name}/" + "/".join(parts) + ".tsv"
 
 
 def restructure_inputs(wildcards):
@@ -39,68 +61,53 @@ def manifest_path(split):
     return checkpoints.restructure.get(split=split).output.manifest
 
 
-def read_manifest(split):
-    path = manifest_path(split)
-    return _files_by_image(path, os.path.getmtime(path))[0]
-
-
 @functools.lru_cache(maxsize=8)
-def _files_by_image(path, mtime):
-    """The manifest and {image_id: (image path, [mask paths])}, parsed once per manifest version.
-
-    Input functions run once per job while the DAG is built (hundreds of test images at CBIS scale): parsing
-    the CSV once, not per call, keeps a dry run within seconds.
-    """
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    files = {}
-    for image_id, rows in manifest.groupby("image_id", sort=True):
-        files[image_id] = (rows["image_path"].iloc[0], list(rows["mask_path"]))
-    return manifest, files
+def _manifest_rows(path, mtime):
+    """The manifest's rows, parsed once per manifest version: input functions run once per job while the DAG
+    is built, and parsing per call would make a CBIS-scale dry run slow."""
+    return read_manifest(path)
 
 
-def image_files(split, image_id):
+def manifest_rows(split):
     path = manifest_path(split)
-    return _files_by_image(path, os.path.getmtime(path))[1][image_id]
-
-
-def restructured(split, relative):
-    return f"{R}/restructured/{ABN}/{split}/{relative}"
+    return _manifest_rows(path, os.path.getmtime(path))
 
 
 def shard_files(wildcards):
-    """The image and mask files of the cases that hash to shard k: one changed case re-extracts one shard."""
-    manifest = read_manifest("train")
-    mine = manifest[[shard_of(i, N_SHARDS) == int(wildcards.k) for i in manifest["image_id"]]]
-    return [restructured("train", f) for f in sorted(set(mine["image_path"]) | set(mine["mask_path"]))]
+    """The image and mask files of the cases in shard k: one changed case re-extracts one shard."""
+    mine = rows_of_bucket(manifest_rows("train"), int(wildcards.k), N_SHARDS)
+    return files_of(mine, f"{DATA}/train")
 
 
-def test_image_ids():
-    return sorted(set(read_manifest("test")["image_id"]))
+def set_split(image_set):
+    return "test" if image_set == "test" else "train"
 
 
-def test_image(wildcards):
-    # From the manifest, not a fixed suffix: the Kaggle layout restructures to .jpg/.png files.
-    return restructured("test", image_files("test", wildcards.image_id)[0])
+def chunk_rows(wildcards):
+    return rows_of_bucket(manifest_rows(set_split(wildcards.image_set)), int(wildcards.c), N_CHUNKS)
 
 
-def test_masks(wildcards):
-    return [restructured("test", p) for p in image_files("test", wildcards.image_id)[1]]
+def chunk_images(wildcards):
+    """The full images of chunk c of an image set: one changed image re-predicts one chunk."""
+    base = f"{DATA}/{set_split(wildcards.image_set)}"
+    return [f"{base}/{path}" for _, path in images_of(chunk_rows(wildcards))]
 
 
-def all_image_jsons(wildcards):
-    return expand(f"{R}/metrics/{MODEL}/images/{{image_id}}.json", image_id=test_image_ids())
+def chunk_files(wildcards):
+    """Images and ROI masks of chunk c (what evaluation reads)."""
+    return files_of(chunk_rows(wildcards), f"{DATA}/{set_split(wildcards.image_set)}")
 
 
-def all_overlays(wildcards):
-    return expand(f"{R}/overlays/{MODEL}/{{image_id}}.png", image_id=test_image_ids())
+def chunk_models(wildcards):
+    """The fold models a chunk is predicted with: all of them (their mean) for the test split; for out-of-fold
+    predictions every fold model too, each image then using the one fold model that never saw its patient."""
+    return expand(f"{MODELS}/fold-{{f}}/{config['infer']['checkpoint']}.keras", f=FOLDS)
 
 
 def print_run_summary():
-    """Print the evaluation summary (written by `summarise`) as the last thing a successful run shows."""
-    log = f"{R}/logs/summarise/{MODEL}.log"
-    if os.path.exists(log):
-        print(f"\n{open(log).read().strip()}")
-        print(
-            "  (paper, CBIS-DDSM mass test set: Dice 0.29 whole image / 0.70 at lesions, "
-            "IoU 0.17 / 0.534, TPR 0.77 at 3.65 FPPI)"
-        )
+    """Print the evaluation summaries (written by `summarise`) as the last thing a successful run shows."""
+    for image_set in IMAGE_SETS:
+        path = f"{EXPERIMENT}/{image_set}/summary.txt"
+        if os.path.exists(path):
+            print(f"\n{open(path).read().strip()}")
+    print(f"\nresults of this run: {EXPERIMENT}/ (resolved configuration in config.yaml)")

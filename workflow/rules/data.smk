@@ -1,66 +1,60 @@
-# Data: the synthetic demo tree (only for data.source = synthetic), restructuring per collection, and the
-# dataset fingerprint + plan.
+# Data: the synthetic demo tree (data.source: synthetic), restructuring per collection, the dataset fingerprint.
 
 
 rule synth:
     output:
-        tree=directory(f"{R}/synth/CBIS-DDSM"),
-        csv_train=f"{R}/synth/csv/{ABN}_case_description_train_set.csv",
-        csv_test=f"{R}/synth/csv/{ABN}_case_description_test_set.csv",
-        truth=f"{R}/synth/truth.json",
+        tree=directory(f"{SYNTH}/CBIS-DDSM"),
+        csv_train=f"{SYNTH}/csv/{ABN}_case_description_train_set.csv",
+        csv_test=f"{SYNTH}/csv/{ABN}_case_description_test_set.csv",
+        truth=f"{SYNTH}/truth.json",
     params:
-        cfg=config_json("synth", "data"),
-        out=lambda wildcards, output: os.path.dirname(output.truth),
+        settings=SETTINGS["synth"],
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/logs/synth.log",
+        log_path("synth", KEYS.synth),
     benchmark:
-        f"{R}/benchmarks/synth.tsv"
-    shell:
-        "mammoseg synth --config-json {params.cfg:q} --out {params.out} > {log} 2>&1"
+        benchmark_path("synth", KEYS.synth)
+    script:
+        "../scripts/synth.py"
 
 
 checkpoint restructure:
     input:
         restructure_inputs,
     output:
-        manifest=f"{R}/restructured/{ABN}/{{split}}/manifest.csv",
+        manifest=f"{DATA}/{{split}}/manifest.csv",
         skipped=report(
-            f"{R}/restructured/{ABN}/{{split}}/skipped.csv",
+            f"{DATA}/{{split}}/skipped.csv",
+            caption="../report/skipped.rst",
             category="1. Data",
             labels={"table": "skipped files and ROIs", "split": "{split}"},
         ),
     params:
-        cfg=config_json("data"),
+        settings=SETTINGS["data"],
         source=SOURCE,
-        out=lambda wildcards, output: os.path.dirname(output.manifest),
+    threads: 4
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/logs/restructure/{{split}}.log",
+        log_path("restructure", KEYS.data, "{split}"),
     benchmark:
-        f"{R}/benchmarks/restructure/{{split}}.tsv"
-    shell:
-        "mammoseg restructure --config-json {params.cfg:q} --source {params.source:q} --out {params.out}"
-        " --split {wildcards.split} > {log} 2>&1"
+        benchmark_path("restructure", KEYS.data, "{split}")
+    script:
+        "../scripts/restructure.py"
 
 
 rule fingerprint:
     input:
-        train=restructured("train", "manifest.csv"),
-        test=restructured("test", "manifest.csv"),
+        train=f"{DATA}/train/manifest.csv",
+        test=f"{DATA}/test/manifest.csv",
     output:
-        fingerprint=f"{R}/plan/fingerprint.json",
-        plan=report(f"{R}/plan/plan.json", category="1. Data", labels={"table": "training plan"}),
-    params:
-        cfg=config_json("data", "patches", "model", "train"),
+        report(FINGERPRINT, caption="../report/fingerprint.rst", category="1. Data", labels={"table": "fingerprint"}),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/logs/fingerprint.log",
+        log_path("fingerprint", KEYS.data),
     benchmark:
-        f"{R}/benchmarks/fingerprint.tsv"
-    shell:
-        "mammoseg fingerprint --config-json {params.cfg:q} --out-fingerprint {output.fingerprint}"
-        " --out-plan {output.plan} {input.train} {input.test} > {log} 2>&1"
+        benchmark_path("fingerprint", KEYS.data)
+    script:
+        "../scripts/fingerprint.py"

@@ -1,62 +1,88 @@
-# Evaluation: per-image metrics and overlays, then the summary tables over all test images.
+# Evaluation: per chunk, the metrics, binary masks and overlays of its images; then the tables of each image set
+# and the resolved configuration of the experiment.
 
 
-rule evaluate_image:
+rule evaluate_chunk:
     input:
-        prob=rules.predict.output.prob,
-        image=test_image,
-        masks=test_masks,
-        manifest=restructured("test", "manifest.csv"),
+        predictions=f"{PREDICTIONS}/{{image_set}}/chunk-{{c}}",
+        manifest=lambda wildcards: f"{DATA}/{set_split(wildcards.image_set)}/manifest.csv",
+        files=chunk_files,
     output:
-        json=f"{R}/metrics/{MODEL}/images/{{image_id}}.json",
-        overlay=report(
-            f"{R}/overlays/{MODEL}/{{image_id}}.png",
+        report(
+            directory(f"{EXPERIMENT}/{{image_set}}/chunk-{{c}}"),
+            patterns=["{image_id}.overlay.png"],
+            caption="../report/overlay.rst",
             category="5. Overlays",
-            subcategory=MODEL,
-            labels={"model": MODEL, "image": "{image_id}"},
+            subcategory="{image_set}",
+            labels={"image": "{image_id}"},
         ),
     params:
-        cfg=config_json("patches", "infer", "evaluate"),
+        settings=SETTINGS["evaluation"],
     group:
-        "per_image"
+        "inference"
     conda:
         "../../envs/evaluate.yaml"
     log:
-        f"{R}/logs/evaluate/{MODEL}/{{image_id}}.log",
+        log_path("evaluate_chunk", KEYS.experiment, "{image_set}", "chunk-{c}"),
     benchmark:
-        f"{R}/benchmarks/evaluate/{MODEL}/{{image_id}}.tsv"
-    shell:
-        "mammoseg evaluate --config-json {params.cfg:q} --prob {input.prob} --manifest {input.manifest}"
-        " --image-id {wildcards.image_id} --out-json {output.json} --out-overlay {output.overlay} > {log} 2>&1"
+        benchmark_path("evaluate_chunk", KEYS.experiment, "{image_set}", "chunk-{c}")
+    script:
+        "../scripts/evaluate_chunk.py"
 
 
 rule summarise:
     input:
-        jsons=all_image_jsons,
-        overlays=all_overlays,
+        chunks=expand(f"{EXPERIMENT}/{{{{image_set}}}}/chunk-{{c}}", c=range(N_CHUNKS)),
     output:
         per_image=report(
-            f"{R}/metrics/{MODEL}/per_image.csv", category="4. Metrics", labels={"model": MODEL, "table": "per image"}
+            f"{EXPERIMENT}/{{image_set}}/per_image.csv",
+            caption="../report/per_image.rst",
+            category="4. Metrics",
+            subcategory="{image_set}",
+            labels={"table": "per image"},
         ),
-        lesions=f"{R}/metrics/{MODEL}/lesions.csv",
+        lesions=f"{EXPERIMENT}/{{image_set}}/lesions.csv",
         summary=report(
-            f"{R}/metrics/{MODEL}/summary.csv", category="4. Metrics", labels={"model": MODEL, "table": "summary"}
+            f"{EXPERIMENT}/{{image_set}}/summary.csv",
+            caption="../report/summary.rst",
+            category="4. Metrics",
+            subcategory="{image_set}",
+            labels={"table": "summary"},
         ),
-        froc=f"{R}/metrics/{MODEL}/froc.csv",
+        froc=f"{EXPERIMENT}/{{image_set}}/froc.csv",
         froc_png=report(
-            f"{R}/metrics/{MODEL}/froc.png", category="4. Metrics", labels={"model": MODEL, "figure": "FROC"}
+            f"{EXPERIMENT}/{{image_set}}/froc.png",
+            caption="../report/froc.rst",
+            category="4. Metrics",
+            subcategory="{image_set}",
+            labels={"figure": "FROC"},
         ),
+        text=f"{EXPERIMENT}/{{image_set}}/summary.txt",
     params:
-        cfg=config_json("patches", "infer", "evaluate"),
-        out_dir=lambda wildcards, output: os.path.dirname(output.summary),
-        model=MODEL,
+        settings=SETTINGS["evaluation"],
+        experiment=KEYS.experiment,
     conda:
         "../../envs/evaluate.yaml"
     log:
-        f"{R}/logs/summarise/{MODEL}.log",
+        log_path("summarise", KEYS.experiment, "{image_set}"),
     benchmark:
-        f"{R}/benchmarks/summarise/{MODEL}.tsv"
-    shell:
-        # tee: the summary is both logged and printed at the end of the run.
-        "mammoseg summarise --config-json {params.cfg:q} --out-dir {params.out_dir} --model-name {params.model}"
-        " {input.jsons} 2>&1 | tee {log}"
+        benchmark_path("summarise", KEYS.experiment, "{image_set}")
+    script:
+        "../scripts/summarise.py"
+
+
+rule experiment_config:
+    output:
+        config=report(
+            f"{EXPERIMENT}/config.yaml", caption="../report/config.rst", category="0. Configuration", labels={"file": "resolved configuration"}
+        ),
+        keys=f"{EXPERIMENT}/keys.json",
+    params:
+        config=config,
+        keys=KEYS.as_dict(),
+    log:
+        log_path("experiment_config", KEYS.experiment),
+    benchmark:
+        benchmark_path("experiment_config", KEYS.experiment)
+    script:
+        "../scripts/experiment_config.py"

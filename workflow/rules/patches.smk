@@ -1,42 +1,63 @@
-# Patch extraction: one job per HDF5 shard; a case belongs to shard shard_of(image_id), so a changed case
-# re-extracts one shard.
+# Patches: the plan (every derived number, read by extraction, training and prediction), one extraction job per
+# HDF5 shard (a case belongs to shard bucket_of(image_id), so a changed case re-extracts one shard), and the
+# patch table over all shards.
+
+
+rule plan:
+    input:
+        train=f"{DATA}/train/manifest.csv",
+    output:
+        report(PLAN, caption="../report/plan.rst", category="2. Patches", labels={"table": "plan"}),
+    params:
+        settings=SETTINGS["patches"],
+        key=KEYS.patches,
+    conda:
+        "../../envs/data.yaml"
+    log:
+        log_path("plan", KEYS.patches),
+    benchmark:
+        benchmark_path("plan", KEYS.patches)
+    script:
+        "../scripts/plan.py"
 
 
 rule extract_shard:
     input:
-        manifest=restructured("train", "manifest.csv"),
+        plan=PLAN,
+        manifest=f"{DATA}/train/manifest.csv",
         files=shard_files,
     output:
-        f"{R}/patches/{ABN}/shard-{{k}}.h5",
-    params:
-        cfg=config_json("patches"),
+        f"{PATCHES}/shard-{{k}}.h5",
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/logs/extract/shard-{{k}}.log",
+        log_path("extract_shard", KEYS.patches, "shard-{k}"),
     benchmark:
-        f"{R}/benchmarks/extract/shard-{{k}}.tsv"
-    shell:
-        "mammoseg extract --config-json {params.cfg:q} --manifest {input.manifest} --out {output}"
-        " --shard {wildcards.k} > {log} 2>&1"
+        benchmark_path("extract_shard", KEYS.patches, "shard-{k}")
+    script:
+        "../scripts/extract_shard.py"
 
 
 rule patch_manifest:
     input:
-        expand(f"{R}/patches/{ABN}/shard-{{k}}.h5", k=range(N_SHARDS)),
+        plan=PLAN,
+        shards=expand(f"{PATCHES}/shard-{{k}}.h5", k=range(N_SHARDS)),
     output:
-        patches=f"{R}/patches/{ABN}/patches.csv",
+        patches=f"{PATCHES}/patches.csv",
         skipped=report(
-            f"{R}/patches/{ABN}/skipped.csv", category="2. Patches", labels={"table": "ROIs without patches"}
+            f"{PATCHES}/skipped.csv",
+            caption="../report/patch_skipped.rst",
+            category="2. Patches",
+            labels={"table": "ROIs without patches"},
         ),
-    params:
-        cfg=config_json("patches"),
+        grid=report(
+            f"{PATCHES}/patches.png", caption="../report/patches.rst", category="2. Patches", labels={"figure": "patches"}
+        ),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/logs/extract/patch_manifest.log",
+        log_path("patch_manifest", KEYS.patches),
     benchmark:
-        f"{R}/benchmarks/extract/patch_manifest.tsv"
-    shell:
-        "mammoseg patches manifest --config-json {params.cfg:q} --out {output.patches}"
-        " --skipped {output.skipped} {input} > {log} 2>&1"
+        benchmark_path("patch_manifest", KEYS.patches)
+    script:
+        "../scripts/patch_manifest.py"

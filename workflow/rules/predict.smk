@@ -1,26 +1,26 @@
-# Inference: one job per test image, grouped for clusters (profiles/slurm) so that a cluster gets a few
-# jobs of many images rather than thousands of tiny ones.
+# Prediction: one job per chunk of images (bucket_of(image_id) mod infer.n_chunks), the model (or the mean of the
+# fold models) loaded once per job. Writes probability maps only: binarising is evaluation.
 
 
-rule predict:
+rule predict_chunk:
     input:
-        model=rules.train.output.model,
-        image=test_image,
+        plan=PLAN,
+        manifest=lambda wildcards: f"{DATA}/{set_split(wildcards.image_set)}/manifest.csv",
+        models=chunk_models,
+        images=chunk_images,
     output:
-        prob=f"{R}/predictions/{MODEL}/{{image_id}}.prob.npz",
-        mask=f"{R}/predictions/{MODEL}/{{image_id}}.mask.png",
+        directory(f"{PREDICTIONS}/{{image_set}}/chunk-{{c}}"),
     params:
-        cfg=config_json("patches", "infer"),
+        settings=SETTINGS["inference"],
     resources:
         gpu=1,
     group:
-        "per_image"
+        "inference"
     conda:
         "../../envs/train.yaml"
     log:
-        f"{R}/logs/predict/{MODEL}/{{image_id}}.log",
+        log_path("predict_chunk", KEYS.model, KEYS.inference, "{image_set}", "chunk-{c}"),
     benchmark:
-        f"{R}/benchmarks/predict/{MODEL}/{{image_id}}.tsv"
-    shell:
-        "mammoseg predict --config-json {params.cfg:q} --model {input.model} --image {input.image}"
-        " --out-prob {output.prob} --out-mask {output.mask} > {log} 2>&1"
+        benchmark_path("predict_chunk", KEYS.model, KEYS.inference, "{image_set}", "chunk-{c}")
+    script:
+        "../scripts/predict_chunk.py"

@@ -1,31 +1,33 @@
-# Training: one job per model, on all shards. Per-epoch resume state lives in results/models/NAME/_resume/,
-# which is deliberately not a declared output, so Snakemake never deletes it before a rerun or a retry.
+# Training: one job per fold (train.folds; 1 = a single model), each on all shards. Per-epoch resume state lives
+# in the fold's _resume/ folder, deliberately not a declared output, so Snakemake never deletes it before a
+# rerun or a retry.
 
 
 rule train:
     input:
-        shards=expand(f"{R}/patches/{ABN}/shard-{{k}}.h5", k=range(N_SHARDS)),
+        plan=PLAN,
+        shards=expand(f"{PATCHES}/shard-{{k}}.h5", k=range(N_SHARDS)),
     output:
-        model=f"{R}/models/{MODEL}/model.keras",
-        best=f"{R}/models/{MODEL}/best.keras",
-        history=f"{R}/models/{MODEL}/history.csv",
+        best=f"{MODELS}/fold-{{f}}/best.keras",
+        last=f"{MODELS}/fold-{{f}}/last.keras",
+        history=f"{MODELS}/fold-{{f}}/history.csv",
         curves=report(
-            f"{R}/models/{MODEL}/curves.png",
+            f"{MODELS}/fold-{{f}}/curves.png",
+            caption="../report/curves.rst",
             category="3. Training",
-            labels={"model": MODEL, "figure": "training curves"},
+            labels={"model": KEYS.model, "fold": "{f}", "figure": "training curves"},
         ),
-        report=f"{R}/models/{MODEL}/report.json",
+        report=f"{MODELS}/fold-{{f}}/report.json",
     params:
-        cfg=config_json("patches", "model", "train"),
-        out_dir=lambda wildcards, output: os.path.dirname(output.model),
+        settings=SETTINGS["model"],
     resources:
         gpu=1,
     threads: workflow.cores
     conda:
         "../../envs/train.yaml"
     log:
-        f"{R}/logs/train/{MODEL}.log",
+        log_path("train", KEYS.model, "fold-{f}"),
     benchmark:
-        f"{R}/benchmarks/train/{MODEL}.tsv"
-    shell:
-        "mammoseg train --config-json {params.cfg:q} --out-dir {params.out_dir} {input.shards} > {log} 2>&1"
+        benchmark_path("train", KEYS.model, "fold-{f}")
+    script:
+        "../scripts/train.py"

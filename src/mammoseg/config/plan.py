@@ -54,6 +54,7 @@ class Plan:
     Attributes
     ----------
     patches_key : the stage key the plan belongs to (``results/patches/<key>/``)
+    n : the window's exponent, ``window_px = 2**n``
     window_px, downscale, input_px : see :class:`PatchGeometry`
     n_shifted, max_shift, n_negative, negative_min_mean, seed, n_shards : the ``patches`` settings
     train_images, train_rois, train_patients : counts of the restructured training manifest
@@ -65,6 +66,7 @@ class Plan:
     """
 
     patches_key: str
+    n: int
     window_px: int
     downscale: int
     input_px: int
@@ -100,7 +102,7 @@ def build_plan(patches: Mapping[str, Any], patches_key: str, train_rows: Sequenc
     sizes = [(int(row["image_rows"]), int(row["image_cols"])) for row in images.values()]
     smallest = (min(r for r, _ in sizes), min(c for _, c in sizes)) if sizes else None
     return Plan(
-        patches_key=patches_key, **asdict(geometry), n_shifted=int(patches["n_shifted"]),
+        patches_key=patches_key, n=int(patches["n"]), **asdict(geometry), n_shifted=int(patches["n_shifted"]),
         max_shift=float(patches["max_shift"]), n_negative=int(patches["n_negative"]),
         negative_min_mean=float(patches["negative_min_mean"]), seed=int(patches["seed"]),
         n_shards=int(patches["n_shards"]), train_images=len(images), train_rois=len(train_rows),

@@ -1,9 +1,10 @@
-"""Stage glue for evaluation: one JSON + one overlay per test image, then the tables of a whole model.
+"""Stage ``evaluate``: per image of a prediction chunk, metrics (JSON), the binary mask (PNG) and the overlay.
 
-Never imports TensorFlow (predictions are read with :func:`mammoseg.inference.sliding.load_prediction`, which does not
-need it). Metric definitions and conventions are in :mod:`mammoseg.evaluation.metrics`.
+Binarising belongs here, not to prediction: predictions are probability maps, so a new threshold re-runs this
+stage and the summaries only. Never imports TensorFlow. Metric definitions and conventions are in
+:mod:`mammoseg.evaluation.metrics`; the tables over all images are made by :mod:`mammoseg.evaluation.summary`.
 
-Per image (``run_evaluate``), at the configured ``infer.threshold`` and for each ``min_area`` variant (0 = as
+Per image (:func:`evaluate_image`), at the configured ``infer.threshold`` and for each ``min_area`` variant (0 = as
 predicted; plus ``evaluate.min_area`` when > 0): pixel counts, Dice/IoU over the whole image and "at lesions",
 lesion rows and false-positive component rows; and for the FROC, per threshold of
 :func:`mammoseg.evaluation.metrics.froc_threshold_grid` and variant: detected lesions, FP components, TP/FP/FN pixels.
@@ -16,28 +17,20 @@ skipped, and they are added back from the image size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
-from mammoseg.config import section_hash, validate_config
-from mammoseg.io.dicom import read_mammogram, read_mask
-from mammoseg.inference.sliding import load_prediction
+from mammoseg.errors import InputError
 from mammoseg.evaluation import metrics
 from mammoseg.evaluation.overlays import make_overlay, write_overlay
+from mammoseg.inference.predict import load_prediction
+from mammoseg.io.atomic import atomic_dir, atomic_path, write_json_atomic
+from mammoseg.io.dicom import read_mammogram, read_mask
 
-__all__ = ["config_hash", "load_lesions", "evaluate_arrays", "run_evaluate", "run_summarise", "FPPI_BUDGETS"]
-
-FPPI_BUDGETS = (0.5, 1.0, 2.0, 4.0)
-
-
-def config_hash(config: dict) -> str:
-    """Hash of everything that shapes an evaluation: patch geometry, inference and evaluation settings."""
-    return section_hash(config["patches"]["n"], config["patches"]["downscale"], config["infer"], config["evaluate"])
+__all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "evaluate_chunk", "write_mask_png"]
 
 
 def _variants(min_area: int) -> list[int]:
@@ -47,43 +40,36 @@ def _variants(min_area: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------------------
-def load_lesions(manifest_csv: str | Path, image_id: str, shape: tuple[int, int]) -> tuple[Path, list[str], list[np.ndarray], list[dict]]:
-    """Read the ROI masks of one image from the manifest (one lesion per ROI).
+def load_lesions(rows: Sequence[Mapping[str, str]], base: str | Path, shape: tuple[int, int]
+                 ) -> tuple[list[str], list[np.ndarray], list[dict]]:  # fmt: skip
+    """Read the ROI masks of one image (one lesion per manifest row).
+
+    Parameters
+    ----------
+    rows : the image's manifest rows (``roi_id``, ``mask_path`` relative to ``base``)
+    base : the folder of the manifest
+    shape : (rows, cols) of the prediction; a mask of another shape is an error naming the file
 
     Returns
     -------
-    (image path, roi ids, lesion masks bool (rows, cols), skipped rows {roi_id, reason, message})
-        Empty masks are skipped with a reason, never silently dropped; a mask whose shape differs from
-        ``shape`` is an error naming the file.
+    (roi ids, lesion masks bool (rows, cols), skipped rows {roi_id, reason, message})
+        Empty masks are skipped with a reason, never silently dropped.
     """
-    manifest_csv = Path(manifest_csv)
-    try:
-        table = pd.read_csv(manifest_csv, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{manifest_csv}: cannot read manifest: {exc}") from exc
-    missing = {"roi_id", "image_id", "image_path", "mask_path"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{manifest_csv}: manifest lacks columns {sorted(missing)}")
-    rows = table[table["image_id"] == image_id]
-    if rows.empty:
-        raise ValueError(f"{manifest_csv}: no ROI row for image_id {image_id!r}")
-    base = manifest_csv.parent
-    image_path = base / rows["image_path"].iloc[0]
     roi_ids, masks, skipped = [], [], []
-    for roi_id, mask_rel in zip(rows["roi_id"], rows["mask_path"]):
-        mask_path = base / mask_rel
+    for row in rows:
+        mask_path = Path(base) / row["mask_path"]
         try:
             read = read_mask(mask_path)
         except Exception as exc:  # noqa: BLE001 - decoder errors of any kind, named
-            raise ValueError(f"{mask_path}: cannot read ROI mask {roi_id}: {exc}") from exc
+            raise InputError(f"{mask_path}: cannot read ROI mask {row['roi_id']}: {exc}") from exc
         if read.mask.shape != tuple(shape):
-            raise ValueError(f"{mask_path}: mask shape {read.mask.shape} differs from the prediction {tuple(shape)}")
-        if not read.mask.any():
-            skipped.append({"roi_id": roi_id, "reason": "empty_mask", "message": f"{mask_path}: no foreground"})
+            raise InputError(f"{mask_path}: mask shape {read.mask.shape} differs from the prediction {tuple(shape)}")
+        if read.bbox is None:
+            skipped.append({"roi_id": row["roi_id"], "reason": "empty_mask", "message": f"{mask_path}: no foreground"})
             continue
-        roi_ids.append(roi_id)
+        roi_ids.append(row["roi_id"])
         masks.append(read.mask)
-    return image_path, roi_ids, masks, skipped
+    return roi_ids, masks, skipped
 
 
 def _active_box(prob: np.ndarray, lowest_level: int, truth: np.ndarray) -> tuple[slice, slice]:
@@ -166,212 +152,88 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], eval_cfg: d
     return {"results": results, "froc": froc}
 
 
-def run_evaluate(config: dict, prob_npz: str | Path, manifest_csv: str | Path, image_id: str,
-                 out_json: str | Path, out_overlay: str | Path) -> dict:
-    """Stage entry: evaluate one image's saved prediction against its ROI masks; write JSON and overlay.
-
-    Parameters
-    ----------
-    config : whole config (validated here); uses ``infer.threshold``, ``evaluate`` and ``patches``
-    prob_npz : ``{image_id}.prob.npz`` from the predict stage
-    manifest_csv : the test manifest (paths in it are relative to its folder)
-    image_id : which image; out_json, out_overlay : outputs
-
-    Returns
-    -------
-    dict : the JSON payload written.
-    """
-    config = validate_config(config)
-    eval_cfg, threshold = config["evaluate"], float(config["infer"]["threshold"])
-    prob, meta = load_prediction(prob_npz)
-    image_path, roi_ids, lesions, skipped = load_lesions(manifest_csv, image_id, prob.shape)
-    numbers = evaluate_arrays(prob, lesions, eval_cfg, threshold)
+def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Mapping[str, str]], base: Path,
+                   out_dir: Path, *, threshold: float, evaluate: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Metrics, binary mask and overlay of one predicted image; writes ``{image_id}.json``, ``.mask.png``,
+    ``.overlay.png`` into ``out_dir`` and returns the JSON payload."""
+    image_id = rows[0]["image_id"]
+    image_path = base / rows[0]["image_path"]
+    roi_ids, lesions, skipped = load_lesions(rows, base, prob.shape)
+    numbers = evaluate_arrays(prob, lesions, evaluate, threshold)
     for result in numbers["results"]:
         for row in result["lesions"]:
             row["roi_id"] = roi_ids[row["lesion"]]
     payload: dict[str, Any] = {
-        "image_id": image_id, "prob_npz": str(prob_npz), "image_path": str(image_path),
-        "config_hash": config_hash(config), "threshold": threshold, "match": eval_cfg["match"],
-        "iou_threshold": eval_cfg["iou_threshold"], "shape": list(prob.shape), "n_lesions": len(lesions),
-        "lesions_skipped": skipped, "prediction": meta, **numbers,
+        "image_id": image_id, "patient_id": rows[0]["patient_id"], "status": "evaluated",
+        "image_path": str(image_path), "threshold": threshold, "match": evaluate["match"],
+        "iou_threshold": evaluate["iou_threshold"], "shape": list(prob.shape), "n_lesions": len(lesions),
+        "lesions_skipped": skipped, "prediction": dict(meta), **numbers,
     }
     try:
         image = read_mammogram(image_path)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
-        raise ValueError(f"{image_path}: cannot read mammogram for the overlay of {image_id}: {exc}") from exc
+        raise InputError(f"{image_path}: cannot read mammogram for the overlay of {image_id}: {exc}") from exc
     if image.shape != prob.shape:
-        raise ValueError(f"{image_path}: image shape {image.shape} differs from the prediction {prob.shape} "
-                         f"in {prob_npz}")
+        raise InputError(f"{image_path}: image shape {image.shape} differs from its prediction {prob.shape}")
+    mask = metrics.binarise(prob, threshold)
     truth = np.zeros(prob.shape, dtype=bool)
     for lesion in lesions:
         truth |= lesion
-    overlay = make_overlay(image, metrics.binarise(prob, threshold), truth, int(eval_cfg["overlay_max_side"]))
-    write_overlay(out_overlay, overlay)
-    write_json_atomic(out_json, payload)
+    write_overlay(out_dir / f"{image_id}.overlay.png", make_overlay(image, mask, truth, int(evaluate["overlay_max_side"])))
+    write_mask_png(out_dir / f"{image_id}.mask.png", mask)
+    write_json_atomic(out_dir / f"{image_id}.json", payload)
     return payload
 
 
-# --------------------------------------------------------------------------------------------------------------
-# summary
-# --------------------------------------------------------------------------------------------------------------
-def _per_image_rows(records: list[dict], model: str, chash: str) -> list[dict]:
-    rows = []
-    for rec in records:
-        for res in rec["results"]:
-            pix, at = res["pixel"], res["at_lesions"]
-            rows.append({
-                "model": model, "config_hash": chash, "image_id": rec["image_id"], "min_area": res["min_area"],
-                "n_lesions": res["n_lesions"], "detected": res["detected"],
-                "false_positives": res["false_positives"],
-                **{k: pix[k] for k in ("tp", "fp", "fn", "tn", "intersection", "union", "dice", "iou")},
-                "at_lesions_intersection": at["intersection"], "at_lesions_union": at["union"],
-                "dice_at_lesions": at["dice"], "iou_at_lesions": at["iou"],
-            })
-    return rows
+def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
+    """A binary mask (bool (rows, cols)) as an 8-bit PNG, foreground 255, written atomically."""
+    from PIL import Image
 
-
-def _lesion_rows(records: list[dict], model: str, chash: str) -> list[dict]:
-    rows = []
-    for rec in records:
-        for res in rec["results"]:
-            for les in res["lesions"]:
-                rows.append({
-                    "model": model, "config_hash": chash, "kind": "lesion", "image_id": rec["image_id"],
-                    "roi_id": les.get("roi_id", ""), "min_area": res["min_area"], "area": les["area"],
-                    "centroid_row": les["centroid_row"], "centroid_col": les["centroid_col"],
-                    "best_iou": les["best_iou"], "detected": les["detected"],
-                })
-            for comp in res["fp_components"]:
-                rows.append({
-                    "model": model, "config_hash": chash, "kind": "fp_component", "image_id": rec["image_id"],
-                    "roi_id": "", "min_area": res["min_area"], "area": comp["area"],
-                    "centroid_row": comp["centroid_row"], "centroid_col": comp["centroid_col"],
-                    "best_iou": comp["best_iou"], "detected": False,
-                    "row0": comp["row0"], "col0": comp["col0"], "row1": comp["row1"], "col1": comp["col1"],
-                })
-    return rows
-
-
-def _froc_rows(records: list[dict], model: str, chash: str) -> list[dict]:
-    n_images = len(records)
-    table = pd.DataFrame([row for rec in records for row in rec["froc"]])
-    n_lesions = sum(rec["n_lesions"] for rec in records)
-    rows = []
-    for min_area, group in table.groupby("min_area", sort=True):
-        totals = group.groupby("threshold", sort=True)[["detected", "false_positives"]].sum()
-        for point in metrics.froc_points(totals.index.tolist(), totals["detected"].tolist(),
-                                         totals["false_positives"].tolist(), n_lesions, n_images):
-            rows.append({"model": model, "config_hash": chash, "min_area": int(min_area), **point,
-                         "n_lesions": n_lesions, "n_images": n_images})
-    return rows
-
-
-def _summary_rows(per_image: pd.DataFrame, froc: pd.DataFrame, model: str, chash: str) -> list[dict]:
-    rows = []
-    for min_area, group in per_image.groupby("min_area", sort=True):
-        n_lesions = int(group["n_lesions"].sum())
-        pooled = metrics.pooled_dice_iou(group["intersection"], group["union"])
-        pooled_at = metrics.pooled_dice_iou(group["at_lesions_intersection"], group["at_lesions_union"])
-        values = {
-            "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
-            "false_positives": int(group["false_positives"].sum()),
-            "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
-            "fppi": group["false_positives"].sum() / len(group),
-            "pooled_dice": pooled[0], "pooled_iou": pooled[1],
-            "mean_dice": float(group["dice"].mean()), "mean_iou": float(group["iou"].mean()),
-            "pooled_dice_at_lesions": pooled_at[0], "pooled_iou_at_lesions": pooled_at[1],
-            "mean_dice_at_lesions": float(group["dice_at_lesions"].mean()),
-            "mean_iou_at_lesions": float(group["iou_at_lesions"].mean()),
-        }
-        points = froc[froc["min_area"] == min_area].to_dict("records")
-        for budget, tpr in metrics.tpr_at_fppi(points, FPPI_BUDGETS).items():
-            values[f"tpr_at_{budget:g}_fppi"] = tpr
-        rows += [{"model": model, "config_hash": chash, "min_area": int(min_area), "metric": k, "value": v}
-                 for k, v in values.items()]
-    return rows
-
-
-def _plot_froc(froc: pd.DataFrame, path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for min_area, group in froc.groupby("min_area", sort=True):
-        group = group.sort_values(["fppi", "tpr"])
-        label = "as predicted" if min_area == 0 else f"components ≥ {min_area} px"
-        ax.plot(group["fppi"], group["tpr"], marker="o", markersize=3, drawstyle="steps-post", label=label)
-    for budget in FPPI_BUDGETS:
-        ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
-    ax.set_xscale("symlog", linthresh=0.5)
-    # FPPI is never negative: without a left limit symlog shows a mirrored negative axis
-    ax.set_xlim(left=0, right=max(8.0, float(froc["fppi"].max()) * 1.2 if len(froc) else 8.0))
-    ax.set_xticks([0, 0.5, 1, 2, 4, 8] + ([16, 64, 256] if len(froc) and froc["fppi"].max() > 12 else []))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("false positives per image (FPPI)")
-    ax.set_ylabel("true positive rate (lesions detected)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"FROC: {model}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
 
 
-def _human_summary(summary: pd.DataFrame, model: str, chash: str) -> str:
-    lines = [f"mammoseg evaluation of {model} (config {chash})"]
-    for min_area, group in summary.groupby("min_area", sort=True):
-        v = dict(zip(group["metric"], group["value"]))
-        tag = "as predicted" if min_area == 0 else f"components >= {min_area} px"
-        lines.append(
-            f"  [{tag}] images {v['n_images']}, lesions {v['n_lesions']}: TPR {v['tpr']:.3f} "
-            f"({v['detected']}/{v['n_lesions']}), FPPI {v['fppi']:.2f}; pooled Dice {v['pooled_dice']:.3f}, "
-            f"IoU {v['pooled_iou']:.3f}; at lesions Dice {v['pooled_dice_at_lesions']:.3f}, "
-            f"IoU {v['pooled_iou_at_lesions']:.3f}; mean Dice {v['mean_dice']:.3f}")
-        lines.append("    TPR at FPPI " + ", ".join(
-            f"{b:g}: {v[f'tpr_at_{b:g}_fppi']:.3f}" for b in FPPI_BUDGETS))
-    return "\n".join(lines)
+def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[str, str]], manifest_base: str | Path,
+                   out_dir: str | Path, *, threshold: float, evaluate: Mapping[str, Any],
+                   log=print) -> list[dict[str, Any]]:  # fmt: skip
+    """Evaluate every image of one prediction chunk against its ROI masks; write the chunk's folder atomically.
 
-
-def run_summarise(config: dict, image_jsons: Sequence[str | Path], out_dir: str | Path, model_name: str) -> dict:
-    """Stage entry: pool the per-image JSONs of one model into tables and the FROC plot; print the summary.
-
-    Writes ``per_image.csv``, ``lesions.csv``, ``summary.csv`` (long format: model, config_hash, min_area,
-    metric, value), ``froc.csv`` and ``froc.png`` under ``out_dir``.
+    Parameters
+    ----------
+    prediction_dir : a chunk folder of :func:`mammoseg.inference.predict.predict_images` (``predictions.csv``
+        and ``{image_id}.prob.npz``)
+    manifest_rows : the manifest rows of (at least) the chunk's images; paths relative to ``manifest_base``
+    out_dir : the chunk's evaluation folder: ``{image_id}.json``, ``.mask.png``, ``.overlay.png`` per predicted
+        image, and a ``{image_id}.json`` with ``status: not_predicted`` and the reason for an image whose
+        prediction failed (so the summary counts it)
+    threshold : the operating threshold (``infer.threshold``); evaluate : the ``evaluate`` config section
 
     Returns
     -------
-    dict : ``{"text": printed summary, "summary": {min_area: {metric: value}}, "config_hash": …}``
+    list of the per-image payloads written.
     """
-    config = validate_config(config)
-    chash = config_hash(config)
-    if not image_jsons:
-        raise ValueError("run_summarise needs at least one per-image JSON")
-    records = []
-    for path in image_jsons:
-        try:
-            records.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read per-image metrics: {exc}") from exc
-    stale = sorted({rec.get("config_hash") for rec in records} - {chash})
-    if stale:
-        raise ValueError(f"per-image metrics were made with config hash(es) {stale}, not the current {chash}; "
-                         "re-run the evaluate stage")
-    out_dir = Path(out_dir)
-    per_image = pd.DataFrame(_per_image_rows(records, model_name, chash))
-    lesions = pd.DataFrame(_lesion_rows(records, model_name, chash))
-    froc = pd.DataFrame(_froc_rows(records, model_name, chash))
-    summary = pd.DataFrame(_summary_rows(per_image, froc, model_name, chash))
-    write_csv_atomic(out_dir / "per_image.csv", per_image)
-    write_csv_atomic(out_dir / "lesions.csv", lesions)
-    write_csv_atomic(out_dir / "froc.csv", froc)
-    write_csv_atomic(out_dir / "summary.csv", summary)
-    _plot_froc(froc, out_dir / "froc.png", model_name)
-    text = _human_summary(summary, model_name, chash)
-    print(text)
-    nested = {int(m): dict(zip(g["metric"], g["value"])) for m, g in summary.groupby("min_area")}
-    return {"text": text, "summary": nested, "config_hash": chash}
+    prediction_dir, base = Path(prediction_dir), Path(manifest_base)
+    status = pd.read_csv(prediction_dir / "predictions.csv", dtype=str, keep_default_na=False)
+    by_image: dict[str, list[Mapping[str, str]]] = {}
+    for row in manifest_rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+    payloads = []
+    with atomic_dir(out_dir) as tmp:
+        for record in status.to_dict("records"):
+            image_id = record["image_id"]
+            if image_id not in by_image:
+                raise InputError(f"{prediction_dir}: image {image_id} is not in the manifest")
+            if record["status"] != "predicted":
+                payload = {"image_id": image_id, "patient_id": by_image[image_id][0]["patient_id"],
+                           "status": "not_predicted", "reason": record["reason"], "message": record["message"],
+                           "n_lesions": len(by_image[image_id])}
+                write_json_atomic(tmp / f"{image_id}.json", payload)
+                log(f"{image_id}: not evaluated, its prediction failed ({record['reason']})")
+            else:
+                prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
+                payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
+                                         evaluate=evaluate)
+                log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
+                    f"{payload['results'][0]['false_positives']} false positives")
+            payloads.append(payload)
+    return payloads

@@ -1,7 +1,8 @@
-"""Sliding-window inference on full mammograms: the paper's mode and a blended mode.
+"""Sliding-window inference on one full mammogram: the paper's mode and a blended mode.
 
-Geometry and pre-processing are NumPy only; TensorFlow/Keras are imported lazily inside the functions that
-need a model, so ``mammoseg.evaluation.evaluate`` can read predictions (:func:`load_prediction`) without TensorFlow.
+NumPy only: the network comes in as a batch predictor (a callable, see :data:`Predictor`), built from one or
+several Keras models by :mod:`mammoseg.inference.predict`, which also holds the stage that predicts chunks of
+images.
 
 Paper mode (Marita et al.)
     1. The breast side is the side whose strip (``strip_fraction`` of the width) has the larger mean.
@@ -15,9 +16,9 @@ Paper mode (Marita et al.)
        min-max), are predicted in batches by one compiled ``tf.function``, and the probabilities are brought back
        to full resolution with ``np.repeat`` by ``downscale`` (the inverse footprint of the block mean).
     5. The saved probability map holds these per-window probabilities (0 in skipped windows and in the cropped
-       margins), so thresholds can be swept later without the model. The binary mask is ``prob >= threshold``
-       OR-combined over windows; windows do not overlap, so this equals thresholding the map (with overlapping
-       windows, the max-combined map would give the same identity).
+       margins), so thresholds can be swept later without the model. The paper's binary mask, each window's
+       prediction binarised and OR-combined, equals the map binarised at the threshold because windows do not
+       overlap; binarising is evaluation's job (:func:`mammoseg.evaluation.metrics.binarise`).
 
     Images smaller than one window in a dimension are padded (fallback, recorded in the metadata as ``padded``)
     with the image minimum, at the bottom and on the side away from the breast, to exactly one window; the
@@ -31,30 +32,17 @@ Blended mode (beyond the paper; as nnU-Net/MONAI)
     is ``Σ w·p / Σ w``. Windows failing the paper's skip rules are not predicted and do not vote; pixels covered
     only by skipped windows get probability 0. Optional TTA averages with the horizontally flipped prediction.
 
-Probability maps are returned and saved as uint8, ``round(p × 255)``; the binary mask is always
-``mammoseg.evaluation.metrics.binarise(prob_u8, threshold)``, so the saved mask equals what evaluation recomputes.
+Probability maps are returned as uint8, ``round(p × 255)``.
 """
 
 from __future__ import annotations
 
 import enum
-import importlib
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from mammoseg.io.atomic import atomic_path
-from mammoseg.config import section_hash, validate_config
-from mammoseg.io.dicom import read_mammogram
-from mammoseg.evaluation.metrics import binarise
 from mammoseg.patches.geometry import preprocess_window
 
 __all__ = [
@@ -70,11 +58,6 @@ __all__ = [
     "quantise",
     "predict_paper",
     "predict_blended",
-    "load_model",
-    "make_predictor",
-    "save_prediction",
-    "load_prediction",
-    "run_predict",
 ]
 
 #: A batch predictor: float32 (B, s, s) in [0, 1] → float32 probabilities (B, s, s).
@@ -108,12 +91,10 @@ class Prediction:
     Attributes
     ----------
     prob : np.ndarray of uint8, shape (rows, cols): probability × 255, rounded
-    mask : np.ndarray of bool, shape (rows, cols): ``binarise(prob, threshold)``
-    meta : dict, JSON-serialisable: mode, side, crop box, windows predicted/skipped, threshold, …
+    meta : dict, JSON-serialisable: mode, side, crop box, windows predicted/skipped, …
     """
 
     prob: np.ndarray
-    mask: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,7 +255,6 @@ def predict_paper(
     downscale: int,
     strip_fraction: float = 0.1,
     min_mean: float = 0.1,
-    threshold: float = 0.5,
     batch_size: int = 16,
 ) -> Prediction:
     """The paper's inference: crop, non-overlapping windows, skip rules, batch prediction, reassembly.
@@ -285,11 +265,11 @@ def predict_paper(
     predictor : batch predictor float32 (B, s, s) → (B, s, s), s = window // downscale
     window : window side in full-resolution pixels (2**n)
     downscale : integer factor (block mean), as in training
-    strip_fraction, min_mean, threshold, batch_size : see the module docstring and the ``infer`` config
+    strip_fraction, min_mean, batch_size : see the module docstring and the ``infer`` config
 
     Returns
     -------
-    Prediction with uint8 probabilities and bool mask of the input's shape.
+    Prediction with uint8 probabilities of the input's shape.
     """
     _check_geometry(window, downscale)
     image = np.asarray(image, dtype=np.float32)
@@ -312,10 +292,10 @@ def predict_paper(
         "mode": "paper", "side": side.value, "crop_box": box.as_dict(), "padded": list(pads),
         "window": window, "downscale": downscale, "windows_total": len(corners) + sum(skipped.values()),
         "windows_predicted": len(corners), "windows_skipped_dark": skipped["dark"],
-        "windows_skipped_flat": skipped["flat"], "threshold": threshold, "min_mean": min_mean,
+        "windows_skipped_flat": skipped["flat"], "min_mean": min_mean,
         "strip_fraction": strip_fraction, "shape": list(image.shape),
     }
-    return Prediction(prob=prob, mask=binarise(prob, threshold), meta=meta)
+    return Prediction(prob=prob, meta=meta)
 
 
 def predict_blended(
@@ -327,7 +307,6 @@ def predict_blended(
     tta: bool = False,
     strip_fraction: float = 0.1,
     min_mean: float = 0.1,
-    threshold: float = 0.5,
     batch_size: int = 16,
 ) -> Prediction:
     """Overlapping windows with Gaussian-weighted blending (see the module docstring).
@@ -365,159 +344,7 @@ def predict_blended(
         "right": image.shape[1]}, "padded": list(pads), "window": window, "downscale": downscale,
         "stride": stride, "tta": tta, "windows_total": len(corners) + sum(skipped.values()),
         "windows_predicted": len(corners), "windows_skipped_dark": skipped["dark"],
-        "windows_skipped_flat": skipped["flat"], "threshold": threshold, "min_mean": min_mean,
+        "windows_skipped_flat": skipped["flat"], "min_mean": min_mean,
         "strip_fraction": strip_fraction, "shape": list(image.shape),
     }
-    return Prediction(prob=prob, mask=binarise(prob, threshold), meta=meta)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------------------------
-def load_model(model_path: str | Path):
-    """Load a ``.keras`` model safely (``compile=False, safe_mode=True``), custom objects registered first."""
-    if importlib.util.find_spec("mammoseg.model.losses") is not None:
-        importlib.import_module("mammoseg.model.losses")  # registers the project's serialisable custom objects
-    import keras
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model file not found")
-    try:
-        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot load Keras model: {exc}") from exc
-
-
-def model_input_size(model, window: int, downscale: int) -> int:
-    """Check that the model takes (s, s, 1) inputs with s = window // downscale; return s."""
-    s = _check_geometry(window, downscale)
-    shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[-1] != 1:
-        raise ValueError(f"model input shape {shape} is not (batch, s, s, 1)")
-    for dim in shape[1:3]:
-        if dim is not None and dim != s:
-            raise ValueError(
-                f"model input shape {shape} does not match windows of {window} px downscaled by {downscale} (s={s})"
-            )
-    return s
-
-
-def make_predictor(model, batch_size: int = 16) -> Predictor:
-    """Wrap a Keras model in one compiled ``tf.function`` (traced once: batch dimension left free).
-
-    Returns a callable float32 (B, s, s) → float32 (B, s, s); B may be anything up to ``batch_size`` and
-    larger inputs are split into chunks of ``batch_size``.
-    """
-    import tensorflow as tf
-
-    s = model.input_shape[1]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 1], tf.float32)], reduce_retracing=True)
-    def forward(batch):
-        return tf.cast(model(batch, training=False), tf.float32)
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, dtype=np.float32)
-        outputs = [forward(tf.convert_to_tensor(chunk[..., None])).numpy()[..., 0]
-                   for chunk in (batch[i : i + batch_size] for i in range(0, len(batch), batch_size))]
-        return np.concatenate(outputs) if outputs else np.zeros_like(batch)
-
-    return predict
-
-
-# --------------------------------------------------------------------------------------------------------------
-# files
-# --------------------------------------------------------------------------------------------------------------
-def save_prediction(
-    prob: np.ndarray, mask: np.ndarray, prob_npz: str | Path, mask_png: str | Path, meta: dict[str, Any]
-) -> None:
-    """Write the probability map (compressed npz) and the binary mask (PNG, 0/255), each atomically.
-
-    Parameters
-    ----------
-    prob : uint8 (rows, cols) ``round(p×255)``, or float in [0, 1] (quantised here)
-    mask : bool (rows, cols)
-    prob_npz : target ``.npz``; holds ``prob`` (uint8) and ``meta`` (a JSON string, no pickle needed)
-    mask_png : target ``.png``, 8-bit greyscale, foreground 255
-    meta : JSON-serialisable metadata (side, crop box, windows predicted/skipped, threshold, mode, …)
-    """
-    from PIL import Image
-
-    prob_u8 = prob if prob.dtype == np.uint8 else quantise(prob)
-    if prob_u8.shape != mask.shape:
-        raise ValueError(f"probability map {prob_u8.shape} and mask {mask.shape} differ in shape")
-    meta_json = json.dumps(meta, sort_keys=True, default=str)
-    with atomic_path(prob_npz) as tmp:
-        with open(tmp, "wb") as handle:  # a file handle: numpy must not append its own suffix
-            np.savez_compressed(handle, prob=prob_u8, meta=np.array(meta_json))
-    with atomic_path(mask_png) as tmp:
-        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(tmp, format="PNG")
-
-
-def load_prediction(prob_npz: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read ``(prob uint8 (rows, cols), meta dict)`` written by :func:`save_prediction`."""
-    path = Path(prob_npz)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            prob = data["prob"]
-            meta = json.loads(str(data["meta"]))
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a mammoseg prediction file: {exc}") from exc
-    if prob.dtype != np.uint8 or prob.ndim != 2:
-        raise ValueError(f"{path}: 'prob' must be a 2-D uint8 array, got {prob.dtype} {prob.shape}")
-    return prob, meta
-
-
-# --------------------------------------------------------------------------------------------------------------
-# stage entry
-# --------------------------------------------------------------------------------------------------------------
-def predict_image(image: np.ndarray, predictor: Predictor, infer_cfg: dict, patches_cfg: dict) -> Prediction:
-    """Dispatch to the configured mode with the ``infer`` and ``patches`` config sections."""
-    window = 2 ** int(patches_cfg["n"])
-    downscale = int(patches_cfg["downscale"])
-    common = dict(
-        strip_fraction=infer_cfg["strip_fraction"], min_mean=infer_cfg["min_mean"],
-        threshold=infer_cfg["threshold"], batch_size=infer_cfg["batch_size"],
-    )
-    if infer_cfg["mode"] == "paper":
-        return predict_paper(image, predictor, window, downscale, **common)
-    if infer_cfg["mode"] == "blended":
-        return predict_blended(image, predictor, window, downscale, stride_fraction=infer_cfg["stride_fraction"],
-                               tta=infer_cfg["tta"], **common)
-    raise ValueError(f"unknown inference mode {infer_cfg['mode']!r}; allowed: paper, blended")
-
-
-def run_predict(config: dict, model_path: str | Path, image_path: str | Path, out_prob: str | Path,
-                out_mask: str | Path) -> dict:
-    """Stage entry: predict one full image and save ``{image_id}.prob.npz`` and ``{image_id}.mask.png``.
-
-    Parameters
-    ----------
-    config : the whole config (validated here, defaults filled); uses sections ``infer`` and ``patches``
-    model_path : ``.keras`` model; image_path : full mammogram (DICOM, read by ``read_mammogram``)
-    out_prob, out_mask : output paths
-
-    Returns
-    -------
-    dict : the metadata saved with the prediction (plus timing in seconds and the model path).
-    """
-    config = validate_config(config)
-    infer_cfg, patches_cfg = config["infer"], config["patches"]
-    try:
-        image = read_mammogram(image_path)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure, re-raised with the file named
-        raise ValueError(f"{image_path}: cannot read mammogram: {exc}") from exc
-    model = load_model(model_path)
-    model_input_size(model, 2 ** int(patches_cfg["n"]), int(patches_cfg["downscale"]))
-    predictor = make_predictor(model, infer_cfg["batch_size"])
-    start = time.perf_counter()
-    result = predict_image(image, predictor, infer_cfg, patches_cfg)
-    elapsed = time.perf_counter() - start
-    meta = dict(result.meta)
-    meta.update({
-        "image": str(image_path), "model": str(model_path), "seconds": round(elapsed, 3),
-        "config_hash": section_hash(patches_cfg["n"], patches_cfg["downscale"], infer_cfg),
-    })
-    save_prediction(result.prob, result.mask, out_prob, out_mask, meta)
-    return meta
+    return Prediction(prob=prob, meta=meta)

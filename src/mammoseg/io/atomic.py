@@ -10,13 +10,14 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from mammoseg.errors import NoSpaceError
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
+__all__ = ["atomic_path", "atomic_dir", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -65,6 +66,33 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; it replaces ``target`` only if the block succeeds.
+
+    For outputs that are folders of files (a chunk of predictions): a job killed half-way leaves a ``.tmp-*``
+    folder, never a ``target`` that looks complete. A full disk inside the block is re-raised as in
+    :func:`atomic_path`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            if _disk_full(exc) and str(target) not in str(exc):
+                raise _name_target(exc, target) from exc
+            raise
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:

@@ -26,9 +26,6 @@ while it builds the DAG.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mammoseg import __version__
+from mammoseg.data.manifest import bucket_of, files_of, read_manifest, rows_of_bucket
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.patches.geometry import (
     PatchLargerThanImage,
@@ -52,9 +50,7 @@ __all__ = [
     "PROVENANCE_COLUMNS",
     "SKIPPED_COLUMNS",
     "ROOT_ATTRIBUTES",
-    "MANIFEST_COLUMNS",
     "shard_of",
-    "shard_image_ids",
     "shard_input_files",
     "extract_shard",
     "read_table",
@@ -93,74 +89,25 @@ ROOT_ATTRIBUTES = (
     "n_shards", "compression", "image_compression",
 )
 #: manifest.csv columns extraction needs (docs/architecture.md)
-MANIFEST_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Shard assignment
+# Shard assignment: a shard is a bucket of images (mammoseg.data.manifest.bucket_of)
 # --------------------------------------------------------------------------------------------------------------
 
 
 def shard_of(image_id: str, n_shards: int) -> int:
-    """Shard index of an image: ``int(sha1(image_id)) % n_shards`` (stable across runs, platforms, Python versions).
-
-    Keyed by ``image_id`` so that every ROI of an image lands in the same shard.
-    """
-    if n_shards < 1:
-        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    return int(hashlib.sha1(str(image_id).encode("utf-8")).hexdigest(), 16) % int(n_shards)
-
-
-_INTEGER = re.compile(r"-?\d+")
-
-
-def _read_manifest(manifest_csv: str | Path) -> list[dict[str, str]]:
-    """The rows of a restructured collection's manifest.csv as dicts of strings, checked.
-
-    The csv module, not pandas: a shard's few hundred rows parse in a tenth of the time, and the Snakefile calls
-    this for every shard while it builds the DAG. Every value stays a string (CBIS fields hold the literal
-    'NA'; ids must not become numbers).
-    """
-    manifest_csv = Path(manifest_csv)
-    try:
-        with open(manifest_csv, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, restval="")
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{manifest_csv}: cannot read manifest: {exc}") from exc
-    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{manifest_csv}: manifest lacks required column(s) {', '.join(missing)}")
-    bad_ids = [row["roi_id"] for row in rows if not _INTEGER.fullmatch(row["abnormality_id"])]
-    if bad_ids:
-        raise ValueError(f"{manifest_csv}: abnormality_id is not an integer for ROI(s) {', '.join(bad_ids[:5])}")
-    seen: set[str] = set()
-    duplicated = [row["roi_id"] for row in rows if row["roi_id"] in seen or seen.add(row["roi_id"])]
-    if duplicated:
-        raise ValueError(f"{manifest_csv}: duplicated roi_id(s) {', '.join(duplicated[:5])}")
-    return rows
-
-
-def _rows_of_shard(rows: list[dict[str, str]], shard_index: int, n_shards: int) -> list[dict[str, str]]:
-    """The manifest rows whose image belongs to the shard."""
-    return [row for row in rows if shard_of(row["image_id"], n_shards) == shard_index]
-
-
-def shard_image_ids(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
-    """Sorted image ids of ``manifest_csv`` that belong to shard ``shard_index``."""
-    return sorted({row["image_id"] for row in _rows_of_shard(_read_manifest(manifest_csv), shard_index, n_shards)})
+    """Shard of an image: ``bucket_of(image_id, n_shards)``, so every ROI of an image lands in the same shard."""
+    return bucket_of(image_id, n_shards)
 
 
 def shard_input_files(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
-    """Image and mask files a shard is built from (absolute, sorted): the Snakefile's per-shard inputs.
+    """Image and mask files a shard is built from (absolute, sorted): the shard rule's inputs.
 
     Declaring these as a shard's inputs makes Snakemake rebuild only the shard of a changed image.
     """
-    base = Path(manifest_csv).resolve().parent
-    mine = _rows_of_shard(_read_manifest(manifest_csv), shard_index, n_shards)
-    files = {row["image_path"] for row in mine} | {row["mask_path"] for row in mine}
-    return sorted(str(base / f) for f in files)
+    mine = rows_of_bucket(read_manifest(manifest_csv), shard_index, n_shards)
+    return files_of(mine, Path(manifest_csv).resolve().parent)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,7 +409,7 @@ def extract_shard(
         raise ValueError(f"shard_index {shard_index} must be in [0, {n_shards})")
     manifest_csv = Path(manifest_csv)
     base = manifest_csv.resolve().parent
-    mine = _rows_of_shard(_read_manifest(manifest_csv), shard_index, n_shards)
+    mine = rows_of_bucket(read_manifest(manifest_csv), shard_index, n_shards)
     # sorted so that the file does not depend on the manifest's row order
     records = sorted(mine, key=lambda row: (row["image_id"], row["roi_id"]))
     groups: dict[str, list[dict]] = {}
@@ -614,37 +561,48 @@ def render_grid(shard_path: str | Path, out_png: str | Path, n: int = 16) -> dic
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _patch_section(config: dict) -> dict:
-    from mammoseg.config import validate_config
+def run_extract(plan: str | Path, manifest_csv: str | Path, out_path: str | Path, shard_index: int, *,
+                compression: str = "lzf", image_compression: str = "none") -> dict[str, Any]:  # fmt: skip
+    """Stage ``extract`` for one shard: geometry and sampling from ``plan.json``, storage filters as given.
 
-    return validate_config(config)["patches"]
+    The shard's ``config_hash`` attribute is the plan's patches key, so a shard can be traced to its settings.
+    """
+    from mammoseg.config.plan import read_plan
 
-
-def run_extract(config: dict, manifest_csv: str | Path, out_path: str | Path, shard_index: int) -> dict[str, Any]:
-    """Stage ``extract`` for one shard: parameters from ``config['patches']`` (defaults filled in)."""
-    from mammoseg.config import section_hash
-
-    section = _patch_section(config)
-    return extract_shard(
-        manifest_csv, out_path, shard_index=int(shard_index), n_shards=section["n_shards"], n=section["n"],
-        downscale=section["downscale"], n_shifted=section["n_shifted"], max_shift=section["max_shift"],
-        seed=section["seed"], config_hash=section_hash(section),
-        compression=section["compression"], image_compression=section["image_compression"],
-        n_negative=section["n_negative"],
-        negative_min_mean=section["negative_min_mean"],
+    p = read_plan(plan)
+    summary = extract_shard(
+        manifest_csv, out_path, shard_index=int(shard_index), n_shards=p.n_shards, n=p.n, downscale=p.downscale,
+        n_shifted=p.n_shifted, max_shift=p.max_shift, seed=p.seed, config_hash=p.patches_key,
+        compression=compression, image_compression=image_compression, n_negative=p.n_negative,
+        negative_min_mean=p.negative_min_mean,
     )
+    print(f"shard {shard_index}/{p.n_shards}: {summary['n_patches']} patches of {summary['n_rois']} ROIs in "
+          f"{summary['n_images']} images, {summary['n_skipped']} ROIs skipped {summary['skipped_reasons']} "
+          f"({summary['seconds']} s) -> {out_path}")
+    return summary
 
 
-def run_patch_manifest(config: dict, shard_paths: Iterable[str | Path], out_csv: str | Path,
-                       skipped_csv: str | Path) -> dict[str, Any]:
-    """Stage ``patch manifest``: checks every shard was built with this config, then writes both CSVs."""
-    from mammoseg.config import section_hash
+def run_patch_manifest(plan: str | Path, shard_paths: Iterable[str | Path], out_csv: str | Path,
+                       skipped_csv: str | Path, grid_png: str | Path | None = None) -> dict[str, Any]:
+    """Stage ``patch manifest``: checks every shard belongs to the plan, writes both CSVs (and a patch grid)."""
+    from mammoseg.config.plan import read_plan
+    from mammoseg.errors import InputError
 
-    expected = section_hash(_patch_section(config))
+    expected = read_plan(plan).patches_key
     shard_paths = list(shard_paths)
     for path in shard_paths:
         found = read_shard_attributes(path).get("config_hash")
         if found != expected:
-            raise ValueError(f"{path}: built with config hash {found!r}, the current 'patches' config is {expected!r};"
-                             " re-run extraction")
-    return write_patch_manifest(shard_paths, out_csv, skipped_csv)
+            raise InputError(f"{path}: built for patches {found!r}, not for this plan's {expected!r}; re-run "
+                             "extraction")
+    summary = write_patch_manifest(shard_paths, out_csv, skipped_csv)
+    if grid_png is not None:
+        render_grid(max(shard_paths, key=_patch_count), grid_png, n=16)
+    return summary
+
+
+def _patch_count(shard_path: str | Path) -> int:
+    import h5py
+
+    with h5py.File(shard_path, "r") as h5:
+        return int(h5["images"].shape[0])

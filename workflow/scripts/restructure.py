@@ -1,0 +1,10 @@
+"""Rule restructure: index the download and restructure one collection (mammoseg.data.restructure)."""
+
+from pathlib import Path
+
+from mammoseg.data.restructure import run_restructure
+from mammoseg.jobs import logged_job
+
+with logged_job(snakemake):
+    run_restructure(snakemake.config, snakemake.params.source, Path(snakemake.output.manifest).parent,
+                    snakemake.wildcards.split)
