@@ -304,3 +304,142 @@ def test_inputs_are_checked():
         _candidates(prob, [], candidate_threshold=0.0)
     empty = _candidates(prob, [])
     assert (empty.candidates, empty.lesions, empty.fp_scores.size) == ([], [], 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bootstrap
+# --------------------------------------------------------------------------------------------------------------
+def _random_records(seed, n_images):
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(n_images):
+        n_lesions = int(rng.integers(0, 3))
+        fp, hits = _random_scores(rng, int(rng.integers(0, 6)), n_lesions, p_miss=0.3)
+        duplicates = rng.integers(1, 256, size=int(rng.integers(0, 2))) / 255.0
+        inter = int(rng.integers(0, 500))
+        records.append(froc.ImageRecord(
+            n_lesions=n_lesions, detected=int(rng.integers(0, n_lesions + 1)),
+            false_positives=int(rng.integers(0, 4)), intersection=inter, union=inter + int(rng.integers(0, 500)),
+            candidate_scores=tuple(fp) + tuple(hits[hits > 0]) + tuple(duplicates),
+            candidate_false_positive=(True,) * fp.size + (False,) * int(np.sum(hits > 0) + duplicates.size),
+            lesion_hit_scores=tuple(hits)))
+    return records
+
+
+def _pooled_statistics(records):
+    """The statistics of one resample, from the copies of its images pooled, with the reference FROC."""
+    fp = [s for rec in records for s, is_fp in zip(rec.candidate_scores, rec.candidate_false_positive) if is_fp]
+    hits = [s for rec in records for s in rec.lesion_hit_scores]
+    n_lesions = sum(rec.n_lesions for rec in records)
+    inter, union = sum(rec.intersection for rec in records), sum(rec.union for rec in records)
+    fppi, sens = reference_froc_curve_data(fp, hits, n_lesions, len(records))
+    values, cpm = reference_froc_score(fppi, sens, LUNA16_POINTS)
+    return {"tpr": sum(rec.detected for rec in records) / n_lesions,
+            "fppi": sum(rec.false_positives for rec in records) / len(records),
+            "tpr_at_1_fppi": values[3], "cpm": cpm, "pooled_dice": 2 * inter / (inter + union)}
+
+
+@pytest.mark.parametrize("groups", [None, "patients"])
+def test_replicates_equal_the_statistics_of_the_pooled_copies(groups):
+    records = _random_records(3, 30)
+    patient_ids = [f"p{i // 3}" for i in range(30)] if groups else None
+    weights = froc.resample_weights(30, 8, seed=11, groups=patient_ids)
+    replicates = froc.bootstrap_replicates(records, weights)
+    for r, row in enumerate(weights):
+        copies = [rec for rec, w in zip(records, row) for _ in range(w)]
+        for name, value in _pooled_statistics(copies).items():
+            assert replicates[name][r] == pytest.approx(value, rel=1e-12), name
+
+
+def test_estimates_are_the_statistics_of_all_images():
+    records = _random_records(5, 40)
+    result = froc.bootstrap_intervals(records, n_resamples=10, seed=0)
+    for name, value in _pooled_statistics(records).items():
+        assert result[name]["estimate"] == pytest.approx(value, rel=1e-12), name
+    dice, _ = metrics.pooled_dice_iou([r.intersection for r in records], [r.union for r in records])
+    assert result["pooled_dice"]["estimate"] == pytest.approx(dice, rel=1e-12)
+
+
+def test_bootstrap_is_reproducible_with_a_seed():
+    records = _random_records(1, 50)
+    first = froc.bootstrap_intervals(records, n_resamples=200, seed=42)
+    assert froc.bootstrap_intervals(records, n_resamples=200, seed=42) == first
+    assert froc.bootstrap_intervals(records, n_resamples=200, seed=43) != first
+    as_dicts = [rec.as_dict() for rec in records]  # records read back from JSON give the same intervals
+    assert froc.bootstrap_intervals(as_dicts, n_resamples=200, seed=42) == first
+
+
+def test_interval_contains_the_estimate():
+    result = froc.bootstrap_intervals(_random_records(2, 200), n_resamples=500, seed=7)
+    for name, row in result.items():
+        assert row["low"] <= row["estimate"] <= row["high"], name
+        assert row["low"] < row["high"], name
+        assert row["defined"] == 500
+
+
+def test_identical_images_give_zero_width_intervals():
+    # two lesions (one hit, one missed), two false positives and a duplicate
+    record = froc.ImageRecord(n_lesions=2, detected=1, false_positives=2, intersection=40, union=90,
+                              candidate_scores=(0.7, 0.5, 0.2, 0.6),
+                              candidate_false_positive=(False, True, True, False),
+                              lesion_hit_scores=(0.7, 0.0))
+    result = froc.bootstrap_intervals([record] * 25, n_resamples=100, seed=0)
+    for name, row in result.items():
+        assert row["low"] == row["estimate"] == row["high"], name
+
+
+def test_patient_resampling_keeps_a_patients_images_together():
+    groups = ["a", "a", "b", "c", "c", "c", "d"]
+    weights = froc.resample_weights(7, 300, seed=1, groups=groups)
+    np.testing.assert_array_equal(weights[:, 0], weights[:, 1])
+    np.testing.assert_array_equal(weights[:, 3], weights[:, 4])
+    np.testing.assert_array_equal(weights[:, 3], weights[:, 5])
+    # 4 patients drawn per resample, each bringing all its images
+    np.testing.assert_array_equal(weights[:, [0, 2, 3, 6]].sum(axis=1), 4)
+    assert len({tuple(row) for row in weights}) > 1
+
+
+def test_patient_clusters_change_the_interval():
+    # every patient: one image with its lesion detected, one with it missed -> TPR 0.5 in every patient resample
+    detected = froc.ImageRecord(1, 1, 0, 10, 12, (0.9,), (False,), (0.9,))
+    missed = froc.ImageRecord(1, 0, 1, 0, 10, (0.4,), (True,), (0.0,))
+    records = [detected, missed] * 20
+    patients = [i // 2 for i in range(40)]
+    by_patient = froc.bootstrap_intervals(records, n_resamples=300, seed=3, groups=patients)
+    by_image = froc.bootstrap_intervals(records, n_resamples=300, seed=3)
+    assert by_patient["tpr"]["low"] == by_patient["tpr"]["high"] == 0.5
+    assert by_image["tpr"]["low"] < 0.5 < by_image["tpr"]["high"]
+
+
+def test_image_weights_draw_n_images_per_resample():
+    weights = froc.resample_weights(9, 50, seed=0)
+    assert weights.shape == (50, 9) and (weights.sum(axis=1) == 9).all() and (weights >= 0).all()
+
+
+def test_no_resamples_gives_estimates_only():
+    result = froc.bootstrap_intervals(_random_records(0, 10), n_resamples=0, seed=0)
+    assert all(np.isnan(row["low"]) and np.isnan(row["high"]) and row["defined"] == 0 for row in result.values())
+    assert all(np.isfinite(row["estimate"]) for row in result.values())
+
+
+def test_resamples_without_lesions_are_left_out_of_tpr_percentiles():
+    with_lesion = froc.ImageRecord(1, 1, 0, 5, 5, (0.8,), (False,), (0.8,))
+    without = froc.ImageRecord(0, 0, 1, 0, 3, (0.3,), (True,), ())
+    result = froc.bootstrap_intervals([with_lesion, without], n_resamples=400, seed=0)
+    # a resample draws `without` twice with probability 1/4
+    assert 250 < result["tpr"]["defined"] < 350
+    assert result["fppi"]["defined"] == 400
+
+
+def test_record_from_candidates_round_trips_through_json_dicts():
+    shape = (30, 30)
+    prob = np.zeros(shape, dtype=np.uint8)
+    prob[2:6, 2:6] = 90
+    prob[20:25, 20:25] = 210
+    found = _candidates(prob, [_box(shape, 2, 2, 6, 6), _box(shape, 10, 10, 12, 12)])
+    record = froc.ImageRecord.from_candidates(found, detected=1, false_positives=1, intersection=16, union=41)
+    assert record.n_lesions == 2 and record.lesion_hit_scores == (90 / 255, 0.0)
+    assert record.fp_scores.tolist() == [210 / 255]
+    assert froc.ImageRecord.from_dict(record.as_dict()) == record
+    with pytest.raises(ValueError, match="lesion hit scores"):
+        froc.ImageRecord(2, 0, 0, 0, 0, (), (), (0.0,))

@@ -1,4 +1,4 @@
-"""Standard FROC over candidate scores and the LUNA16 CPM (NumPy, and scikit-image through
+"""Standard FROC over candidate scores, the LUNA16 CPM and bootstrap intervals (NumPy, and scikit-image through
 :mod:`metrics`: never imports TensorFlow or torch).
 
 The threshold sweep of :mod:`mammoseg.evaluation.metrics` (``froc_points`` / ``tpr_at_fppi``) binarises the map at
@@ -34,14 +34,21 @@ Conventions (stated once here, and tested in ``tests/test_froc.py``):
 * **CPM** (:func:`cpm`, the Competition Performance Metric of Niemeijer et al., IEEE TMI 30(2), 2011, used by
   LUNA16, Setio et al., Med. Image Anal. 42, 2017): the mean sensitivity at the seven FPPI points
   1/8, 1/4, 1/2, 1, 2, 4, 8 (:data:`FPPI_POINTS`).
+* **Bootstrap** (:func:`bootstrap_intervals`): percentile intervals (2.5th and 97.5th percentiles, NumPy's linear
+  interpolation) over resamples of images with replacement, or of whole patients when ``groups`` are given (all
+  images of a drawn patient enter together; the number of images per resample then varies, and FPPI divides by
+  it). A statistic undefined in a resample (no lesion drawn: TPR, TPR at 1 FPPI, CPM) is left out of its
+  percentiles; ``defined`` says in how many resamples it was defined.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
 from mammoseg.evaluation import metrics
 
 __all__ = [
@@ -53,6 +60,11 @@ __all__ = [
     "sensitivity_at_fppi",
     "cpm",
     "operating_points",
+    "ImageRecord",
+    "BOOTSTRAP_STATISTICS",
+    "resample_weights",
+    "bootstrap_replicates",
+    "bootstrap_intervals",
 ]
 
 #: FPPI points of the CPM (LUNA16): 1/8, 1/4, 1/2, 1, 2, 4, 8 false positives per image.
@@ -356,3 +368,204 @@ def operating_points(curve: FrocCurve) -> list[dict]:
         for t, d, f, s, x in zip(curve.score_thresholds, curve.detected, curve.false_positives,
                                  curve.sensitivity, curve.fppi)
     ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bootstrap
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the bootstrap needs of one image: everything resampled statistics are recomputed from.
+
+    Attributes
+    ----------
+    n_lesions : int, lesions of the image
+    detected, false_positives : int, lesions detected and false-positive components at the configured operating
+        threshold (:func:`metrics.match_lesions` on the binarised map)
+    intersection, union : int, pixels of |P∩G| and |P∪G| at the operating threshold (for the pooled Dice)
+    candidate_scores : tuple of float (n_candidates,), the score of every candidate
+    candidate_false_positive : tuple of bool (n_candidates,), whether each candidate is a false positive
+    lesion_hit_scores : tuple of float (n_lesions,), 0.0 for a missed lesion
+    """
+
+    n_lesions: int
+    detected: int
+    false_positives: int
+    intersection: int
+    union: int
+    candidate_scores: tuple[float, ...]
+    candidate_false_positive: tuple[bool, ...]
+    lesion_hit_scores: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.candidate_scores) != len(self.candidate_false_positive):
+            raise ValueError(f"{len(self.candidate_scores)} candidate scores but "
+                             f"{len(self.candidate_false_positive)} false-positive flags")
+        if len(self.lesion_hit_scores) != self.n_lesions:
+            raise ValueError(f"{len(self.lesion_hit_scores)} lesion hit scores for {self.n_lesions} lesions")
+
+    @property
+    def fp_scores(self) -> np.ndarray:
+        """Scores of the false-positive candidates, float64 (n_fp,)."""
+        scores = np.asarray(self.candidate_scores, dtype=np.float64)
+        return scores[np.asarray(self.candidate_false_positive, dtype=bool)]
+
+    @classmethod
+    def from_candidates(cls, found: ImageCandidates, *, detected: int, false_positives: int, intersection: int,
+                        union: int) -> "ImageRecord":
+        """Record from :func:`image_candidates` and the operating-threshold numbers of the same image."""
+        return cls(
+            n_lesions=len(found.lesions), detected=int(detected), false_positives=int(false_positives),
+            intersection=int(intersection), union=int(union),
+            candidate_scores=tuple(c["score"] for c in found.candidates),
+            candidate_false_positive=tuple(c["false_positive"] for c in found.candidates),
+            lesion_hit_scores=tuple(les["hit_score"] for les in found.lesions),
+        )
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict (lists for the tuples); :meth:`from_dict` reads it back."""
+        return {
+            "n_lesions": self.n_lesions, "detected": self.detected, "false_positives": self.false_positives,
+            "intersection": self.intersection, "union": self.union,
+            "candidate_scores": list(self.candidate_scores),
+            "candidate_false_positive": list(self.candidate_false_positive),
+            "lesion_hit_scores": list(self.lesion_hit_scores),
+        }
+
+    @classmethod
+    def from_dict(cls, row: Mapping) -> "ImageRecord":
+        return cls(
+            n_lesions=int(row["n_lesions"]), detected=int(row["detected"]),
+            false_positives=int(row["false_positives"]), intersection=int(row["intersection"]),
+            union=int(row["union"]), candidate_scores=tuple(float(s) for s in row["candidate_scores"]),
+            candidate_false_positive=tuple(bool(f) for f in row["candidate_false_positive"]),
+            lesion_hit_scores=tuple(float(s) for s in row["lesion_hit_scores"]),
+        )
+
+
+#: Statistics of :func:`bootstrap_replicates` / :func:`bootstrap_intervals`.
+BOOTSTRAP_STATISTICS = ("tpr", "fppi", "tpr_at_1_fppi", "cpm", "pooled_dice")
+
+
+def resample_weights(n_images: int, n_resamples: int, seed: int,
+                     groups: Sequence | None = None) -> np.ndarray:
+    """How often each image enters each bootstrap resample.
+
+    Parameters
+    ----------
+    n_images : int >= 1
+    n_resamples : int >= 0
+    seed : int, for ``np.random.default_rng``
+    groups : optional, (n_images,) cluster id (patient) of each image; when given, ``n_groups`` clusters are drawn
+        with replacement and each drawn cluster brings all its images
+
+    Returns
+    -------
+    int64 (n_resamples, n_images); with ``groups``, images of one cluster have equal columns
+    """
+    if n_images < 1:
+        raise ValueError("the bootstrap needs at least one image")
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws = rng.integers(0, n_images, size=(n_resamples, n_images))
+        return _row_counts(draws, n_images)
+    if len(groups) != n_images:
+        raise ValueError(f"{len(groups)} group ids for {n_images} images")
+    _, group_of_image = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(group_of_image.max()) + 1
+    group_weights = _row_counts(rng.integers(0, n_groups, size=(n_resamples, n_groups)), n_groups)
+    return group_weights[:, group_of_image]
+
+
+def _row_counts(draws: np.ndarray, n_values: int) -> np.ndarray:
+    """Per row of ``draws`` (int (rows, k) in [0, n_values)), how often each value occurs: int64 (rows, n_values)."""
+    rows = draws.shape[0]
+    flat = (np.arange(rows)[:, None] * n_values + draws).ravel()
+    return np.bincount(flat, minlength=rows * n_values).reshape(rows, n_values).astype(np.int64)
+
+
+def _score_histograms(records: Sequence[ImageRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores of all images and, per image, how many FP scores and hit scores equal each.
+
+    Returns
+    -------
+    (values float64 (n_values,), fp_hist float64 (n_images, n_values), hit_hist float64 (n_images, n_values))
+    """
+    fp = [rec.fp_scores for rec in records]
+    hits = [np.asarray(rec.lesion_hit_scores, dtype=np.float64) for rec in records]
+    arrays = fp + hits  # rows 0..n-1: false positives of each image; n..2n-1: hit scores
+    values, inverse = np.unique(np.concatenate(arrays + [np.zeros(0)]), return_inverse=True)
+    owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
+    hist = np.bincount(owner * values.size + inverse, minlength=len(arrays) * values.size)
+    hist = hist.reshape(len(arrays), values.size).astype(np.float64)
+    return values, hist[: len(records)], hist[len(records):]
+
+
+def bootstrap_replicates(records: Sequence[ImageRecord], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every statistic of :data:`BOOTSTRAP_STATISTICS` on each weighted resample of the images.
+
+    A resample with weights w (w_i copies of image i) is scored as the pooled data of those copies: TPR =
+    Σw·detected / Σw·n_lesions, FPPI = Σw·false_positives / Σw, pooled Dice = 2Σw·∩ / (Σw·∩ + Σw·∪) (1.0 when
+    Σw·∪ = 0, as :func:`metrics.pooled_dice_iou`), and the FROC curve of the pooled candidate scores, from which
+    TPR at 1 FPPI (:func:`sensitivity_at_fppi`) and the CPM.
+
+    Parameters
+    ----------
+    records : (n_images,) image records
+    weights : int or float (n_resamples, n_images), non-negative whole numbers; a row of ones is the sample itself
+
+    Returns
+    -------
+    dict statistic -> float64 (n_resamples,); NaN where undefined (no lesion or no image in the resample)
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != len(records):
+        raise ValueError(f"weights must have shape (n_resamples, {len(records)}), got {weights.shape}")
+    column = {name: np.array([getattr(rec, name) for rec in records], dtype=np.float64)
+              for name in ("n_lesions", "detected", "false_positives", "intersection", "union")}
+    lesions, images = weights @ column["n_lesions"], weights.sum(axis=1)
+    inter, union = weights @ column["intersection"], weights @ column["union"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pooled_dice = np.where(union == 0, 1.0, 2.0 * inter / (inter + union))
+    values, fp_hist, hit_hist = _score_histograms(records)
+    fp_totals, hit_totals = weights @ fp_hist, weights @ hit_hist
+    sensitivities = np.full((weights.shape[0], len(FPPI_POINTS)), np.nan)
+    for r in range(weights.shape[0]):
+        if lesions[r] > 0 and images[r] > 0:
+            _, false_positives, detected = _curve_counts(values, fp_totals[r], hit_totals[r])
+            sensitivities[r] = sensitivity_at_fppi(false_positives / images[r], detected / lesions[r])
+    return {
+        "tpr": _ratio(weights @ column["detected"], lesions),
+        "fppi": _ratio(weights @ column["false_positives"], images),
+        "tpr_at_1_fppi": sensitivities[:, FPPI_POINTS.index(1.0)],
+        "cpm": sensitivities.mean(axis=1),
+        "pooled_dice": pooled_dice,
+    }
+
+
+def bootstrap_intervals(records: Sequence[ImageRecord], n_resamples: int, seed: int,
+                        groups: Sequence | None = None) -> dict[str, dict]:
+    """Point estimates and 95% percentile bootstrap intervals of :data:`BOOTSTRAP_STATISTICS`.
+
+    Parameters
+    ----------
+    records : (n_images,) :class:`ImageRecord` (or dicts as written by :meth:`ImageRecord.as_dict`)
+    n_resamples : int >= 0; 0 gives the estimates with NaN bounds
+    seed : int; the same seed, records and groups give the same intervals
+    groups : optional (n_images,) patient id of each image; then whole patients are resampled
+
+    Returns
+    -------
+    dict statistic -> {``estimate`` (on all images), ``low``, ``high`` (2.5th / 97.5th percentiles of the
+    resamples where it is defined), ``defined`` (how many resamples that is), ``n_resamples``}
+    """
+    records = [rec if isinstance(rec, ImageRecord) else ImageRecord.from_dict(rec) for rec in records]
+    estimates = bootstrap_replicates(records, np.ones((1, len(records))))
+    replicates = bootstrap_replicates(records, resample_weights(len(records), n_resamples, seed, groups))
+    out = {}
+    for name in BOOTSTRAP_STATISTICS:
+        defined = replicates[name][~np.isnan(replicates[name])]
+        low, high = np.percentile(defined, [2.5, 97.5]) if defined.size else (math.nan, math.nan)
+        out[name] = {"estimate": float(estimates[name][0]), "low": float(low), "high": float(high),
+                     "defined": int(defined.size), "n_resamples": int(n_resamples)}
+    return out
