@@ -76,10 +76,12 @@ rule experiment_config:
         config=report(
             f"{EXPERIMENT}/config.yaml", caption="../report/config.rst", category="0. Configuration", labels={"file": "resolved configuration"}
         ),
-        keys=f"{EXPERIMENT}/keys.json",
+        stage_keys=f"{EXPERIMENT}/keys.json",
     params:
         config=config,
-        keys=KEYS.as_dict(),
+        stage_keys=KEYS.as_dict(),
+    conda:
+        "../../envs/evaluate.yaml"
     log:
         log_path("experiment_config", KEYS.experiment),
     benchmark:

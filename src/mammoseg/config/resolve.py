@@ -120,3 +120,13 @@ def _in_schema_order(value: Any, spec: Mapping[str, Any]) -> Any:
 def config_yaml(config: Mapping[str, Any]) -> str:
     """The configuration as YAML, keys in the schema's order (what ``mammoseg config show`` prints)."""
     return yaml.safe_dump(_in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
+
+
+def write_resolved(config: Mapping[str, Any], keys: Mapping[str, str], out_config: str | Path,
+                   out_keys: str | Path) -> None:  # fmt: skip
+    """Write a run's resolved configuration (YAML) and its stage keys (JSON) beside its results."""
+    from mammoseg.io.atomic import write_json_atomic, write_text_atomic
+
+    header = "# The resolved configuration of this experiment (mammoseg config show prints the same).\n"
+    write_text_atomic(out_config, header + config_yaml(config))
+    write_json_atomic(out_keys, dict(keys))

@@ -101,7 +101,7 @@ def section_hash(*sections: Any) -> str:
 
 def config_reference_markdown() -> str:
     """The README's configuration reference, generated from the schema (a test keeps the two in sync)."""
-    schema = schema()
+    spec_tree = schema()
     lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
 
     def allowed(spec: dict) -> str:
@@ -111,7 +111,7 @@ def config_reference_markdown() -> str:
         bounds = [f"{symbol} {spec[key]}" for key, symbol in symbols.items() if key in spec]
         return " ".join([spec.get("type", ""), *bounds])
 
-    for name, spec in schema["properties"].items():
+    for name, spec in spec_tree["properties"].items():
         children = spec.get("properties")
         if not children:
             lines.append(f"| `{name}` | {allowed(spec)} | `{spec.get('default')}` | {spec.get('description', '')} |")

@@ -6,13 +6,13 @@ stage and the summaries only. Never imports TensorFlow. Metric definitions and c
 
 Per image (:func:`evaluate_image`), at the configured ``infer.threshold`` and for each ``min_area`` variant (0 = as
 predicted; plus ``evaluate.min_area`` when > 0): pixel counts, Dice/IoU over the whole image and "at lesions",
-lesion rows and false-positive component rows; and for the FROC, per threshold of
-:func:`mammoseg.evaluation.metrics.froc_threshold_grid` and variant: detected lesions, FP components, TP/FP/FN pixels.
-The overlay shows the prediction as made (no ``min_area`` filtering).
+lesion rows and false-positive component rows; and for the FROC, the candidates of the probability map (components
+at or above ``evaluate.candidate_threshold``, scored by their maximum probability; :mod:`.froc`) with the lesion
+each is credited to. The overlay shows the prediction as made (no ``min_area`` filtering).
 
-All pixel work is done inside the bounding box of (probability > 0 at the lowest threshold) ∪ ground truth:
-outside it the prediction is empty at every threshold and there is no lesion, so only true negatives are
-skipped, and they are added back from the image size.
+The operating-threshold work is done inside the bounding box of (prediction at the threshold) ∪ ground truth:
+outside it the prediction is empty and there is no lesion, so only true negatives are skipped, and they are added
+back from the image size.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mammoseg.errors import InputError
-from mammoseg.evaluation import metrics
+from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import make_overlay, write_overlay
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_dir, atomic_path, write_json_atomic
@@ -94,32 +94,33 @@ def _offset(rows: list[dict], dr: int, dc: int, keys_r: Sequence[str], keys_c: S
     return rows
 
 
-def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], eval_cfg: dict, threshold: float) -> dict:
+def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: Mapping[str, Any],
+                    threshold: float) -> dict:  # fmt: skip
     """All per-image numbers from a uint8 probability map and the lesion masks (no files).
 
     Parameters
     ----------
     prob : uint8 (rows, cols), probability × 255
     lesions : bool masks (rows, cols), one per lesion, none empty
-    eval_cfg : the ``evaluate`` config section; threshold : the operating threshold (``infer.threshold``)
+    evaluate : the ``evaluate`` config section; threshold : the operating threshold (``infer.threshold``)
 
     Returns
     -------
-    dict with ``results`` (one per min_area variant: pixel metrics, at-lesion metrics, lesion and FP
-    component rows, in full-image coordinates) and ``froc`` (one row per threshold × variant).
+    dict with ``results`` (one per min_area variant, at the operating threshold: pixel metrics, at-lesion
+    metrics, lesion and false-positive component rows, in full-image coordinates), ``candidates`` and
+    ``lesion_hits`` (the FROC candidates of :func:`mammoseg.evaluation.froc.image_candidates`) and ``record``
+    (what the bootstrap needs, :class:`mammoseg.evaluation.froc.ImageRecord`).
     """
     shape = prob.shape
     total = int(prob.size)
     truth_full = np.zeros(shape, dtype=bool)
     for lesion in lesions:
         truth_full |= lesion
-    grid = metrics.froc_threshold_grid(int(eval_cfg["froc_thresholds"]))
-    lowest = min(metrics.threshold_level(float(grid.min())), metrics.threshold_level(threshold))
-    box = _active_box(prob, lowest, truth_full)
+    box = _active_box(prob, metrics.threshold_level(threshold), truth_full)
     dr, dc = box[0].start, box[1].start
     prob_c, truth = prob[box], truth_full[box]
     lesions_c = [lesion[box] for lesion in lesions]
-    rule, tau = eval_cfg["match"], float(eval_cfg["iou_threshold"])
+    rule, tau = evaluate["match"], float(evaluate["iou_threshold"])
 
     def counts(pred: np.ndarray, gt: np.ndarray) -> metrics.PixelCounts:
         c = metrics.pixel_counts(pred, gt)
@@ -127,7 +128,7 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], eval_cfg: d
 
     results = []
     raw = metrics.binarise(prob_c, threshold)
-    for min_area in _variants(int(eval_cfg["min_area"])):
+    for min_area in _variants(int(evaluate["min_area"])):
         pred = metrics.remove_small_components(raw, min_area)
         match = metrics.match_lesions(pred, lesions_c, rule=rule, iou_threshold=tau)
         results.append({
@@ -140,16 +141,14 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], eval_cfg: d
             "fp_components": _offset([c for c in match.components if c["false_positive"]], dr, dc,
                                      ["row0", "row1", "centroid_row"], ["col0", "col1", "centroid_col"]),
         })
-    froc = []
-    for t in grid:  # one labelling per threshold; the min_area variant filters those labels
-        labels, count = metrics.label_components(metrics.binarise(prob_c, float(t)))
-        for min_area in _variants(int(eval_cfg["min_area"])):
-            kept, kept_count = metrics.filter_components(labels, count, min_area)
-            match = metrics.match_labels(kept, kept_count, lesions_c, rule, tau, details=False)
-            c = counts(kept > 0, truth)
-            froc.append({"threshold": float(t), "min_area": min_area, "detected": match.n_detected,
-                         "false_positives": match.n_false_positives, "tp": c.tp, "fp": c.fp, "fn": c.fn})
-    return {"results": results, "froc": froc}
+    found = froc.image_candidates(prob, lesions, candidate_threshold=float(evaluate["candidate_threshold"]),
+                                  match=rule, iou_threshold=tau)
+    as_predicted = results[0]
+    record = froc.ImageRecord.from_candidates(
+        found, detected=as_predicted["detected"], false_positives=as_predicted["false_positives"],
+        intersection=as_predicted["pixel"]["intersection"], union=as_predicted["pixel"]["union"])
+    return {"results": results, "candidates": found.candidates, "lesion_hits": found.lesions,
+            "record": record.as_dict()}
 
 
 def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Mapping[str, str]], base: Path,
@@ -236,4 +235,17 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
                 log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
                     f"{payload['results'][0]['false_positives']} false positives")
             payloads.append(payload)
+    return payloads
+
+
+def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, chunk: int,
+                       config: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """Stage ``evaluate_chunk``: :func:`evaluate_chunk` for chunk ``chunk`` of ``manifest``, with the resolved
+    configuration's ``infer.threshold``, ``infer.n_chunks`` and ``evaluate`` settings."""
+    from mammoseg.data.manifest import read_manifest, rows_of_bucket
+
+    rows = rows_of_bucket(read_manifest(manifest), chunk, config["infer"]["n_chunks"])
+    payloads = evaluate_chunk(prediction_dir, rows, Path(manifest).parent, out_dir,
+                              threshold=float(config["infer"]["threshold"]), evaluate=config["evaluate"])
+    print(f"chunk {chunk}: {sum(p['status'] == 'evaluated' for p in payloads)} images evaluated -> {out_dir}")
     return payloads

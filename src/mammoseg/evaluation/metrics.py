@@ -234,8 +234,10 @@ class LesionMatch:
 
 
 def _centroid(mask: np.ndarray) -> tuple[int, int]:
+    """The centroid pixel, halves rounded up (``floor(x + 0.5)``): Python's ``round`` rounds halves to even, which
+    made the centroid, and so the centroid rule, depend on the offset of a crop."""
     rows, cols = np.nonzero(mask)
-    return int(round(float(rows.mean()))), int(round(float(cols.mean())))
+    return int(math.floor(float(rows.mean()) + 0.5)), int(math.floor(float(cols.mean()) + 0.5))
 
 
 def _component_rows(labels: np.ndarray, count: int, areas: np.ndarray) -> dict[int, dict]:
@@ -311,7 +313,7 @@ def match_labels(
             "detected": bool(hits), "detected_by": hits,
         })
     result.n_false_positives = int(count - np.count_nonzero(matched[1:]))
-    if details:
+    if details and count:  # find_objects cannot take an empty label array
         for k, geometry in _component_rows(labels, count, areas).items():
             result.components.append({
                 "component": k, "area": int(areas[k]), **geometry, "best_iou": float(best_iou_of_component[k]),

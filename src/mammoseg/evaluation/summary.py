@@ -1,150 +1,41 @@
-"""The tables over all evaluated images of one image set (test, or out-of-fold): per image, per lesion, summary,
-FROC, and the line printed at the end of a run.
+"""The tables over all evaluated images of one image set (the test split, or the out-of-fold training images).
 
-Reads the per-image JSON files written by :mod:`mammoseg.evaluation.evaluate` (one folder per chunk). An image
-whose prediction failed is listed in ``per_image.csv`` with its reason and counts in none of the figures.
+Reads the per-image JSON files of :mod:`mammoseg.evaluation.evaluate` (one folder per chunk) and writes:
+
+``per_image.csv``   one row per image and ``min_area`` variant at the operating threshold; images whose prediction
+                    failed are listed with ``status`` and ``reason`` and count in no figure
+``lesions.csv``     one row per lesion and per false-positive component at the operating threshold
+``candidates.csv``  one row per FROC candidate: image, candidate, score, area, position, the lesion it is credited
+                    to (or none), false positive or duplicate; anyone can recompute the FROC from it
+``froc.csv``        the FROC curve over every distinct candidate score (:func:`mammoseg.evaluation.froc.froc_curve`)
+``summary.csv``     long format ``metric, value, ci_low, ci_high``: counts, TPR and FPPI and pooled/mean Dice and
+                    IoU at the operating threshold, TPR at 1/8 … 8 FPPI and the CPM, 95 % bootstrap intervals over
+                    patients (images when a patient is unknown) for TPR, FPPI, TPR at 1 FPPI, CPM and pooled Dice
+``froc.png``        the FROC curve, ``summary.txt`` the printed summary
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from mammoseg.errors import InputError
-from mammoseg.evaluation import metrics
+from mammoseg.evaluation import froc, metrics
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_text_atomic
 
-__all__ = ["FPPI_BUDGETS", "read_image_records", "summarise"]
+__all__ = ["PAPER_FIGURES", "read_image_records", "summarise", "run_summarise"]
 
-FPPI_BUDGETS = (0.5, 1.0, 2.0, 4.0)
-
-
-def _per_image_rows(records: list[dict], experiment: str, image_set: str) -> list[dict]:
-    rows = []
-    for rec in records:
-        for res in rec["results"]:
-            pix, at = res["pixel"], res["at_lesions"]
-            rows.append({
-                "experiment": experiment, "image_set": image_set, "image_id": rec["image_id"],
-                "status": rec["status"], "min_area": res["min_area"],
-                "n_lesions": res["n_lesions"], "detected": res["detected"],
-                "false_positives": res["false_positives"],
-                **{k: pix[k] for k in ("tp", "fp", "fn", "tn", "intersection", "union", "dice", "iou")},
-                "at_lesions_intersection": at["intersection"], "at_lesions_union": at["union"],
-                "dice_at_lesions": at["dice"], "iou_at_lesions": at["iou"],
-            })
-    return rows
-
-
-def _lesion_rows(records: list[dict], experiment: str, image_set: str) -> list[dict]:
-    rows = []
-    for rec in records:
-        for res in rec["results"]:
-            for les in res["lesions"]:
-                rows.append({
-                    "experiment": experiment, "image_set": image_set, "kind": "lesion", "image_id": rec["image_id"],
-                    "roi_id": les.get("roi_id", ""), "min_area": res["min_area"], "area": les["area"],
-                    "centroid_row": les["centroid_row"], "centroid_col": les["centroid_col"],
-                    "best_iou": les["best_iou"], "detected": les["detected"],
-                })
-            for comp in res["fp_components"]:
-                rows.append({
-                    "experiment": experiment, "image_set": image_set, "kind": "fp_component", "image_id": rec["image_id"],
-                    "roi_id": "", "min_area": res["min_area"], "area": comp["area"],
-                    "centroid_row": comp["centroid_row"], "centroid_col": comp["centroid_col"],
-                    "best_iou": comp["best_iou"], "detected": False,
-                    "row0": comp["row0"], "col0": comp["col0"], "row1": comp["row1"], "col1": comp["col1"],
-                })
-    return rows
-
-
-def _froc_rows(records: list[dict], experiment: str, image_set: str) -> list[dict]:
-    n_images = len(records)
-    table = pd.DataFrame([row for rec in records for row in rec["froc"]])
-    n_lesions = sum(rec["n_lesions"] for rec in records)
-    rows = []
-    for min_area, group in table.groupby("min_area", sort=True):
-        totals = group.groupby("threshold", sort=True)[["detected", "false_positives"]].sum()
-        for point in metrics.froc_points(totals.index.tolist(), totals["detected"].tolist(),
-                                         totals["false_positives"].tolist(), n_lesions, n_images):
-            rows.append({"experiment": experiment, "image_set": image_set, "min_area": int(min_area), **point,
-                         "n_lesions": n_lesions, "n_images": n_images})
-    return rows
-
-
-def _summary_rows(per_image: pd.DataFrame, froc: pd.DataFrame, experiment: str, image_set: str) -> list[dict]:
-    rows = []
-    for min_area, group in per_image.groupby("min_area", sort=True):
-        n_lesions = int(group["n_lesions"].sum())
-        pooled = metrics.pooled_dice_iou(group["intersection"], group["union"])
-        pooled_at = metrics.pooled_dice_iou(group["at_lesions_intersection"], group["at_lesions_union"])
-        values = {
-            "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
-            "false_positives": int(group["false_positives"].sum()),
-            "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
-            "fppi": group["false_positives"].sum() / len(group),
-            "pooled_dice": pooled[0], "pooled_iou": pooled[1],
-            "mean_dice": float(group["dice"].mean()), "mean_iou": float(group["iou"].mean()),
-            "pooled_dice_at_lesions": pooled_at[0], "pooled_iou_at_lesions": pooled_at[1],
-            "mean_dice_at_lesions": float(group["dice_at_lesions"].mean()),
-            "mean_iou_at_lesions": float(group["iou_at_lesions"].mean()),
-        }
-        points = froc[froc["min_area"] == min_area].to_dict("records")
-        for budget, tpr in metrics.tpr_at_fppi(points, FPPI_BUDGETS).items():
-            values[f"tpr_at_{budget:g}_fppi"] = tpr
-        rows += [{"experiment": experiment, "image_set": image_set, "min_area": int(min_area), "metric": k, "value": v}
-                 for k, v in values.items()]
-    return rows
-
-
-def _plot_froc(froc: pd.DataFrame, path: Path, label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for min_area, group in froc.groupby("min_area", sort=True):
-        group = group.sort_values(["fppi", "tpr"])
-        label = "as predicted" if min_area == 0 else f"components ≥ {min_area} px"
-        ax.plot(group["fppi"], group["tpr"], marker="o", markersize=3, drawstyle="steps-post", label=label)
-    for budget in FPPI_BUDGETS:
-        ax.axvline(budget, color="grey", linewidth=0.5, linestyle=":")
-    ax.set_xscale("symlog", linthresh=0.5)
-    # FPPI is never negative: without a left limit symlog shows a mirrored negative axis
-    ax.set_xlim(left=0, right=max(8.0, float(froc["fppi"].max()) * 1.2 if len(froc) else 8.0))
-    ax.set_xticks([0, 0.5, 1, 2, 4, 8] + ([16, 64, 256] if len(froc) and froc["fppi"].max() > 12 else []))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("false positives per image (FPPI)")
-    ax.set_ylabel("true positive rate (lesions detected)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"FROC: {label}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int) -> str:
-    lines = [f"mammoseg evaluation of {label}, {abnormality}"
-             + (f" ({n_failed} image(s) not predicted: see per_image.csv)" if n_failed else "")]
-    for min_area, group in summary.groupby("min_area", sort=True):
-        v = dict(zip(group["metric"], group["value"]))
-        tag = "as predicted" if min_area == 0 else f"components >= {min_area} px"
-        lines.append(
-            f"  [{tag}] images {v['n_images']:.0f}, lesions {v['n_lesions']:.0f}: TPR {v['tpr']:.3f} "
-            f"({v['detected']:.0f}/{v['n_lesions']:.0f}), FPPI {v['fppi']:.2f}; pooled Dice {v['pooled_dice']:.3f}, "
-            f"IoU {v['pooled_iou']:.3f}; at lesions Dice {v['pooled_dice_at_lesions']:.3f}, "
-            f"IoU {v['pooled_iou_at_lesions']:.3f}; mean Dice {v['mean_dice']:.3f}")
-        lines.append("    TPR at FPPI " + ", ".join(
-            f"{b:g}: {v[f'tpr_at_{b:g}_fppi']:.3f}" for b in FPPI_BUDGETS))
-    return "\n".join(lines)
+#: The paper's figures on the CBIS-DDSM mass test set (Marita et al.), printed beside a mass evaluation.
+PAPER_FIGURES = ("(paper, CBIS-DDSM mass test set: Dice 0.29 whole image / 0.70 at lesions, IoU 0.17 / 0.534, "
+                 "TPR 0.77 at 3.65 FPPI)")
+#: The bootstrap statistics with an interval in summary.csv, under their summary.csv names.
+_INTERVALS = {"tpr": "tpr", "fppi": "fppi", "tpr_at_1_fppi": "tpr_at_1_fppi", "cpm": "cpm",
+              "pooled_dice": "pooled_dice"}
 
 
 def read_image_records(chunk_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -159,40 +50,203 @@ def read_image_records(chunk_dirs: Sequence[str | Path]) -> list[dict[str, Any]]
     return sorted(records, key=lambda rec: rec["image_id"])
 
 
-def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,
-              abnormality: str, paper_figures: str = "") -> dict[str, Any]:  # fmt: skip
-    """Pool the per-image results of one image set into tables and the FROC plot; write and return the summary.
+def _per_image_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[dict]:
+    rows = []
+    for rec in records:
+        if rec["status"] != "evaluated":
+            rows.append({**tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""),
+                         "status": rec["status"], "reason": rec.get("reason", ""), "n_lesions": rec["n_lesions"]})
+            continue
+        for res in rec["results"]:
+            pix, at = res["pixel"], res["at_lesions"]
+            rows.append({
+                **tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""), "status": rec["status"],
+                "reason": "", "min_area": res["min_area"], "n_lesions": res["n_lesions"], "detected": res["detected"],
+                "false_positives": res["false_positives"],
+                **{k: pix[k] for k in ("tp", "fp", "fn", "tn", "intersection", "union", "dice", "iou")},
+                "at_lesions_intersection": at["intersection"], "at_lesions_union": at["union"],
+                "dice_at_lesions": at["dice"], "iou_at_lesions": at["iou"],
+            })
+    return rows
 
-    Writes ``per_image.csv``, ``lesions.csv``, ``summary.csv`` (long format: experiment, image_set, min_area,
-    metric, value), ``froc.csv``, ``froc.png`` and ``summary.txt`` (the printed summary) under ``out_dir``.
+
+def _lesion_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[dict]:
+    rows = []
+    for rec in records:
+        for res in rec["results"]:
+            for les in res["lesions"]:
+                rows.append({
+                    **tag, "kind": "lesion", "image_id": rec["image_id"], "roi_id": les.get("roi_id", ""),
+                    "min_area": res["min_area"], "area": les["area"], "centroid_row": les["centroid_row"],
+                    "centroid_col": les["centroid_col"], "best_iou": les["best_iou"], "detected": les["detected"],
+                })
+            for comp in res["fp_components"]:
+                rows.append({
+                    **tag, "kind": "fp_component", "image_id": rec["image_id"], "roi_id": "",
+                    "min_area": res["min_area"], "area": comp["area"], "centroid_row": comp["centroid_row"],
+                    "centroid_col": comp["centroid_col"], "best_iou": comp["best_iou"], "detected": False,
+                    "row0": comp["row0"], "col0": comp["col0"], "row1": comp["row1"], "col1": comp["col1"],
+                })
+    return rows
+
+
+CANDIDATE_COLUMNS = ("image_id", "candidate", "score", "area", "centroid_row", "centroid_col", "row0", "col0", "row1",
+                     "col1", "matched_roi", "false_positive", "duplicate")
+
+
+def _candidate_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[dict]:
+    rows = []
+    for rec in records:
+        roi_ids = {les["lesion"]: les.get("roi_id", "") for les in rec["results"][0]["lesions"]}
+        for cand in rec["candidates"]:
+            rows.append({**tag, **{k: cand[k] for k in CANDIDATE_COLUMNS if k in cand}, "image_id": rec["image_id"],
+                         "matched_roi": roi_ids.get(cand["matched_lesion"], "") if cand["matched_lesion"] >= 0 else ""})
+    return rows
+
+
+def _curve(records: Sequence[Mapping]) -> froc.FrocCurve:
+    fp_scores = [c["score"] for rec in records for c in rec["candidates"] if c["false_positive"]]
+    hit_scores = [les["hit_score"] for rec in records for les in rec["lesion_hits"]]
+    n_lesions = sum(rec["n_lesions"] for rec in records)
+    return froc.froc_curve(fp_scores, hit_scores, n_lesions, len(records))
+
+
+def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Mapping[str, Mapping],
+                  tag: Mapping[str, str]) -> list[dict]:  # fmt: skip
+    rows = []
+    for min_area, group in per_image.groupby("min_area", sort=True):
+        n_lesions = int(group["n_lesions"].sum())
+        pooled = metrics.pooled_dice_iou(group["intersection"], group["union"])
+        pooled_at = metrics.pooled_dice_iou(group["at_lesions_intersection"], group["at_lesions_union"])
+        values: dict[str, float] = {
+            "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
+            "false_positives": int(group["false_positives"].sum()),
+            "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
+            "fppi": group["false_positives"].sum() / len(group),
+            "pooled_dice": pooled[0], "pooled_iou": pooled[1],
+            "mean_dice": float(group["dice"].mean()), "mean_iou": float(group["iou"].mean()),
+            "pooled_dice_at_lesions": pooled_at[0], "pooled_iou_at_lesions": pooled_at[1],
+            "mean_dice_at_lesions": float(group["dice_at_lesions"].mean()),
+            "mean_iou_at_lesions": float(group["iou_at_lesions"].mean()),
+        }
+        if min_area == 0:  # the FROC is over the candidates as predicted
+            for point, tpr in zip(froc.FPPI_POINTS, froc.sensitivity_at_fppi(curve.fppi, curve.sensitivity)):
+                values[f"tpr_at_{point:g}_fppi"] = float(tpr)
+            values["cpm"] = froc.cpm(curve.fppi, curve.sensitivity)
+        for metric, value in values.items():
+            ci = intervals.get(metric) if min_area == 0 else None
+            rows.append({**tag, "min_area": int(min_area), "metric": metric, "value": value,
+                         "ci_low": ci["low"] if ci else float("nan"), "ci_high": ci["high"] if ci else float("nan")})
+    return rows
+
+
+def _intervals(records: Sequence[Mapping], n_resamples: int, seed: int) -> dict[str, dict]:
+    """95 % bootstrap intervals over patients (each image its own group when the patient is unknown)."""
+    if n_resamples <= 0:
+        return {}
+    groups = [rec.get("patient_id") or rec["image_id"] for rec in records]
+    found = froc.bootstrap_intervals([rec["record"] for rec in records], n_resamples, seed, groups=groups)
+    return {name: found[key] for name, key in _INTERVALS.items()}
+
+
+def _plot_froc(curve: froc.FrocCurve, path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    import matplotlib.ticker
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    order = np.argsort(curve.fppi, kind="stable")
+    ax.plot(curve.fppi[order], curve.sensitivity[order], marker="o", markersize=3, label="candidates by score")
+    points = froc.sensitivity_at_fppi(curve.fppi, curve.sensitivity)
+    ax.plot(froc.FPPI_POINTS, points, linestyle="none", marker="s", markersize=5, color="black",
+            label=f"CPM points (CPM {float(np.mean(points)):.3f})")
+    ax.set_xscale("symlog", linthresh=0.125)
+    ax.set_xlim(left=0, right=max(8.0, float(curve.fppi.max()) * 1.2 if len(curve.fppi) else 8.0))
+    ax.set_xticks([0, 0.125, 0.25, 0.5, 1, 2, 4, 8])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("false positives per image (FPPI)")
+    ax.set_ylabel("true positive rate (lesions detected)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"FROC: {title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _fmt_ci(values: Mapping[str, float], name: str, digits: int) -> str:
+    low, high = values.get(f"{name}:ci_low", math.nan), values.get(f"{name}:ci_high", math.nan)
+    value = f"{values[name]:.{digits}f}"
+    return value if math.isnan(low) else f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int) -> str:
+    lines = [f"mammoseg evaluation of {label}, {abnormality}"
+             + (f" ({n_failed} image(s) not predicted: see per_image.csv)" if n_failed else "")]
+    for min_area, group in summary.groupby("min_area", sort=True):
+        v = dict(zip(group["metric"], group["value"]))
+        v.update({f"{m}:ci_low": lo for m, lo in zip(group["metric"], group["ci_low"])})
+        v.update({f"{m}:ci_high": hi for m, hi in zip(group["metric"], group["ci_high"])})
+        tag = "as predicted" if min_area == 0 else f"components >= {min_area} px"
+        lines.append(
+            f"  [{tag}] images {v['n_images']:.0f}, lesions {v['n_lesions']:.0f}: TPR {_fmt_ci(v, 'tpr', 3)} "
+            f"({v['detected']:.0f}/{v['n_lesions']:.0f}), FPPI {_fmt_ci(v, 'fppi', 2)}; "
+            f"pooled Dice {_fmt_ci(v, 'pooled_dice', 3)}, IoU {v['pooled_iou']:.3f}; at lesions Dice "
+            f"{v['pooled_dice_at_lesions']:.3f}, IoU {v['pooled_iou_at_lesions']:.3f}; mean Dice {v['mean_dice']:.3f}")
+        if "cpm" in v:
+            lines.append("    FROC: TPR at FPPI " + ", ".join(
+                f"{p:g}: {v[f'tpr_at_{p:g}_fppi']:.3f}" for p in froc.FPPI_POINTS)
+                + f"; TPR at 1 FPPI {_fmt_ci(v, 'tpr_at_1_fppi', 3)}; CPM {_fmt_ci(v, 'cpm', 3)}")
+    if any(not math.isnan(x) for x in summary["ci_low"]):
+        lines.append("    [95% bootstrap intervals over patients]")
+    return "\n".join(lines)
+
+
+def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,
+              abnormality: str, bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:  # fmt: skip
+    """Pool the per-image results of one image set into the tables of the module docstring; return the summary.
 
     Returns
     -------
-    dict : ``{"text": printed summary, "summary": {min_area: {metric: value}}}``
+    dict : ``{"text": printed summary, "summary": {min_area: {metric: value}}, "n_failed": int}``
     """
     records = read_image_records(chunk_dirs)
     evaluated = [rec for rec in records if rec["status"] == "evaluated"]
     if not evaluated:
-        raise InputError(f"no evaluated image in {len(chunk_dirs)} chunk folder(s) of {out_dir}")
+        raise InputError(f"no evaluated image in the {len(chunk_dirs)} chunk folder(s) of {out_dir}")
     out_dir = Path(out_dir)
-    label = f"{experiment} [{image_set}]"
-    per_image = pd.DataFrame(_per_image_rows(evaluated, experiment, image_set))
-    failed = pd.DataFrame([{"experiment": experiment, "image_set": image_set, "image_id": rec["image_id"],
-                            "status": rec["status"], "reason": rec.get("reason", "")}
-                           for rec in records if rec["status"] != "evaluated"])
-    per_image = pd.concat([per_image, failed], ignore_index=True) if len(failed) else per_image
-    lesions = pd.DataFrame(_lesion_rows(evaluated, experiment, image_set))
-    froc = pd.DataFrame(_froc_rows(evaluated, experiment, image_set))
-    summary = pd.DataFrame(_summary_rows(per_image[per_image["status"] == "evaluated"], froc, experiment, image_set))
+    tag = {"experiment": experiment, "image_set": image_set}
+    per_image = pd.DataFrame(_per_image_rows(records, tag))
+    curve = _curve(evaluated)
+    intervals = _intervals(evaluated, bootstrap, bootstrap_seed)
+    summary = pd.DataFrame(_summary_rows(per_image[per_image["status"] == "evaluated"], curve, intervals, tag))
+    froc_table = pd.DataFrame([{**tag, **row, "n_lesions": sum(r["n_lesions"] for r in evaluated),
+                                "n_images": len(evaluated)} for row in froc.operating_points(curve)])
+    candidates = pd.DataFrame(_candidate_rows(evaluated, tag), columns=[*tag, *CANDIDATE_COLUMNS])
     write_csv_atomic(out_dir / "per_image.csv", per_image)
-    write_csv_atomic(out_dir / "lesions.csv", lesions)
-    write_csv_atomic(out_dir / "froc.csv", froc)
+    write_csv_atomic(out_dir / "lesions.csv", pd.DataFrame(_lesion_rows(evaluated, tag)))
+    write_csv_atomic(out_dir / "candidates.csv", candidates)
+    write_csv_atomic(out_dir / "froc.csv", froc_table)
     write_csv_atomic(out_dir / "summary.csv", summary)
-    _plot_froc(froc, out_dir / "froc.png", label)
-    text = _human_summary(summary, label, abnormality, len(failed))
-    if paper_figures:
-        text += "\n" + paper_figures
+    label = f"{experiment} [{image_set}]"
+    _plot_froc(curve, out_dir / "froc.png", label)
+    n_failed = len(records) - len(evaluated)
+    text = _human_summary(summary, label, abnormality, n_failed)
+    if abnormality == "mass" and image_set == "test":
+        text += "\n  " + PAPER_FIGURES
     write_text_atomic(out_dir / "summary.txt", text + "\n")
     print(text)
     nested = {int(m): dict(zip(g["metric"], g["value"])) for m, g in summary.groupby("min_area")}
-    return {"text": text, "summary": nested}
+    return {"text": text, "summary": nested, "n_failed": n_failed}
+
+
+def run_summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,
+                  config: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Stage ``summarise``: :func:`summarise` with the resolved configuration's ``evaluate`` and ``data`` settings."""
+    evaluate = config["evaluate"]
+    return summarise(chunk_dirs, out_dir, experiment=experiment, image_set=image_set,
+                     abnormality=config["data"]["abnormality"], bootstrap=evaluate["bootstrap"],
+                     bootstrap_seed=evaluate["bootstrap_seed"])

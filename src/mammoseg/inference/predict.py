@@ -281,3 +281,48 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
     failed = sum(row["status"] != "predicted" for row in rows)
     print(f"chunk {chunk} of {image_set}: {len(rows) - failed} images predicted, {failed} failed -> {out_dir}")
     return rows
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """(image_id, path) of every file given or found (recursively) in the folders given, hidden files excluded.
+
+    The image id is the path relative to the folder given (or the file's stem), made safe as a file name.
+    Non-DICOM files are kept here and refused, with a reason, when they are read.
+    """
+    from mammoseg.io.dicom import safe_name
+
+    found: dict[str, str] = {}
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            files = [p for p in sorted(entry.rglob("*")) if p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(entry).parts)]
+            named = [(safe_name(str(p.relative_to(entry).with_suffix("")).replace("/", "__")), p) for p in files]
+        elif entry.is_file():
+            named = [(safe_name(entry.stem), entry)]
+        else:
+            raise InputError(f"{entry}: no such file or folder")
+        for image_id, path in named:
+            if image_id in found:
+                raise InputError(f"{path}: gives the same image id {image_id!r} as {found[image_id]}")
+            found[image_id] = str(path)
+    return sorted(found.items())
+
+
+def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
+                      config: Mapping[str, Any], plan: str | Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """``mammoseg predict``: probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``.
+
+    The window geometry comes from ``plan`` (the model's ``plan.json``) or else from ``config['patches']``.
+    """
+    from mammoseg.config.plan import patch_geometry, read_plan
+
+    geometry = read_plan(plan).geometry if plan else patch_geometry(config["patches"])
+    tasks = tasks_for(collect_images(inputs), models)
+    if not tasks:
+        raise InputError(f"no file found in {', '.join(map(str, inputs))}")
+    rows = predict_images(tasks, out_dir, geometry=geometry, infer=config["infer"],
+                          batch_size=config["infer"]["batch_size"])
+    failed = sum(row["status"] != "predicted" for row in rows)
+    print(f"{len(rows) - failed} of {len(rows)} images predicted -> {out_dir}"
+          + (f"; {failed} refused, see {Path(out_dir) / 'predictions.csv'}" if failed else ""))
+    return rows

@@ -545,7 +545,10 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
     return report
 
 
-def run_train(config: dict[str, Any], shard_paths: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+def run_train(config: dict[str, Any], shard_paths: Sequence[str | Path], out_dir: str | Path,
+              fold: int = 0) -> dict[str, Any]:  # fmt: skip
     """Stage entry (``mammoseg train``): the ``model``, ``train`` and ``patches`` sections of a validated config."""
-    return train_model(shard_paths, out_dir, model_cfg=dict(config.get("model", {})),
-                       train_cfg=dict(config.get("train", {})), patch_cfg=dict(config.get("patches", {})))
+    report = train_model(shard_paths, out_dir, model_cfg=dict(config.get("model", {})),
+                         train_cfg=dict(config.get("train", {})), patch_cfg=dict(config.get("patches", {})))
+    shutil.copyfile(Path(out_dir) / "model.keras", Path(out_dir) / "last.keras")  # interim, until resume rework
+    return report
