@@ -20,10 +20,10 @@ from mammoseg.inference.sliding import (
     _pad_to_window,
     _skip_reason,
     breast_side,
-    make_predictor,
     paper_crop_box,
     paper_windows,
 )
+from mammoseg.inference.predict import make_predictor
 from mammoseg.io.dicom import header_record
 from mammoseg.model.dataset import ShardReader, make_dataset, read_provenance
 from mammoseg.model.train import _build_and_compile, configure_runtime
@@ -312,7 +312,7 @@ def benchmark_inference(model, image: np.ndarray, window: int | None = None, dow
     if not corners:
         raise ValueError("no window passes the skip rules; nothing to benchmark")
     inputs = np.stack([preprocess_window(work[r : r + window, c : c + window], downscale) for r, c in corners])
-    predictor = make_predictor(model, batch_size)
+    predictor = make_predictor([model], batch_size)
     predictor(inputs[:1])  # trace once
     model.predict(inputs[:1, ..., None], verbose=0)  # let Keras build its predict function
     start = time.perf_counter()
@@ -335,7 +335,8 @@ def benchmark_inference(model, image: np.ndarray, window: int | None = None, dow
 
 def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Path, out_dir: str | Path,
                      timeout_s: float = 1200) -> dict:
-    """Run :func:`run_predict` in a fresh Python process and report its peak resident memory.
+    """Run :func:`mammoseg.inference.predict.run_predict_files` on one image in a fresh Python process and report
+    its peak resident memory.
 
     The child reports the high-water mark of its own address space (``VmHWM`` in ``/proc/self/status``), so
     TensorFlow, the model and the image are all included and nothing from this process is counted. Not
@@ -348,12 +349,15 @@ def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"config": config, "model": str(model_path), "image": str(image_path),
-                          "prob": str(out_dir / "rss.prob.npz"), "mask": str(out_dir / "rss.mask.png")})
+                          "out": str(out_dir / "rss")})
     script = (
         "import json, resource, sys\n"
-        "from mammoseg.inference.sliding import run_predict\n"
+        "from pathlib import Path\n"
+        "from mammoseg.config import validate_config\n"
+        "from mammoseg.inference.predict import load_prediction, run_predict_files\n"
         "a = json.loads(sys.argv[1])\n"
-        "meta = run_predict(a['config'], a['model'], a['image'], a['prob'], a['mask'])\n"
+        "rows = run_predict_files([a['image']], [a['model']], a['out'], config=validate_config(a['config']))\n"
+        "meta = load_prediction(Path(a['out']) / (rows[0]['image_id'] + '.prob.npz'))[1]\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
         "kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print('RSS_JSON=' + json.dumps({'maxrss_kib': kib, 'meta': meta}, default=str))\n"

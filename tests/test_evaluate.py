@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, jaccard_score
 
-from mammoseg.evaluation import evaluate
-from mammoseg.inference import sliding as infer
+from PIL import Image
+
+from mammoseg.errors import InputError
+from mammoseg.evaluation import evaluate, summary
+from mammoseg.inference import predict
 from dicom_helpers import write_test_dicom
 
 SHAPE = (64, 80)
@@ -28,7 +31,11 @@ def _box(r0, c0, r1, c1):
 
 def build_case(tmp_path: Path):
     """Image A: lesion A1 hit, lesion A2 missed at 0.5 (found below 0.39), two FP blobs (25 and 16 px).
-    Image B: lesion B1 hit, one 4-px FP blob (removed by min_area = 10)."""
+    Image B: lesion B1 hit, one 4-px FP blob (removed by min_area = 10).
+
+    Returns the manifest, the lesions, the probability maps and the prediction chunk folder (as the predict stage
+    writes it: predictions.csv and one .prob.npz per image).
+    """
     lesions = {
         "P_1_LEFT_CC": {"P_1_LEFT_CC_1": _box(10, 10, 20, 22), "P_1_LEFT_CC_2": _box(40, 50, 50, 60)},
         "P_2_RIGHT_MLO": {"P_2_RIGHT_MLO_1": _box(30, 30, 42, 40)},
@@ -41,39 +48,40 @@ def build_case(tmp_path: Path):
     probs["P_2_RIGHT_MLO"][_box(30, 30, 42, 41)] = HIT
     probs["P_2_RIGHT_MLO"][_box(5, 5, 7, 7)] = FP_LEVEL
     root = tmp_path / "restructured"
-    rows = []
+    chunk = tmp_path / "pred" / "chunk-0"
+    rows, status = [], []
     for image_id, rois in lesions.items():
         image = np.full(SHAPE, 1000, dtype=np.uint16)
         write_test_dicom(root / "images" / f"{image_id}.dcm", image)
         for roi_id, mask in rois.items():
             write_test_dicom(root / "masks" / f"{roi_id}.dcm", mask.astype(np.uint16) * 255)
-            rows.append({"roi_id": roi_id, "image_id": image_id, "image_path": f"images/{image_id}.dcm",
+            rows.append({"roi_id": roi_id, "image_id": image_id, "patient_id": image_id[:3], "split": "test",
+                         "abnormality_id": roi_id[-1], "image_path": f"images/{image_id}.dcm",
                          "mask_path": f"masks/{roi_id}.dcm"})
-        meta = {"mode": "paper", "threshold": 0.5}
-        infer.save_prediction(probs[image_id], probs[image_id] >= 128, tmp_path / "pred" / f"{image_id}.prob.npz",
-                              tmp_path / "pred" / f"{image_id}.mask.png", meta)
+        predict.save_prediction(probs[image_id], chunk / f"{image_id}.prob.npz", {"mode": "paper"})
+        status.append({"image_id": image_id, "status": "predicted", "reason": "", "message": ""})
+    pd.DataFrame(status).to_csv(chunk / "predictions.csv", index=False)
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
-    return root / "manifest.csv", lesions, probs
+    return root / "manifest.csv", lesions, probs, chunk
 
 
-CONFIG = {"evaluate": {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "froc_thresholds": 21,
-                       "overlay_max_side": 64}}
+EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1,
+            "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0}
+CONFIG = {"infer": {"threshold": 0.5, "n_chunks": 1}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("evaluate")
-    manifest, lesions, probs = build_case(tmp_path)
-    jsons = []
-    for image_id in lesions:
-        out = tmp_path / "metrics" / "images" / f"{image_id}.json"
-        evaluate.run_evaluate(CONFIG, tmp_path / "pred" / f"{image_id}.prob.npz", manifest, image_id, out,
-                              tmp_path / "overlays" / f"{image_id}.png")
-        jsons.append(out)
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    out = tmp_path / "experiment" / "test" / "chunk-0"
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    jsons = [out / f"{image_id}.json" for image_id in lesions]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        summary = evaluate.run_summarise(CONFIG, jsons, tmp_path / "metrics", "toy")
-    return tmp_path, lesions, probs, jsons, summary, printed.getvalue()
+        summary_ = summary.run_summarise([out], out.parent, experiment="toy-0123abcd", image_set="test",
+                                         config=CONFIG)
+    return tmp_path, lesions, probs, jsons, summary_, printed.getvalue()
 
 
 def test_per_image_json_pixel_metrics_match_sklearn(evaluated):
@@ -88,12 +96,14 @@ def test_per_image_json_pixel_metrics_match_sklearn(evaluated):
         assert pixel["tn"] == int(np.sum(~pred & ~truth))
         assert pixel["dice"] == pytest.approx(f1_score(truth, pred))
         assert pixel["iou"] == pytest.approx(jaccard_score(truth, pred))
-    overlay = tmp_path / "overlays" / f"{list(lesions)[0]}.png"
-    assert overlay.is_file()
+        # the binary mask is an evaluation output: the map binarised at the operating threshold
+        png = np.asarray(Image.open(path.with_name(f"{image_id}.mask.png")))
+        np.testing.assert_array_equal(png.ravel() == 255, pred)
+        assert path.with_name(f"{image_id}.overlay.png").is_file()
 
 
 def test_hand_built_tpr_fppi_and_at_lesion_metrics(evaluated):
-    tmp_path, lesions, probs, jsons, summary, printed = evaluated
+    tmp_path, lesions, probs, jsons, summary_, printed = evaluated
     a = json.loads(jsons[0].read_text())["results"][0]
     assert (a["n_lesions"], a["detected"], a["false_positives"]) == (2, 1, 2)
     assert [row["roi_id"] for row in a["lesions"]] == ["P_1_LEFT_CC_1", "P_1_LEFT_CC_2"]
@@ -105,58 +115,87 @@ def test_hand_built_tpr_fppi_and_at_lesion_metrics(evaluated):
     touching = _box(11, 11, 21, 22).ravel()
     assert a["at_lesions"]["dice"] == pytest.approx(f1_score(truth, touching))
 
-    as_predicted, filtered = summary["summary"][0], summary["summary"][10]
+    as_predicted, filtered = summary_["summary"][0], summary_["summary"][10]
     assert as_predicted["tpr"] == pytest.approx(2 / 3) and as_predicted["fppi"] == pytest.approx(3 / 2)
     assert filtered["tpr"] == pytest.approx(2 / 3) and filtered["fppi"] == pytest.approx(2 / 2)
-    # FROC: thresholds ≤ 0.39 find A2 as well (TPR 1 at FPPI 1.5); 0.78 < t ≤ 0.90 keeps only the hits (FPPI 0)
-    assert as_predicted["tpr_at_0.5_fppi"] == pytest.approx(2 / 3)
-    assert as_predicted["tpr_at_1_fppi"] == pytest.approx(2 / 3)
-    assert as_predicted["tpr_at_2_fppi"] == pytest.approx(1.0)
-    assert filtered["tpr_at_1_fppi"] == pytest.approx(1.0)
     assert "TPR 0.667" in printed and "FPPI 1.50" in printed
 
 
+def test_froc_over_candidate_scores_by_hand(evaluated):
+    """Candidates (components >= 0.1, scored by their max): hits 0.902, 0.902 (A1, B1) and 0.392 (A2, below the
+    operating threshold but a candidate), false positives 0.784 × 3, over 2 images and 3 lesions.
+
+    Thresholds 0.392 / 0.784 / 0.902 / above: (FPPI, TPR) = (1.5, 1), (1.5, 2/3), (0, 2/3), (0, 0).
+    Interpolated as MONAI does on increasing FPPI: TPR 2/3 at every FPPI below 1.5, 1 from 1.5 on.
+    """
+    _, _, _, _, summary_, printed = evaluated
+    s = summary_["summary"][0]
+    for point in (0.125, 0.25, 0.5, 1):
+        assert s[f"tpr_at_{point:g}_fppi"] == pytest.approx(2 / 3), point
+    for point in (2, 4, 8):
+        assert s[f"tpr_at_{point:g}_fppi"] == pytest.approx(1.0), point
+    assert s["cpm"] == pytest.approx((4 * 2 / 3 + 3) / 7)
+    assert "CPM 0.810" in printed
+
+
 def test_pooled_metrics_against_concatenated_masks(evaluated):
-    _, lesions, probs, _, summary, _ = evaluated
+    _, lesions, probs, _, summary_, _ = evaluated
     truth = np.concatenate([np.any(list(l.values()), axis=0).ravel() for l in lesions.values()])
     pred = np.concatenate([(probs[k] >= 128).ravel() for k in lesions])
-    s = summary["summary"][0]
+    s = summary_["summary"][0]
     assert s["pooled_dice"] == pytest.approx(f1_score(truth, pred))
     assert s["pooled_iou"] == pytest.approx(jaccard_score(truth, pred))
     dices = [f1_score(np.any(list(lesions[k].values()), axis=0).ravel(), (probs[k] >= 128).ravel()) for k in lesions]
     assert s["mean_dice"] == pytest.approx(np.mean(dices))
 
 
-def test_tables_written_and_name_model_and_config(evaluated):
+def test_tables_written_and_name_the_experiment(evaluated):
     tmp_path, *_ = evaluated
-    out = tmp_path / "metrics"
-    for name in ("per_image.csv", "lesions.csv", "summary.csv", "froc.csv", "froc.png"):
+    out = tmp_path / "experiment" / "test"
+    for name in ("per_image.csv", "lesions.csv", "candidates.csv", "summary.csv", "froc.csv", "froc.png",
+                 "summary.txt"):
         assert (out / name).is_file(), name
-    per_image = pd.read_csv(out / "per_image.csv")
-    lesions = pd.read_csv(out / "lesions.csv")
-    froc = pd.read_csv(out / "froc.csv")
-    summary = pd.read_csv(out / "summary.csv")
-    for table in (per_image, lesions, froc, summary):
-        assert set(table["model"]) == {"toy"} and table["config_hash"].nunique() == 1
-    assert len(per_image) == 4  # 2 images × (as predicted, min_area 10)
-    as_pred = lesions[lesions["min_area"] == 0]
-    assert (as_pred["kind"] == "lesion").sum() == 3 and (as_pred["kind"] == "fp_component").sum() == 3
-    assert len(froc) == 2 * 21
-    assert froc["threshold"].between(0, 1).all()
+    tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("per_image", "lesions", "candidates", "froc",
+                                                                    "summary")}
+    for table in tables.values():
+        assert set(table["experiment"]) == {"toy-0123abcd"} and set(table["image_set"]) == {"test"}
+    assert len(tables["per_image"]) == 4  # 2 images × (as predicted, min_area 10)
+    lesion_rows = tables["lesions"][tables["lesions"]["min_area"] == 0]
+    assert (lesion_rows["kind"] == "lesion").sum() == 3 and (lesion_rows["kind"] == "fp_component").sum() == 3
+    candidates = tables["candidates"]
+    assert len(candidates) == 6 and candidates["false_positive"].sum() == 3
+    assert sorted(candidates.loc[~candidates["false_positive"], "matched_roi"]) == [
+        "P_1_LEFT_CC_1", "P_1_LEFT_CC_2", "P_2_RIGHT_MLO_1"]
+    assert np.allclose(sorted(candidates["score"]), sorted([230 / 255, 100 / 255, 200 / 255, 200 / 255, 230 / 255,
+                                                            200 / 255]))
+    summary_table = tables["summary"]
+    assert {"cpm", "tpr_at_0.125_fppi", "tpr_at_8_fppi"} <= set(summary_table["metric"])
+    intervals = summary_table.dropna(subset=["ci_low"])
+    assert set(intervals["metric"]) == {"tpr", "fppi", "tpr_at_1_fppi", "cpm", "pooled_dice"}
+    assert (intervals["ci_low"] <= intervals["value"] + 1e-12).all()
+    assert (intervals["value"] <= intervals["ci_high"] + 1e-12).all()
 
 
-def test_summarise_refuses_metrics_from_another_config(evaluated):
-    tmp_path, _, _, jsons, _, _ = evaluated
-    other = {"evaluate": {**CONFIG["evaluate"], "iou_threshold": 0.5}}
-    with pytest.raises(ValueError, match="config hash"):
-        evaluate.run_summarise(other, jsons, tmp_path / "other", "toy")
+def test_a_failed_prediction_is_listed_and_counts_in_no_figure(tmp_path):
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    status = pd.read_csv(chunk / "predictions.csv", dtype=str, keep_default_na=False)
+    status.loc[status["image_id"] == "P_2_RIGHT_MLO", ["status", "reason", "message"]] = [
+        "failed", "undecodable", "P_2_RIGHT_MLO.dcm: broken stream"]
+    status.to_csv(chunk / "predictions.csv", index=False)
+    (chunk / "P_2_RIGHT_MLO.prob.npz").unlink()
+    out = tmp_path / "experiment" / "test" / "chunk-0"
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    result = summary.run_summarise([out], out.parent, experiment="toy", image_set="test", config=CONFIG)
+    assert result["n_failed"] == 1 and result["summary"][0]["n_images"] == 1 and result["summary"][0]["n_lesions"] == 2
+    per_image = pd.read_csv(out.parent / "per_image.csv")
+    failed = per_image[per_image["image_id"] == "P_2_RIGHT_MLO"]
+    assert failed["status"].tolist() == ["not_predicted"] and failed["reason"].tolist() == ["undecodable"]
+    assert "1 image(s) not predicted" in result["text"]
 
 
-def test_unknown_image_and_mismatched_mask_are_clear_errors(tmp_path):
-    manifest, lesions, probs = build_case(tmp_path)
-    npz = tmp_path / "pred" / "P_1_LEFT_CC.prob.npz"
-    with pytest.raises(ValueError, match="no ROI row for image_id"):
-        evaluate.run_evaluate(CONFIG, npz, manifest, "P_9_LEFT_CC", tmp_path / "x.json", tmp_path / "x.png")
+def test_mismatched_mask_is_a_clear_error(tmp_path):
+    manifest, lesions, probs, chunk = build_case(tmp_path)
     write_test_dicom(manifest.parent / "masks" / "P_1_LEFT_CC_2.dcm", np.zeros((10, 10), np.uint16))
-    with pytest.raises(ValueError, match="P_1_LEFT_CC_2.dcm: mask shape"):
-        evaluate.run_evaluate(CONFIG, npz, manifest, "P_1_LEFT_CC", tmp_path / "x.json", tmp_path / "x.png")
+    with pytest.raises(InputError, match="P_1_LEFT_CC_2.dcm: mask shape"):
+        evaluate.run_evaluate_chunk(chunk, manifest, tmp_path / "out", chunk=0, config=CONFIG)
+    assert not (tmp_path / "out").exists()  # the chunk folder appears whole or not at all

@@ -69,7 +69,8 @@ def test_curve_and_sensitivities_equal_monai_on_random_cases(seed):
     fp, hits = _random_scores(rng, int(rng.integers(0, 60)), int(rng.integers(1, 40)),
                               p_miss=[0.0, 0.3, 1.0][seed % 3])
     curve = froc.froc_curve(fp, hits, len(hits), n_images)
-    ref_fppi, ref_sens = reference_froc_curve_data(fp, hits, len(hits), n_images)
+    # MONAI with the probability floor 0.0 among the scores (mammoseg.evaluation.froc, "FROC curve")
+    ref_fppi, ref_sens = reference_froc_curve_data([*fp, 0.0], hits, len(hits), n_images)
     np.testing.assert_array_equal(curve.fppi, ref_fppi)
     np.testing.assert_array_equal(curve.sensitivity, ref_sens)
     ref_values, ref_cpm = reference_froc_score(ref_fppi, ref_sens, LUNA16_POINTS)
@@ -104,22 +105,24 @@ def test_hand_computed_curve_and_cpm():
     assert froc.cpm(curve.fppi, curve.sensitivity) == pytest.approx(4.25 / 7)
 
 
-def test_lowest_distinct_score_is_never_a_threshold():
-    # every lesion hit, the lowest score is a hit: the curve never reaches sensitivity 1
+def test_every_candidate_score_is_a_threshold():
+    # every lesion hit, the lowest score is a hit: MONAI alone never reaches sensitivity 1; the floor does
     curve = froc.froc_curve([0.5], [0.9, 0.3], n_lesions=2, n_images=1)
-    assert curve.sensitivity.max() == 0.5
-    assert reference_froc_curve_data([0.5], [0.9, 0.3], 2, 1)[1] == list(curve.sensitivity)
-    # every lesion hit, the lowest score is a false positive: it is never counted
+    assert curve.sensitivity.max() == 1.0
+    assert max(reference_froc_curve_data([0.5], [0.9, 0.3], 2, 1)[1]) == 0.5
+    assert reference_froc_curve_data([0.5, 0.0], [0.9, 0.3], 2, 1)[1] == list(curve.sensitivity)
+    # every lesion hit, the lowest score is a false positive: it is counted
     curve = froc.froc_curve([0.2], [0.9], n_lesions=1, n_images=1)
-    assert curve.false_positives.max() == 0
-    # one missed lesion (0.0) makes 0.0 the lowest value, and every candidate counts
+    assert curve.false_positives.max() == 1
+    # one missed lesion (0.0) is the floor already: MONAI and the floor agree
     curve = froc.froc_curve([0.2], [0.9, 0.0], n_lesions=2, n_images=1)
     assert curve.false_positives.max() == 1 and curve.detected.max() == 1
+    assert reference_froc_curve_data([0.2], [0.9, 0.0], 2, 1)[1] == list(curve.sensitivity)
 
 
 def test_curve_without_lesions_has_undefined_sensitivity():
     curve = froc.froc_curve([0.4, 0.6], [], n_lesions=0, n_images=2)
-    np.testing.assert_array_equal(curve.fppi, [0.5, 0.0])
+    np.testing.assert_array_equal(curve.fppi, [1.0, 0.5, 0.0])  # both false positives count
     assert np.isnan(curve.sensitivity).all()
 
 
@@ -242,17 +245,20 @@ def test_centroid_rule_credits_the_component_holding_the_centroid(rule, hit_scor
     assert found.fp_scores.tolist() == [fp_score / 255]
 
 
-def test_cropping_does_not_move_a_centroid_ending_in_half():
-    # lesion rows/cols 3..6: centroid 4.5 -> pixel 4 (half to even). The active region starts at 1 (odd): a crop
-    # there would see 3.5 -> 4 -> pixel 5 in the full image, outside the component.
+@pytest.mark.parametrize("corner, hit", [(1, False), (2, True)])
+def test_cropping_does_not_move_a_centroid_ending_in_half(corner, hit):
+    # lesion rows/cols 3..6: centroid 4.5 -> pixel 5 (halves up). The active region starts at `corner`; with
+    # Python's round (half to even) a crop at the odd offset 1 saw 3.5 -> 4 -> pixel 5 but the full image 4.5 -> 4.
     shape = (12, 12)
     lesion = _box(shape, 3, 3, 7, 7)
     prob = np.zeros(shape, dtype=np.uint8)
-    prob[1:5, 1:5] = 120  # holds (4, 4), not (5, 5)
+    prob[corner:5, corner:5] = 120  # holds (4, 4), not (5, 5)
+    prob[5:6, 5:6] = 120 if hit else 0  # joins (5, 5) to the component when `hit`
     found = _candidates(prob, [lesion], match="centroid")
     full = metrics.match_lesions(prob > 0, [lesion], rule="centroid")
-    assert full.lesions[0]["detected"]
-    assert found.lesions[0]["hit"] and (found.lesions[0]["centroid_row"], found.lesions[0]["centroid_col"]) == (4, 4)
+    cropped = metrics.match_lesions(prob[1:, 1:] > 0, [lesion[1:, 1:]], rule="centroid")
+    assert full.lesions[0]["detected"] == cropped.lesions[0]["detected"] == found.lesions[0]["hit"] == hit
+    assert (found.lesions[0]["centroid_row"], found.lesions[0]["centroid_col"]) == (5, 5)
 
 
 def _brute_force(prob, lesions, level, rule, iou_threshold):
@@ -262,7 +268,7 @@ def _brute_force(prob, lesions, level, rule, iou_threshold):
     matches = np.zeros((count, len(lesions)), dtype=bool)
     for j, lesion in enumerate(lesions):
         rows, cols = np.nonzero(lesion)
-        centre = (int(np.round(rows.mean())), int(np.round(cols.mean())))
+        centre = (int(np.floor(rows.mean() + 0.5)), int(np.floor(cols.mean() + 0.5)))
         for k in range(count):
             comp = labels == k + 1
             if rule == "iou":
@@ -332,7 +338,7 @@ def _pooled_statistics(records):
     hits = [s for rec in records for s in rec.lesion_hit_scores]
     n_lesions = sum(rec.n_lesions for rec in records)
     inter, union = sum(rec.intersection for rec in records), sum(rec.union for rec in records)
-    fppi, sens = reference_froc_curve_data(fp, hits, n_lesions, len(records))
+    fppi, sens = reference_froc_curve_data([*fp, 0.0], hits, n_lesions, len(records))  # with the floor
     values, cpm = reference_froc_score(fppi, sens, LUNA16_POINTS)
     return {"tpr": sum(rec.detected for rec in records) / n_lesions,
             "fppi": sum(rec.false_positives for rec in records) / len(records),

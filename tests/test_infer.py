@@ -10,11 +10,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+from mammoseg.evaluation.metrics import binarise
+from mammoseg.inference import predict
 from mammoseg.inference import sliding as infer
+from mammoseg.config.plan import PatchGeometry
+from mammoseg.errors import InputError
 from dicom_helpers import write_test_dicom
 from mammoseg.inference.sliding import BreastSide
 
 WINDOW, DOWNSCALE = 32, 4  # model input s = 8
+GEOMETRY = PatchGeometry(WINDOW, DOWNSCALE, WINDOW // DOWNSCALE)
+
+
+def mask(result) -> np.ndarray:
+    """The paper's binary mask: the saved map binarised at 0.5, as evaluation does."""
+    return binarise(result.prob, 0.5)
 
 
 def bright_predictor(batch: np.ndarray) -> np.ndarray:
@@ -99,8 +109,8 @@ def test_gaussian_importance_peak_symmetry_and_sigma():
 def test_paper_mode_lands_on_square_and_skips_flat_windows(side):
     image, truth = paper_image(side)
     counter = CountingPredictor()
-    result = infer.predict_paper(image, counter, WINDOW, DOWNSCALE, min_mean=0.05, threshold=0.5, batch_size=4)
-    np.testing.assert_array_equal(result.mask, truth)
+    result = infer.predict_paper(image, counter, WINDOW, DOWNSCALE, min_mean=0.05, batch_size=4)
+    np.testing.assert_array_equal(mask(result), truth)
     assert result.meta["side"] == side.value
     assert result.meta["crop_box"]["top"] == 4 and result.meta["crop_box"]["bottom"] == 100
     # 3×2 windows: one holds the square, five are flat breast tissue
@@ -118,7 +128,7 @@ def test_paper_mode_skips_dark_windows_and_batches():
     assert result.meta["windows_total"] == 10
     assert result.meta["windows_skipped_dark"] == 4 and result.meta["windows_predicted"] == 6
     assert counter.batch_sizes == [4, 2]
-    assert not result.mask[:, 96:].any()
+    assert not mask(result)[:, 96:].any()
 
 
 def test_paper_mode_dark_threshold_is_relative_to_image_max():
@@ -138,22 +148,17 @@ def test_small_image_is_padded_and_output_keeps_input_shape():
     assert result.meta["padded"] == [0, 12, 0, 0]
     expected = np.zeros(image.shape, dtype=bool)
     expected[4:12, 4:12] = True
-    np.testing.assert_array_equal(result.mask, expected)
+    np.testing.assert_array_equal(mask(result), expected)
 
 
-def test_saved_mask_equals_thresholded_saved_map(tmp_path):
+def test_saved_map_round_trips_and_is_the_window_probabilities(tmp_path):
     rng = np.random.default_rng(2)
     image = rng.uniform(50, 100, size=(96, 64)).astype(np.float32)
-    result = infer.predict_paper(image, lambda b: b, WINDOW, DOWNSCALE, min_mean=0.0, threshold=0.4)
-    infer.save_prediction(result.prob, result.mask, tmp_path / "a.prob.npz", tmp_path / "a.mask.png", result.meta)
-    prob, meta = infer.load_prediction(tmp_path / "a.prob.npz")
+    result = infer.predict_paper(image, lambda b: b, WINDOW, DOWNSCALE, min_mean=0.0)
+    predict.save_prediction(result.prob, tmp_path / "a.prob.npz", result.meta)
+    prob, meta = predict.load_prediction(tmp_path / "a.prob.npz")
     np.testing.assert_array_equal(prob, result.prob)
-    assert meta["threshold"] == 0.4 and meta["mode"] == "paper"
-    from PIL import Image
-
-    png = np.asarray(Image.open(tmp_path / "a.mask.png"))
-    assert set(np.unique(png)) <= {0, 255}
-    np.testing.assert_array_equal(png == 255, prob >= np.ceil(0.4 * 255))
+    assert meta["mode"] == "paper" and "threshold" not in meta  # binarising is evaluation's job
     # identity predictor: the map is the min-max normalised, block-mean downscaled window, upsampled
     from mammoseg.patches.geometry import preprocess_window
 
@@ -183,7 +188,7 @@ def test_blended_mode_lands_on_square(corner, tta):
     image, truth = blended_image(corner)
     result = infer.predict_blended(image, bright_predictor, WINDOW, DOWNSCALE, stride_fraction=0.5, tta=tta,
                                    min_mean=0.05)
-    np.testing.assert_array_equal(result.mask, truth)
+    np.testing.assert_array_equal(mask(result), truth)
     assert result.meta["stride"] == 16 and result.meta["windows_total"] == 6 * 4
 
 
@@ -226,36 +231,56 @@ def oracle_model_path(tmp_path_factory):
 @pytest.mark.parametrize("side", list(BreastSide))
 @pytest.mark.parametrize("mode", ["paper", "blended"])
 def test_oracle_keras_model_end_to_end_alignment(oracle_model_path, side, mode):
-    model = infer.load_model(oracle_model_path)
-    assert infer.model_input_size(model, WINDOW, DOWNSCALE) == WINDOW // DOWNSCALE
-    predictor = infer.make_predictor(model, batch_size=3)
+    model = predict.load_model(oracle_model_path)
+    predict.check_input_size(model, GEOMETRY)
+    predictor = predict.make_predictor([model], batch_size=3)
     if mode == "paper":
         image, truth = paper_image(side)
         result = infer.predict_paper(image, predictor, WINDOW, DOWNSCALE, min_mean=0.05)
     else:
         image, truth = blended_image("bottom-right" if side == BreastSide.RIGHT else "top-left")
         result = infer.predict_blended(image, predictor, WINDOW, DOWNSCALE, min_mean=0.05, tta=True)
-    np.testing.assert_array_equal(result.mask, truth)
+    np.testing.assert_array_equal(mask(result), truth)
     assert result.prob[truth].min() >= 250 and result.prob[~truth].max() <= 5
 
 
 def test_model_input_mismatch_is_a_clear_error(oracle_model_path):
-    model = infer.load_model(oracle_model_path)
-    with pytest.raises(ValueError, match="does not match"):
-        infer.model_input_size(model, 64, 4)
-    with pytest.raises(FileNotFoundError, match="model file not found"):
-        infer.load_model(oracle_model_path.parent / "missing.keras")
+    model = predict.load_model(oracle_model_path)
+    with pytest.raises(InputError, match="does not match"):
+        predict.check_input_size(model, PatchGeometry(64, 4, 16))
+    with pytest.raises(InputError, match="model file not found"):
+        predict.load_model(oracle_model_path.parent / "missing.keras")
 
 
-def test_run_predict_stage_writes_both_files(oracle_model_path, tmp_path):
+def test_a_fold_ensemble_predicts_the_mean_of_its_models(oracle_model_path, tmp_path):
+    import keras
+
+    inverse = keras.saving.load_model(oracle_model_path)
+    inverse.get_layer("oracle").set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.array([10.0], np.float32)])
+    inverse.save(tmp_path / "inverse.keras")
+    models = [predict.load_model(oracle_model_path), predict.load_model(tmp_path / "inverse.keras")]
+    batch = np.random.default_rng(0).random((5, 8, 8)).astype(np.float32)
+    one, other = (predict.make_predictor([m])(batch) for m in models)
+    np.testing.assert_allclose(predict.make_predictor(models, batch_size=2)(batch), (one + other) / 2, atol=1e-6)
+
+
+def test_a_chunk_with_a_bad_image_predicts_the_others_and_records_it(oracle_model_path, tmp_path):
     image, truth = paper_image(BreastSide.RIGHT)
-    write_test_dicom(tmp_path / "img.dcm", image)
-    config = {"patches": {"n": 5, "downscale": 4}, "infer": {"min_mean": 0.05, "batch_size": 2}}
-    meta = infer.run_predict(config, oracle_model_path, tmp_path / "img.dcm", tmp_path / "p" / "img.prob.npz",
-                             tmp_path / "p" / "img.mask.png")
-    prob, saved = infer.load_prediction(tmp_path / "p" / "img.prob.npz")
-    assert saved["side"] == "RIGHT" == meta["side"] and saved["config_hash"] == meta["config_hash"]
+    write_test_dicom(tmp_path / "in" / "good.dcm", image)
+    (tmp_path / "in" / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # not a mammogram
+    (tmp_path / "in" / "empty.dcm").write_bytes(b"")
+    tasks = predict.tasks_for(predict.collect_images([tmp_path / "in"]), [str(oracle_model_path)])
+    infer_cfg = {"mode": "paper", "strip_fraction": 0.1, "min_mean": 0.05}
+    rows = predict.predict_images(tasks, tmp_path / "out", geometry=GEOMETRY, infer=infer_cfg, batch_size=2)
+    status = {row["image_id"]: row for row in rows}
+    assert status["good"]["status"] == "predicted"
+    assert status["empty"]["status"] == "failed" and status["empty"]["reason"] == "zero_byte"
+    assert status["chart"]["status"] == "failed" and "chart.png" in status["chart"]["message"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.prob.npz", "predictions.csv"]
+    prob, saved = predict.load_prediction(tmp_path / "out" / "good.prob.npz")
+    assert saved["side"] == "RIGHT" and saved["image_id"] == "good"
     np.testing.assert_array_equal(prob >= 128, truth)
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 # ------------------------------------------------------------------------------------------------- real images
@@ -293,8 +318,8 @@ def test_paper_mode_on_a_real_mammogram_with_an_untrained_model():
     path = _real_cases()[0]["rcc"]
     image = read_mammogram(path)
     model = _tiny_unet_like(256)
-    result = infer.predict_paper(image, infer.make_predictor(model, 8), 1024, 4)
-    assert result.prob.shape == image.shape and result.mask.shape == image.shape
+    result = infer.predict_paper(image, predict.make_predictor([model], 8), 1024, 4)
+    assert result.prob.shape == image.shape
     assert result.meta["side"] == "RIGHT"
     box = result.meta["crop_box"]
     assert box["right"] == image.shape[1] and (box["right"] - box["left"]) % 1024 == 0

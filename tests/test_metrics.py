@@ -207,3 +207,21 @@ def test_filter_components_and_fast_matching_agree_with_the_detailed_path():
         rr, cc = np.nonzero(metrics.label_components(kept > 0)[0] == row["component"])
         assert row["centroid_row"] == pytest.approx(rr.mean()) and row["area"] == rr.size
         assert (row["row0"], row["row1"], row["col0"], row["col1"]) == (rr.min(), rr.max() + 1, cc.min(), cc.max() + 1)
+
+
+def test_empty_image_without_lesions_matches_without_error():
+    """A 0x0 crop (nothing predicted, no lesion) used to crash find_objects in the detailed match."""
+    empty = np.zeros((0, 0), dtype=np.int32)
+    result = metrics.match_labels(empty, 0, [], details=True)
+    assert result.n_false_positives == 0 and result.components == [] and result.lesions == []
+
+
+def test_centroid_rule_does_not_depend_on_the_crop_offset():
+    lesion = np.zeros((12, 12), dtype=bool)
+    lesion[3:7, 3:7] = True  # centroid 4.5 -> pixel 5
+    pred = np.zeros((12, 12), dtype=bool)
+    pred[1:5, 1:5] = True  # holds (4, 4) but not (5, 5)
+    full = metrics.match_lesions(pred, [lesion], rule="centroid")
+    cropped = metrics.match_lesions(pred[1:, 1:], [lesion[1:, 1:]], rule="centroid")
+    assert full.lesions[0]["detected"] is cropped.lesions[0]["detected"] is False
+    assert (full.lesions[0]["centroid_row"], full.lesions[0]["centroid_col"]) == (5, 5)

@@ -19,14 +19,16 @@ Conventions (stated once here, and tested in ``tests/test_froc.py``):
   is a *duplicate*: neither a hit nor a false positive, it is ignored (as LUNA16's "ignored double detections"
   and CAMELYON16's max over the detections inside one lesion).
 * **FROC curve** (:func:`froc_curve`) is MONAI's ``compute_froc_curve_data`` (from the CAMELYON16 evaluation
-  code): with ``s_1 < s_2 < … < s_m`` the distinct values of all false-positive scores and all lesion hit scores
-  pooled (misses enter as 0.0, one per lesion, as MONAI's ``tp_probs`` of length ``num_targets``), the curve has
-  one point per threshold ``s_2 … s_m`` — false positives = #FP scores >= s, detected = #hit scores >= s — and a
-  final point (0 FPPI, sensitivity 0) for a threshold above every score. **The lowest distinct value s_1 is never
-  a threshold**: a score equal to s_1 is counted at no point. When at least one lesion is missed, s_1 = 0.0 (the
-  miss) and every real candidate counts. When every lesion is hit and no score is 0, the candidates scoring
-  exactly s_1 are never counted: if s_1 is a hit score, the curve never reaches the full sensitivity; if it is a
-  false-positive score, that false positive never appears. We keep this to equal MONAI's numbers.
+  code) with the probability floor 0.0 among the scores: with ``0 = s_0 < s_1 < … < s_m`` the distinct values of
+  the floor, all false-positive scores and all lesion hit scores pooled (misses enter as 0.0, one per lesion, as
+  MONAI's ``tp_probs`` of length ``num_targets``), the curve has one point per threshold ``s_1 … s_m`` (every
+  distinct candidate score) — false positives = #FP scores >= s, detected = #hit scores >= s — and a final point
+  (0 FPPI, sensitivity 0) for a threshold above every score. MONAI never uses the lowest distinct value as a
+  threshold; with a miss among the lesions that value is 0.0 anyway, but when every lesion is hit, MONAI alone
+  would never count the candidates of the lowest score (a lesion found at the lowest score would count as
+  missed at every point). The floor, which no candidate reaches (candidates need ``candidate_threshold > 0``),
+  makes the curve sweep every candidate score; otherwise the numbers are MONAI's:
+  ``froc_curve(fp, hits) == compute_froc_curve_data(fp + [0.0], hits)`` (tested).
 * **Sensitivity at an FPPI** (:func:`sensitivity_at_fppi`) is MONAI's ``compute_froc_score`` interpolation:
   ``np.interp(x, fppi[::-1], sensitivity[::-1])``: linear between curve points; constant (the sensitivity at the
   largest FPPI of the curve) beyond the curve's last point; at an FPPI where the curve has several points
@@ -119,17 +121,16 @@ def _mask_extent(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def _active_box(candidate_mask: np.ndarray, lesions: Sequence[np.ndarray]) -> tuple[int, int, int, int]:
-    """Box around the candidate pixels and every lesion, its origin rounded down to even coordinates.
+    """Box (half-open) around the candidate pixels and every lesion; (0, 0, 0, 0) when there are none.
 
-    Even origin: :func:`metrics.match_labels` rounds lesion centroids with Python's ``round`` (half to even), so
-    a crop by an odd offset could move a centroid ending in .5 to another pixel; an even offset cannot.
+    Cropping to it changes no result: :func:`metrics.match_labels` rounds centroids halves up, the same pixel
+    whatever the crop's offset.
     """
     extents = [e for e in [_mask_extent(candidate_mask), *(_mask_extent(les) for les in lesions)] if e is not None]
     if not extents:
         return 0, 0, 0, 0
-    row0 = min(e[0] for e in extents) // 2 * 2
-    col0 = min(e[1] for e in extents) // 2 * 2
-    return row0, col0, max(e[2] for e in extents), max(e[3] for e in extents)
+    return (min(e[0] for e in extents), min(e[1] for e in extents), max(e[2] for e in extents),
+            max(e[3] for e in extents))
 
 
 def _component_max(prob_u8: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
@@ -280,8 +281,8 @@ def _curve_counts(values: np.ndarray, fp_counts: np.ndarray, hit_counts: np.ndar
     -------
     (score thresholds, false positives, detected), each (n_points,), as described in :class:`FrocCurve`
     """
-    present = np.flatnonzero((fp_counts + hit_counts) > 0)
-    thresholds = present[1:]  # the lowest distinct score is never a threshold (MONAI / CAMELYON16)
+    present = np.flatnonzero((fp_counts + hit_counts > 0) | (values == 0.0))  # values[0] is the floor 0.0
+    thresholds = present[1:]  # the lowest distinct value is never a threshold (MONAI / CAMELYON16)
     fp_at_or_above = np.cumsum(fp_counts[::-1])[::-1]
     hit_at_or_above = np.cumsum(hit_counts[::-1])[::-1]
     return (np.append(values[thresholds], np.inf), np.append(fp_at_or_above[thresholds], 0),
@@ -323,9 +324,11 @@ def froc_curve(
     if hits.size != n_lesions:
         raise ValueError(f"lesion_hit_scores has {hits.size} entries for {n_lesions} lesions; "
                          "missed lesions enter as 0.0")
-    values, inverse = np.unique(np.concatenate([fp, hits]), return_inverse=True)
-    fp_counts = np.bincount(inverse[: fp.size], minlength=values.size)
-    hit_counts = np.bincount(inverse[fp.size:], minlength=values.size)
+    if (fp < 0).any() or (hits < 0).any():
+        raise ValueError("scores are probabilities: none may be below 0")
+    values, inverse = np.unique(np.concatenate([[0.0], fp, hits]), return_inverse=True)  # 0.0: the floor
+    fp_counts = np.bincount(inverse[1 : 1 + fp.size], minlength=values.size)
+    hit_counts = np.bincount(inverse[1 + fp.size :], minlength=values.size)
     thresholds, false_positives, detected = _curve_counts(values, fp_counts, hit_counts)
     return FrocCurve(score_thresholds=thresholds, detected=detected.astype(np.int64),
                      false_positives=false_positives.astype(np.int64), sensitivity=_ratio(detected, n_lesions),
@@ -494,7 +497,8 @@ def _score_histograms(records: Sequence[ImageRecord]) -> tuple[np.ndarray, np.nd
     fp = [rec.fp_scores for rec in records]
     hits = [np.asarray(rec.lesion_hit_scores, dtype=np.float64) for rec in records]
     arrays = fp + hits  # rows 0..n-1: false positives of each image; n..2n-1: hit scores
-    values, inverse = np.unique(np.concatenate(arrays + [np.zeros(0)]), return_inverse=True)
+    values, inverse = np.unique(np.concatenate([np.zeros(1)] + arrays), return_inverse=True)  # 0.0: the floor
+    inverse = inverse[1:]
     owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
     hist = np.bincount(owner * values.size + inverse, minlength=len(arrays) * values.size)
     hist = hist.reshape(len(arrays), values.size).astype(np.float64)
