@@ -67,7 +67,7 @@ def build_case(tmp_path: Path):
 
 EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1,
             "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0}
-CONFIG = {"infer": {"threshold": 0.5, "n_chunks": 1}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
+CONFIG = {"infer": {"threshold": 0.5, "chunk_size": 100}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -49,6 +48,26 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+def configfile(folder: Path, sections: dict) -> list[str]:
+    """``--configfile`` arguments for a YAML file holding ``sections`` (over the schema's defaults)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return ["--configfile", str(path)]
+
+
+def plan_for(manifest: Path, patches: dict, out: Path) -> Path:
+    """A plan.json for ``patches`` (over the defaults) and a training manifest, as the plan rule writes it."""
+    from mammoseg.config import validate_config
+    from mammoseg.config.plan import build_plan
+    from mammoseg.data.manifest import read_manifest
+
+    build_plan(validate_config({"patches": patches})["patches"], "test-patches", read_manifest(manifest)).write(out)
+    return out
+
+
 # TensorFlow's C++ start-up notices, printed through absl before its logging is set up, whatever
 # TF_CPP_MIN_LOG_LEVEL says (e.g. "oneDNN custom operations are on", only on CPUs with AVX-512): not ours.
 TF_STARTUP_NOTICE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \d\d:\d\d:)")
@@ -78,8 +97,9 @@ def collection(tmp_path_factory) -> Path:
 def extract_command(manifest: Path, out: Path) -> list[str]:
     # 40 shifted copies per ROI: ~8x the paper's work, so that the write lasts seconds even on a fast machine
     patches = {**PATCHES, "n_shifted": 40}
-    return [*CLI, "extract", "--config-json", json.dumps({"patches": patches}), "--manifest", str(manifest),
-            "--out", str(out), "--shard", "0"]
+    plan = plan_for(manifest, patches, out.parent.parent / f"{out.parent.name}-plan.json")
+    return [*CLI, "extract", *configfile(out.parent.parent / f"{out.parent.name}-config", {"patches": patches}),
+            "--plan", str(plan), "--manifest", str(manifest), "--out", str(out), "--shard", "0"]
 
 
 # --- kill -9 during extraction ---------------------------------------------------------------------------------
@@ -127,7 +147,8 @@ def small_shard(collection, tmp_path_factory) -> Path:
     from mammoseg.patches.shards import run_extract
 
     out = tmp_path_factory.mktemp("shard") / "shard-0.h5"
-    run_extract({"patches": {**PATCHES, "n": 6, "downscale": 2}}, collection, out, 0)
+    run_extract(plan_for(collection, {**PATCHES, "n": 6, "downscale": 2}, out.with_name("plan.json")), collection,
+                out, 0)
     return out
 
 
@@ -150,9 +171,9 @@ def test_truncated_shard_train_cli_subprocess_exit_2_one_line(small_shard, tmp_p
     shard = tmp_path / "shard-0.h5"
     shutil.copy(small_shard, shard)
     truncate(shard, 0.5)
-    done = run_cli("train", "--config-json", json.dumps(TRAIN_CONFIG), "--out-dir", str(tmp_path / "m"), str(shard))
+    done = run_cli("train", *configfile(tmp_path, TRAIN_CONFIG), "--out-dir", str(tmp_path / "m"), str(shard))
     assert_one_line_error(done, shard)
-    assert not (tmp_path / "m" / "model.keras").exists()
+    assert not (tmp_path / "m" / "best.keras").exists()
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.1, 0.9, 0.999])
@@ -160,10 +181,10 @@ def test_truncated_shard_train_cli_names_the_file(small_shard, tmp_path, capsys,
     shard = tmp_path / "shard-0.h5"
     shutil.copy(small_shard, shard)
     truncate(shard, keep)
-    done = cli_in_process(capsys, "train", "--config-json", json.dumps(TRAIN_CONFIG), "--out-dir",
+    done = cli_in_process(capsys, "train", *configfile(tmp_path, TRAIN_CONFIG), "--out-dir",
                           str(tmp_path / "model"), str(shard))
     assert_one_line_error(done, shard)
-    assert not (tmp_path / "model" / "model.keras").exists()
+    assert not (tmp_path / "model" / "best.keras").exists()
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +201,8 @@ def predict_args(model: Path, collection: Path, out: Path) -> list[str]:
 
     manifest = pd.read_csv(collection, dtype=str)
     image = collection.parent / manifest["image_path"].iloc[0]
-    return ["predict", "--config-json", json.dumps({"patches": {"n": 6, "downscale": 2}}), "--model", str(model),
-            "--image", str(image), "--out-prob", str(out / "x.prob.npz"), "--out-mask", str(out / "x.mask.png")]
+    return ["predict", *configfile(out.parent / "predict-config", {"patches": {"n": 6, "downscale": 2}}), "--model",
+            str(model), "--out", str(out), str(image)]
 
 
 @pytest.mark.slow
@@ -202,7 +223,7 @@ def test_truncated_model_predict_cli_names_the_file(small_model, collection, tmp
     out = tmp_path / "pred"
     done = cli_in_process(capsys, *predict_args(model, collection, out))
     assert_one_line_error(done, model)
-    assert not (out / "x.prob.npz").exists() and not (out / "x.mask.png").exists()
+    assert not out.exists()  # the output folder appears whole or not at all
 
 
 # --- Snakemake re-creates a damaged artefact on request ------------------------------------------------------------
@@ -238,9 +259,8 @@ def test_snakemake_recreates_truncated_shard_and_model_on_request(tmp_path):
     shutil.copy(REPO / "tests" / "data" / "tiny.yaml", tmp_path / "config.yaml")
     done = snakemake(tmp_path, "--until", "train")
     assert done.returncode == 0, done.stderr[-5000:]
-    shard = tmp_path / "results/patches/mass/shard-0.h5"
-    model = tmp_path / "results/models/tiny/model.keras"
-    assert shard.is_file() and model.is_file()
+    (shard,) = tmp_path.glob("results/patches/*/shard-0.h5")
+    (model,) = tmp_path.glob("results/models/*/fold-0/best.keras")
     assert scheduled_rules(snakemake(tmp_path, "-n", "--until", "train")) == {}
 
     truncate(shard)
@@ -257,8 +277,8 @@ def test_snakemake_recreates_truncated_shard_and_model_on_request(tmp_path):
     # and a real rerun rebuilds it whole
     done = snakemake(tmp_path, "--until", "train", "--forcerun", str(model.relative_to(tmp_path)))
     assert done.returncode == 0, done.stderr[-5000:]
+    from mammoseg.inference.predict import load_model
     from mammoseg.model.dataset import read_provenance
-    from mammoseg.inference.sliding import load_model
 
     assert len(read_provenance([shard])) > 0
     load_model(model)
@@ -300,8 +320,9 @@ def test_enospc_during_extraction_cli_clear_error_no_shard(collection, tmp_path,
 
     monkeypatch.setattr(shards, "preprocess_window", filling_disk)
     out = tmp_path / "patches" / "shard-0.h5"
-    code = cli.main(["extract", "--config-json", json.dumps({"patches": PATCHES}), "--manifest", str(collection),
-                     "--out", str(out), "--shard", "0"])
+    plan = plan_for(collection, PATCHES, tmp_path / "plan.json")
+    code = cli.main(["extract", *configfile(tmp_path / "c", {"patches": PATCHES}), "--plan", str(plan),
+                     "--manifest", str(collection), "--out", str(out), "--shard", "0"])
     assert code == 2
     assert not out.exists()
     assert list(out.parent.iterdir()) == []
@@ -321,7 +342,9 @@ def test_real_full_disk_tmpfs_extract_clear_error_no_shard(collection, tmp_path)
         pytest.skip("needs root and a mountable tmpfs for a real ENOSPC")
     try:
         out = disk / "shard-0.h5"
-        done = run_cli("extract", "--config-json", json.dumps({"patches": {**PATCHES, "compression": "none"}}),
+        patches = {**PATCHES, "compression": "none"}
+        plan = plan_for(collection, patches, tmp_path / "plan.json")
+        done = run_cli("extract", *configfile(tmp_path / "c", {"patches": patches}), "--plan", str(plan),
                        "--manifest", str(collection), "--out", str(out), "--shard", "0")
         assert_one_line_error(done, out)
         assert "[Errno 28]" in done.stderr and "free space" in done.stderr

@@ -124,13 +124,14 @@ def test_text_grep_agrees_no_unsafe_tokens_outside_comments():
 
 def test_keras_model_with_python_code_is_refused(tmp_path):
     keras = pytest.importorskip("keras")
-    from mammoseg.inference.sliding import load_model
+    from mammoseg.errors import InputError
+    from mammoseg.inference.predict import load_model
 
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)  # arbitrary Python: serialised as bytecode
     path = tmp_path / "evil.keras"
     keras.Model(inputs, outputs).save(path)
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(InputError) as caught:
         load_model(path)
     assert str(path) in str(caught.value)
     assert "safe_mode" in str(caught.value) or "unsafe" in str(caught.value).lower()
@@ -284,36 +285,38 @@ def test_leak_check_finds_planted_values(tmp_path):
 def test_derived_artefacts_carry_no_identifying_values(identified_tree, tmp_path):
     pytest.importorskip("tensorflow")
     from mammoseg.config import validate_config
-    from mammoseg.evaluation.evaluate import run_evaluate
-    from mammoseg.config.fingerprint import run_fingerprint
-    from mammoseg.inference.sliding import run_predict
+    from mammoseg.config.fingerprint import run_fingerprint, run_plan
     from mammoseg.data.restructure import restructure_collection
-    from mammoseg.patches.shards import run_extract, run_patch_manifest
+    from mammoseg.evaluation.evaluate import run_evaluate_chunk
+    from mammoseg.evaluation.summary import run_summarise
+    from mammoseg.inference.predict import run_predict_chunk
     from mammoseg.model.unet import build_unet
+    from mammoseg.patches.shards import run_extract, run_patch_manifest
 
     results = tmp_path / "results"
     config = validate_config({"patches": {"n": 6, "downscale": 2, "n_shards": 1, "n_shifted": 1},
-                              "model": {"name": "p", "depth": 2, "filters": 4}})
+                              "model": {"name": "p", "depth": 2, "filters": 4}, "infer": {"chunk_size": 100},
+                              "evaluate": {"bootstrap": 20}})
     manifests = {}
     for split in ("train", "test"):
         out = results / "restructured" / "mass" / split
         restructure_collection(identified_tree, out, abnormality="mass", split=split, link="copy", progress=False)
         manifests[split] = out / "manifest.csv"
-    shard = results / "patches" / "mass" / "shard-0.h5"
-    run_extract(config, manifests["train"], shard, 0)
-    run_patch_manifest(config, [shard], results / "patches/mass/patches.csv", results / "patches/mass/skipped.csv")
-    run_fingerprint(config, [manifests["train"], manifests["test"]], results / "plan/fingerprint.json",
-                    results / "plan/plan.json")
-    model = results / "models" / "p" / "model.keras"
+    patches = results / "patches" / "mass"
+    run_plan(config["patches"], "mass-key", manifests["train"], patches / "plan.json")
+    run_extract(patches / "plan.json", manifests["train"], patches / "shard-0.h5", 0)
+    run_patch_manifest(patches / "plan.json", [patches / "shard-0.h5"], patches / "patches.csv",
+                       patches / "skipped.csv", patches / "patches.png")
+    run_fingerprint([manifests["train"], manifests["test"]], results / "restructured/fingerprint.json")
+    model = results / "models" / "p" / "fold-0" / "best.keras"
     model.parent.mkdir(parents=True)
     build_unet((32, 32, 1), depth=2, filters=4).save(model)
-    test = pd.read_csv(manifests["test"], dtype=str, keep_default_na=False)
-    image_id = test["image_id"].iloc[0]
-    image = manifests["test"].parent / test["image_path"].iloc[0]
-    prob = results / "predictions" / "p" / f"{image_id}.prob.npz"
-    run_predict(config, model, image, prob, prob.with_name(f"{image_id}.mask.png"))
-    run_evaluate(config, prob, manifests["test"], image_id, results / "metrics/p/images" / f"{image_id}.json",
-                 results / "overlays" / "p" / f"{image_id}.png")
+    predictions = results / "predictions" / "p" / "test" / "chunk-0"
+    run_predict_chunk(patches / "plan.json", manifests["test"], [str(model)], predictions, image_set="test", chunk=0,
+                      config=config)
+    evaluated = results / "experiments" / "p" / "test" / "chunk-0"
+    run_evaluate_chunk(predictions, manifests["test"], evaluated, chunk=0, config=config)
+    run_summarise([evaluated], evaluated.parent, experiment="p", image_set="test", config=config)
     # the copies do carry the source headers (documented): proves the values reached the pipeline
     copied = next((results / "restructured/mass/test/images").glob("*.dcm"))
     assert str(pydicom.dcmread(copied).PatientName) == IDENTIFYING["PatientName"]

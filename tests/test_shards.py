@@ -146,6 +146,11 @@ def load_shard(path: Path):
         return h5["images"][()], h5["masks"][()], read_table(h5, "provenance"), read_table(h5, "skipped"), dict(h5.attrs)
 
 
+def read_table_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return dict(h5.attrs)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -387,25 +392,37 @@ def test_bad_manifest_and_parameters_raise_clear_errors(tmp_path):
 
 
 def test_patch_manifest_grid_and_stage_entries(tmp_path):
+    from mammoseg.config import validate_config
+    from mammoseg.config.plan import build_plan
+    from mammoseg.data.manifest import read_manifest
+
     manifest = write_collection(tmp_path, {
         "P_00001_LEFT_CC": ((128, 128), [Lesion(10, 10, 30, 30)]),
         "P_00002_LEFT_CC": ((128, 60), [Lesion(10, 10, 20, 20)]),
         "P_00003_RIGHT_MLO": ((160, 128), [Lesion(100, 90, 130, 120), Lesion(5, 5, 15, 15)]),
     })
-    config = {"patches": {"n": 6, "downscale": 4, "n_shifted": 2, "max_shift": 0.2, "n_shards": 2, "seed": 5}}
+    patches = validate_config({"patches": {"n": 6, "downscale": 4, "n_shifted": 2, "max_shift": 0.2, "n_shards": 2,
+                                           "seed": 5}})["patches"]
+    plan = build_plan(patches, "mass-n6d4-00000000", read_manifest(manifest))
+    plan.write(tmp_path / "plan.json")
+    assert (plan.train_rois, plan.train_images, plan.expected_patches) == (4, 3, 4 * 3)
+    assert not plan.window_fits_every_train_image and plan.smallest_train_image_px == (128, 60)
     paths = [tmp_path / "patches" / f"shard-{k}.h5" for k in range(2)]
-    infos = [run_extract(config, manifest, p, k) for k, p in enumerate(paths)]
+    infos = [run_extract(tmp_path / "plan.json", manifest, p, k) for k, p in enumerate(paths)]
     assert sum(i["n_patches"] for i in infos) == 3 * 3 and sum(i["n_skipped"] for i in infos) == 1
+    assert {read_table_attrs(p)["config_hash"] for p in paths} == {"mass-n6d4-00000000"}
     out_csv, skipped_csv = tmp_path / "patches.csv", tmp_path / "skipped.csv"
-    summary = run_patch_manifest(config, paths, out_csv, skipped_csv)
+    summary = run_patch_manifest(tmp_path / "plan.json", paths, out_csv, skipped_csv, tmp_path / "grid0.png")
     table = pd.read_csv(out_csv)
     assert summary == {"n_shards": 2, "n_patches": 9, "n_skipped": 1}
     assert list(table.columns[:2]) == ["shard", "row"] and len(table) == 9
     for shard, group in table.groupby("shard"):
         assert sorted(group.row) == list(range(len(group)))
     assert pd.read_csv(skipped_csv).reason.tolist() == ["patch_larger_than_image"]
-    with pytest.raises(ValueError, match="config hash"):
-        run_patch_manifest({"patches": {**config["patches"], "seed": 6}}, paths, out_csv, skipped_csv)
+    assert (tmp_path / "grid0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    build_plan({**patches, "seed": 6}, "mass-n6d4-11111111", read_manifest(manifest)).write(tmp_path / "other.json")
+    with pytest.raises(InputError, match="mass-n6d4-00000000"):
+        run_patch_manifest(tmp_path / "other.json", paths, out_csv, skipped_csv)
     # grid picture
     png = tmp_path / "grid.png"
     nonempty = next(p for p in paths if load_shard(p)[0].shape[0])

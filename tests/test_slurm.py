@@ -31,19 +31,17 @@ TINY = REPO / "tests" / "data" / "tiny.yaml"
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("train", "predict")
+GPU_RULES = ("train", "predict_chunk")
 # Exit code of tests/slurm/up.sh for "this machine cannot run SLURM" (a skip, not a failure).
 CANNOT_RUN = 3
-# Result tables compared between the local and the SLURM run, relative to the results folder.
-TABLES = (
-    "restructured/mass/train/manifest.csv",
-    "restructured/mass/test/manifest.csv",
-    "patches/mass/patches.csv",
-    "metrics/tiny/per_image.csv",
-    "metrics/tiny/lesions.csv",
-    "metrics/tiny/summary.csv",
-    "metrics/tiny/froc.csv",
-)
+
+
+def tables(keys) -> tuple[str, ...]:
+    """Result tables compared between the local and the SLURM run, relative to the results folder."""
+    experiment = f"experiments/{keys.experiment}/test"
+    return (f"restructured/{keys.data}/train/manifest.csv", f"restructured/{keys.data}/test/manifest.csv",
+            f"patches/{keys.patches}/patches.csv", f"{experiment}/per_image.csv", f"{experiment}/lesions.csv",
+            f"{experiment}/candidates.csv", f"{experiment}/summary.csv", f"{experiment}/froc.csv")
 # Columns that legitimately differ between two runs: wall-clock times and absolute paths of the run folder.
 VOLATILE_COLUMNS = re.compile(r"(^|_)(time|seconds|duration|elapsed|timestamp)s?$|_source$|^source_path$")
 
@@ -164,9 +162,9 @@ def test_slurm_profile_declares_gpu_rules_groups_and_scopes():
         resources = profile["set-resources"][rule]
         assert {"gpu", "cpus_per_gpu", "mem_mb", "runtime", "slurm_partition"} <= set(resources), rule
         assert resources["gpu"] == 1
-    # a cluster gets few jobs of many images, and `gpu` limits each submission, not the whole cluster
-    (per_image,) = [entry for entry in profile["group-components"] if entry.startswith("per_image=")]
-    assert int(per_image.split("=")[1]) > 1
+    # a chunk is predicted and evaluated in one submission, and `gpu` limits each submission, not the cluster
+    (inference,) = [entry for entry in profile["group-components"] if entry.startswith("inference=")]
+    assert int(inference.split("=")[1]) >= 1
     assert "gpu=local" in profile["set-resource-scopes"]
     assert "gpu=1" in profile["resources"]
 
@@ -243,25 +241,31 @@ def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tmp_path_fact
           f"under SLURM {slurm_s:.0f} s")
     assert cluster.returncode == 0, "SLURM run failed:\n" + tail(cluster)
 
-    # every job went through sbatch; the per-image jobs were grouped into few submissions
+    # every job went through sbatch; each chunk's prediction and evaluation went in one submission
+    from mammoseg.config.keys import stage_keys
+    from mammoseg.config.resolve import resolve_config
+    from mammoseg.data.manifest import chunk_count, read_manifest
+
+    config = resolve_config([slurm_dir / "config.yaml"])
+    keys = stage_keys(config)
     output = cluster.stdout + cluster.stderr
     counts = submissions(output)
-    test_images = pd.read_csv(slurm_dir / "results/restructured/mass/test/manifest.csv")["image_id"].nunique()
     assert counts.get("rule_train") == 1, counts
-    group_jobs = sum(n for folder, n in counts.items() if folder.startswith("group_per_image"))
-    per_image = int(yaml.safe_load(SLURM_PROFILE.read_text())["group-components"][0].split("=")[1])
-    assert group_jobs == -(-test_images // per_image), (counts, test_images)
+    group_jobs = sum(n for folder, n in counts.items() if folder.startswith("group_inference"))
+    test_rows = read_manifest(slurm_dir / f"results/restructured/{keys.data}/test/manifest.csv")
+    assert group_jobs == chunk_count(test_rows, config["infer"]["chunk_size"]) > 1, counts
     # only `all` and the rules the Snakefile declares `localrules` (seconds of work each) may run on the submit host
-    assert set(re.findall(r"localrule (\w+):", output)) <= {"all", "fingerprint", "patch_manifest"}, output[-3000:]
+    local_rules = {"all", "fingerprint", "plan", "patch_manifest", "experiment_config", "summarise"}
+    assert set(re.findall(r"localrule (\w+):", output)) <= local_rules, output[-3000:]
 
     # training saw the fake GPU's CUDA_VISIBLE_DEVICES=0 and still ran on the CPU build of TensorFlow
-    slurm_report = json.loads((slurm_dir / "results/models/tiny/report.json").read_text())
+    slurm_report = json.loads((slurm_dir / f"results/models/{keys.model}/fold-0/report.json").read_text())
     assert slurm_report["cuda_visible_devices"] == "0", slurm_report
     assert slurm_report["device"].startswith("CPU"), slurm_report
-    assert "CUDA_VISIBLE_DEVICES='0'" in (slurm_dir / "results/logs/train/tiny.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES='0'" in (slurm_dir / f"results/logs/train/{keys.model}/fold-0.log").read_text()
 
     # same tables, exactly (deterministic training, same seeds)
-    for relative in TABLES:
+    for relative in tables(keys):
         local_table = read_table(local_dir / "results" / relative)
         slurm_table = read_table(slurm_dir / "results" / relative)
         assert len(local_table) > 0, f"{relative} is empty in the local run"

@@ -22,6 +22,10 @@ import pydicom
 import pytest
 import yaml
 
+from mammoseg.config.keys import stage_keys
+from mammoseg.config.resolve import resolve_config
+from mammoseg.data.manifest import bucket_of, chunk_count, read_manifest
+
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,40 +82,67 @@ def changed_pixel(path: Path):
         path.write_bytes(original)
 
 
+def keys_of(*configfiles: Path, **overrides):
+    """The stage keys (result folders) of a configuration, resolved as the workflow resolves it."""
+    return stage_keys(resolve_config(list(configfiles), overrides))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny-run")
     shutil.copy(TINY, workdir / "config.yaml")
     result = snakemake(workdir)
     assert result.returncode == 0, f"workflow failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
-    config = yaml.safe_load(TINY.read_text())
+    config = resolve_config([workdir / "config.yaml"])
     return workdir, config, result
 
 
-def test_tables_are_written_and_consistent(finished_run):
-    workdir, config, _ = finished_run
+def n_test_chunks(workdir: Path, config) -> int:
+    rows = read_manifest(folders(workdir, stage_keys(config))["data"] / "test" / "manifest.csv")
+    return chunk_count(rows, config["infer"]["chunk_size"])
+
+
+def folders(workdir: Path, keys) -> dict[str, Path]:
     results = workdir / "results"
-    model = config["model"]["name"]
-    test_manifest = pd.read_csv(results / "restructured/mass/test/manifest.csv", dtype=str, keep_default_na=False)
-    per_image = pd.read_csv(results / f"metrics/{model}/per_image.csv")
+    return {"data": results / "restructured" / keys.data, "patches": results / "patches" / keys.patches,
+            "models": results / "models" / keys.model,
+            "predictions": results / "predictions" / keys.model / keys.inference,
+            "experiment": results / "experiments" / keys.experiment, "synth": results / "synth" / keys.synth}
+
+
+def test_tables_are_written_and_consistent(finished_run):
+    workdir, config, result = finished_run
+    where = folders(workdir, stage_keys(config))
+    test_manifest = pd.read_csv(where["data"] / "test/manifest.csv", dtype=str, keep_default_na=False)
+    per_image = pd.read_csv(where["experiment"] / "test/per_image.csv")
     # one row per test image that kept at least one ROI, no more, no less
-    assert sorted(per_image["image_id"]) == sorted(set(test_manifest["image_id"]))
+    as_predicted = per_image[per_image["min_area"] == 0]
+    assert sorted(as_predicted["image_id"]) == sorted(set(test_manifest["image_id"]))
     for column in ("dice", "iou"):
         assert per_image[column].between(0, 1).all()
-    summary = pd.read_csv(results / f"metrics/{model}/summary.csv")
-    assert not summary.empty
-    # every test image has its prediction map, overlay and per-image JSON
+    summary = pd.read_csv(where["experiment"] / "test/summary.csv")
+    assert {"cpm", "tpr_at_1_fppi", "pooled_dice"} <= set(summary["metric"])
+    candidates = pd.read_csv(where["experiment"] / "test/candidates.csv")
+    assert set(candidates["image_id"]) <= set(test_manifest["image_id"])
+    # every test image has its probability map (prediction), and its mask, overlay and JSON (evaluation)
+    n_chunks = n_test_chunks(workdir, config)
+    assert n_chunks == 2
     for image_id in set(test_manifest["image_id"]):
-        assert (results / f"predictions/{model}/{image_id}.prob.npz").is_file()
-        assert (results / f"overlays/{model}/{image_id}.png").is_file()
-        assert (results / f"metrics/{model}/images/{image_id}.json").is_file()
+        chunk = f"chunk-{bucket_of(image_id, n_chunks)}"
+        assert (where["predictions"] / "test" / chunk / f"{image_id}.prob.npz").is_file()
+        for suffix in (".mask.png", ".overlay.png", ".json"):
+            assert (where["experiment"] / "test" / chunk / f"{image_id}{suffix}").is_file()
+    # the run's resolved configuration lies beside its results, and the run printed its summary
+    assert yaml.safe_load((where["experiment"] / "config.yaml").read_text()) == config
+    assert "mammoseg evaluation of" in result.stdout and str(where["experiment"].relative_to(workdir)) in result.stdout
 
 
 def test_restructure_counts_reconcile(finished_run):
-    workdir, _, _ = finished_run
-    truth = json.loads((workdir / "results/synth/truth.json").read_text())
+    workdir, config, _ = finished_run
+    where = folders(workdir, stage_keys(config))
+    truth = json.loads((where["synth"] / "truth.json").read_text())
     for split in ("train", "test"):
-        folder = workdir / "results/restructured/mass" / split
+        folder = where["data"] / split
         kept = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
         skipped = pd.read_csv(folder / "skipped.csv", dtype=str, keep_default_na=False)
         assert len(kept) > 0
@@ -125,12 +156,12 @@ def test_restructure_counts_reconcile(finished_run):
         assert set(skipped["reason"]) <= expected_reasons | {"image_without_mask"}
 
 
-def test_patch_count_matches_rois(finished_run):
+def test_patch_count_matches_rois_and_the_plan(finished_run):
     workdir, config, _ = finished_run
-    results = workdir / "results"
-    kept = pd.read_csv(results / "restructured/mass/train/manifest.csv", dtype=str, keep_default_na=False)
-    patches = pd.read_csv(results / "patches/mass/patches.csv", dtype=str, keep_default_na=False)
-    skipped = pd.read_csv(results / "patches/mass/skipped.csv", dtype=str, keep_default_na=False)
+    where = folders(workdir, stage_keys(config))
+    kept = pd.read_csv(where["data"] / "train/manifest.csv", dtype=str, keep_default_na=False)
+    patches = pd.read_csv(where["patches"] / "patches.csv", dtype=str, keep_default_na=False)
+    skipped = pd.read_csv(where["patches"] / "skipped.csv", dtype=str, keep_default_na=False)
     lesion_patches = patches[patches["copy_index"].astype(int) >= 0]
     negatives = patches[patches["copy_index"].astype(int) < 0]
     copies = 1 + config["patches"]["n_shifted"]
@@ -140,6 +171,11 @@ def test_patch_count_matches_rois(finished_run):
     per_image = negatives.groupby("image_id").size()
     assert (per_image <= config["patches"]["n_negative"]).all() and len(per_image) > 0
     assert set(negatives["image_id"]) <= set(lesion_patches["image_id"])
+    # the plan counted what extraction would make, negatives included
+    plan = json.loads((where["patches"] / "plan.json").read_text())
+    images = kept["image_id"].nunique()
+    assert plan["expected_patches"] == copies * len(kept) + config["patches"]["n_negative"] * images
+    assert len(patches) <= plan["expected_patches"]
 
 
 def test_second_dry_run_schedules_nothing(finished_run):
@@ -147,30 +183,50 @@ def test_second_dry_run_schedules_nothing(finished_run):
     assert scheduled_jobs(snakemake(workdir, "-n")) == {}
 
 
-def test_changed_test_image_reruns_only_its_jobs(finished_run):
-    workdir, _, _ = finished_run
-    manifest = pd.read_csv(workdir / "results/restructured/mass/test/manifest.csv", dtype=str, keep_default_na=False)
-    image = workdir / "results/restructured/mass/test" / manifest["image_path"].iloc[0]
+def test_changed_test_image_reruns_only_its_chunk(finished_run):
+    workdir, config, _ = finished_run
+    where = folders(workdir, stage_keys(config))
+    manifest = pd.read_csv(where["data"] / "test/manifest.csv", dtype=str, keep_default_na=False)
+    image = where["data"] / "test" / manifest["image_path"].iloc[0]
     with changed_pixel(image.resolve()):
         jobs = scheduled_jobs(snakemake(workdir, "-n"))
-    assert jobs == {"predict": 1, "evaluate_image": 1, "summarise": 1}
+    assert jobs == {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1}
+
+
+def test_a_new_threshold_reruns_evaluation_only(finished_run):
+    workdir, config, _ = finished_run
+    # the exact command line of issue 15: Snakemake passes the nested value as text, the resolver reads YAML
+    jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", "infer={threshold: 0.4}"))
+    assert jobs == {"evaluate_chunk": n_test_chunks(workdir, config), "summarise": 1, "experiment_config": 1}
+
+
+def test_a_variant_writes_beside_the_original_and_leaves_it_complete(finished_run):
+    """Run a blended-inference variant for real; the original's dry run then schedules nothing."""
+    workdir, config, _ = finished_run
+    original = folders(workdir, stage_keys(config))
+    before = {p: p.stat().st_mtime_ns for p in original["experiment"].rglob("*") if p.is_file()}
+    done = snakemake(workdir, "--config", "infer={mode: blended}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    variant = folders(workdir, keys_of(workdir / "config.yaml", infer={"mode": "blended"}))
+    assert variant["experiment"] != original["experiment"] and variant["models"] == original["models"]
+    assert (variant["experiment"] / "test/summary.csv").is_file()
+    assert scheduled_jobs(snakemake(workdir, "-n")) == {}
+    assert {p: p.stat().st_mtime_ns for p in original["experiment"].rglob("*") if p.is_file()} == before
 
 
 def test_changed_training_parameter_retrains_but_does_not_extract(finished_run):
     workdir, config, _ = finished_run
-    n_images = len(set(pd.read_csv(workdir / "results/restructured/mass/test/manifest.csv")["image_id"]))
-    changed = yaml.safe_load((workdir / "config.yaml").read_text())
-    changed.setdefault("train", {})["learning_rate"] = 0.0005
-    (workdir / "changed.yaml").write_text(yaml.safe_dump(changed))
-    jobs = scheduled_jobs(snakemake(workdir, "-n", "--configfile", str(workdir / "changed.yaml")))
-    assert jobs.get("extract_shard", 0) == 0 and jobs.get("restructure", 0) == 0
-    assert jobs["train"] == 1
-    assert jobs["predict"] == n_images and jobs["evaluate_image"] == n_images and jobs["summarise"] == 1
+    changed = workdir / "changed.yaml"
+    changed.write_text(yaml.safe_dump({"train": {"learning_rate": 0.0005}}))
+    jobs = scheduled_jobs(snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(changed)))
+    n_chunks = n_test_chunks(workdir, config)
+    assert jobs == {"train": 1, "predict_chunk": n_chunks, "evaluate_chunk": n_chunks, "summarise": 1,
+                    "experiment_config": 1}
 
 
 def test_changed_training_case_reextracts_one_shard(finished_run):
     workdir, config, _ = finished_run
-    folder = workdir / "results/restructured/mass/train"
+    folder = folders(workdir, stage_keys(config))["data"] / "train"
     manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
     with changed_pixel((folder / manifest["image_path"].iloc[0]).resolve()):
         jobs = scheduled_jobs(snakemake(workdir, "-n"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import stage_keys, stage_settings
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
-from mammoseg.data.manifest import bucket_of, files_of, images_of, read_manifest, rows_of_bucket
+from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
 # as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
@@ -26,7 +26,6 @@ R = config["results"]
 ABN = config["data"]["abnormality"]
 SYNTHETIC = config["data"]["source"] == "synthetic"
 N_SHARDS = config["patches"]["n_shards"]
-N_CHUNKS = config["infer"]["n_chunks"]
 FOLDS = list(range(config["train"]["folds"]))
 # out-of-fold predictions of the training images exist only with cross-validation
 IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
@@ -83,8 +82,19 @@ def set_split(image_set):
     return "test" if image_set == "test" else "train"
 
 
+def n_chunks(image_set):
+    """How many chunks an image set is cut into (infer.chunk_size images each): known once it is restructured."""
+    return chunk_count(manifest_rows(set_split(image_set)), config["infer"]["chunk_size"])
+
+
 def chunk_rows(wildcards):
-    return rows_of_bucket(manifest_rows(set_split(wildcards.image_set)), int(wildcards.c), N_CHUNKS)
+    rows = manifest_rows(set_split(wildcards.image_set))
+    return rows_of_bucket(rows, int(wildcards.c), n_chunks(wildcards.image_set))
+
+
+def chunk_folders(wildcards):
+    """Every evaluated chunk folder of an image set (the summary's inputs)."""
+    return expand(f"{EXPERIMENT}/{wildcards.image_set}/chunk-{{c}}", c=range(n_chunks(wildcards.image_set)))
 
 
 def chunk_images(wildcards):

@@ -32,7 +32,7 @@ rule evaluate_chunk:
 
 rule summarise:
     input:
-        chunks=expand(f"{EXPERIMENT}/{{{{image_set}}}}/chunk-{{c}}", c=range(N_CHUNKS)),
+        chunks=chunk_folders,
     output:
         per_image=report(
             f"{EXPERIMENT}/{{image_set}}/per_image.csv",

@@ -1,4 +1,5 @@
-# Prediction: one job per chunk of images (bucket_of(image_id) mod infer.n_chunks), the model (or the mean of the
+# Prediction: one job per chunk of images (bucket_of(image_id) mod chunk_count: infer.chunk_size images per chunk),
+# the model (or the mean of the
 # fold models) loaded once per job. Writes probability maps only: binarising is evaluation.
 
 

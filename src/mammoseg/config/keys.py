@@ -35,7 +35,7 @@ __all__ = ["NOT_IN_KEYS", "StageKeys", "stage_keys", "stage_settings"]
 NOT_IN_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("link",),
     "patches": ("compression", "image_compression"),
-    "infer": ("batch_size", "n_chunks"),
+    "infer": ("batch_size", "chunk_size"),
 }
 #: Settings of ``infer`` that belong to evaluation (binarising a saved probability map).
 EVALUATION_INFER_KEYS = ("threshold",)

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 from mammoseg.errors import InputError
 
-__all__ = ["REQUIRED_COLUMNS", "read_manifest", "bucket_of", "rows_of_bucket", "images_of", "files_of"]
+__all__ = ["REQUIRED_COLUMNS", "read_manifest", "bucket_of", "chunk_count", "rows_of_bucket", "images_of", "files_of"]
 
 #: Columns every consumer of a manifest needs.
 REQUIRED_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")
@@ -61,6 +61,16 @@ def bucket_of(image_id: str, n: int) -> int:
     if n < 1:
         raise ValueError(f"the number of buckets must be >= 1, got {n}")
     return int(hashlib.sha1(str(image_id).encode("utf-8")).hexdigest(), 16) % int(n)
+
+
+def chunk_count(rows: Iterable[Mapping[str, str]], chunk_size: int) -> int:
+    """How many prediction chunks the images of ``rows`` make: ``max(1, ceil(images / chunk_size))``.
+
+    Why a size and not a count: each chunk pays a fixed cost (a process, TensorFlow, the models) that is worth tens
+    of images; a count fixed for CBIS-DDSM's 378 test images would cut the demo's 12 into chunks of 3.
+    """
+    n_images = len({row["image_id"] for row in rows})
+    return max(1, -(-n_images // int(chunk_size)))
 
 
 def rows_of_bucket(rows: Iterable[Mapping[str, str]], index: int, n: int) -> list[Mapping[str, str]]:

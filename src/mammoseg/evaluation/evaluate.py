@@ -241,10 +241,11 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
 def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, chunk: int,
                        config: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     """Stage ``evaluate_chunk``: :func:`evaluate_chunk` for chunk ``chunk`` of ``manifest``, with the resolved
-    configuration's ``infer.threshold``, ``infer.n_chunks`` and ``evaluate`` settings."""
-    from mammoseg.data.manifest import read_manifest, rows_of_bucket
+    configuration's ``infer.threshold``, ``infer.chunk_size`` and ``evaluate`` settings."""
+    from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
 
-    rows = rows_of_bucket(read_manifest(manifest), chunk, config["infer"]["n_chunks"])
+    all_rows = read_manifest(manifest)
+    rows = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, config["infer"]["chunk_size"]))
     payloads = evaluate_chunk(prediction_dir, rows, Path(manifest).parent, out_dir,
                               threshold=float(config["infer"]["threshold"]), evaluate=config["evaluate"])
     print(f"chunk {chunk}: {sum(p['status'] == 'evaluated' for p in payloads)} images evaluated -> {out_dir}")

@@ -1,7 +1,7 @@
 """Stage ``predict``: probability maps for a chunk of full mammograms, the model loaded once per chunk.
 
-A prediction job handles every image of one chunk (``chunk_of(image_id, n_chunks)``, the stable hash that also
-assigns shards), so TensorFlow is imported and each model loaded once per chunk instead of once per image, and
+A prediction job handles every image of one chunk (:func:`mammoseg.data.manifest.bucket_of`, the stable hash that
+also assigns shards, over :func:`~mammoseg.data.manifest.chunk_count` chunks), so TensorFlow is imported and each model loaded once per chunk instead of once per image, and
 the next image is read and decoded in a background thread while the network runs on the current one. An image
 whose file cannot be read is recorded in the chunk's ``predictions.csv`` with its reason and the others are
 still predicted: one bad file never stops the workflow.
@@ -266,11 +266,12 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
     ``plan``; ``splits`` (the cross-validation's ``splits.json``) is needed for the ``oof`` image set.
     """
     from mammoseg.config.plan import read_plan
-    from mammoseg.data.manifest import read_manifest, rows_of_bucket
+    from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
 
     geometry = read_plan(plan).geometry
     infer = config["infer"]
-    mine = rows_of_bucket(read_manifest(manifest), chunk, infer["n_chunks"])
+    all_rows = read_manifest(manifest)
+    mine = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, infer["chunk_size"]))
     fold_of = None
     if image_set == "oof":
         from mammoseg.model.folds import read_splits

@@ -14,12 +14,12 @@ inside that lock. Its read rate is measured in benchmarks/measures.py.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from mammoseg.errors import InputError
 __all__ = ["read_provenance", "make_dataset", "ShardReader"]
 
 
@@ -49,9 +49,9 @@ def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  #
                 prov = read_table(h5, "provenance")
                 sizes[str(path)] = tuple(h5["images"].shape[1:])
                 if len(prov) != h5["images"].shape[0]:
-                    raise ValueError(f"{path}: provenance has {len(prov)} rows but images has {h5['images'].shape[0]}")
+                    raise InputError(f"{path}: provenance has {len(prov)} rows but images has {h5['images'].shape[0]}")
         except OSError as exc:
-            raise ValueError(f"{path}: cannot read shard: {exc}") from exc
+            raise InputError(f"{path}: cannot read shard: {exc}") from exc
         prov["shard_path"] = str(path)
         prov["row"] = np.arange(len(prov), dtype=np.int64)
         frames.append(prov)

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mammoseg.errors import InputError
 from mammoseg import __version__
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from mammoseg.config import section_hash
@@ -145,7 +146,7 @@ def mask_pixel_counts(rows) -> tuple[int, int]:
                     n_white += white
                     n_black += mask.size - white
         except (OSError, KeyError) as exc:
-            raise ValueError(f"{shard_path}: cannot read masks: {exc}") from exc
+            raise InputError(f"{shard_path}: cannot read masks: {exc}") from exc
     return n_black, n_white
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from mammoseg import __version__
 from mammoseg.data.manifest import bucket_of, files_of, read_manifest, rows_of_bucket
+from mammoseg.errors import InputError, NoSpaceError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.patches.geometry import (
     PatchLargerThanImage,
@@ -305,7 +306,7 @@ def read_table(h5file, group_name: str) -> "pandas.DataFrame":  # noqa: F821
     data = {}
     for name, kind in columns.items():
         if name not in group:
-            raise ValueError(f"{h5file.filename}: '{group_name}' has no column '{name}'")
+            raise InputError(f"{h5file.filename}: '{group_name}' has no column '{name}'")
         values = group[name]
         data[name] = values.asstr()[()] if kind == "str" else values[()]
     return pd.DataFrame({k: (list(v) if len(v) else []) for k, v in data.items()}, columns=list(columns)).astype(
@@ -335,7 +336,7 @@ def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -
     needed = max_patches * patch_size * patch_size * 5 + (1 << 20)  # float32 image + uint8 mask per pixel
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise OSError(errno.ENOSPC, f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
+        raise NoSpaceError(errno.ENOSPC, f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
                                     f" needed ({max_patches} patches of {patch_size}x{patch_size} px), "
                                     f"{free / 2**20:.1f} MiB free")
 
@@ -499,7 +500,7 @@ def write_patch_manifest(shard_paths: Iterable[str | Path], out_csv: str | Path,
                 prov = read_table(h5, "provenance")
                 skip = read_table(h5, "skipped")
         except OSError as exc:
-            raise ValueError(f"{path}: cannot read shard: {exc}") from exc
+            raise InputError(f"{path}: cannot read shard: {exc}") from exc
         prov.insert(0, "row", np.arange(len(prov), dtype=np.int64))
         prov.insert(0, "shard", str(path))
         skip.insert(0, "shard", str(path))
