@@ -10,11 +10,12 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
+__all__ = ["atomic_path", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -62,6 +63,36 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``target``; it becomes ``target`` only if the block succeeds.
+
+    For outputs that are folders (a TensorFlow SavedModel with its model card): a failed block leaves no folder
+    under the target's name, only nothing (the temporary folder is removed). An existing ``target`` is renamed
+    aside, the new folder renamed in, and the old one removed; the files are on disk before the rename.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; results are meant to be shared
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent)) / target.name
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_text_atomic(target: str | Path, text: str) -> None:
