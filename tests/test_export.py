@@ -207,6 +207,12 @@ def test_without_tf2onnx_the_card_says_so(folds, tmp_path, monkeypatch):
     assert card["training_data"]["fingerprint"] is None and card["checks"]["onnx_max_abs_difference"] is None
 
 
+def test_onnx_can_be_left_out(folds, tmp_path):
+    card = export_model(folds[:1], tmp_path / "out", plan=plan(), config=CONFIG, validation={}, onnx=False)
+    assert card["files"]["onnx"] == {"written": False, "reason": "not requested (export_model(onnx=False))"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_card.json", "saved_model"]
+
+
 def test_mismatched_plan_is_refused_and_nothing_is_left(folds, tmp_path):
     wrong = plan() | {"network_input_px": [64, 64, 1]}
     with pytest.raises(ValueError, match="disagree"):
@@ -251,3 +257,15 @@ def test_failed_check_leaves_no_folder(folds, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="SavedModel differs"):
         export_model(folds[:1], tmp_path / "out", plan=plan(), config=CONFIG, validation={})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_model_stores_each_weight_once(exports):
+    """keras-team/keras#23553: Keras' own export writes every weight twice; this one must not."""
+    import tensorflow as tf
+
+    folder, card = exports["ensemble"]
+    stored = sum(int(np.prod(shape)) for name, shape in
+                 tf.train.list_variables(str(folder / "saved_model" / "variables" / "variables"))
+                 if name != "_CHECKPOINTABLE_OBJECT_GRAPH")  # fmt: skip
+    per_fold = card["architecture"]["parameters_per_fold"]
+    assert stored == 2 * (per_fold["trainable"] + per_fold["non_trainable"])
