@@ -147,6 +147,13 @@ def test_experiment_name_must_be_a_config_name(source):
         build_seg(pydicom.dcmread(source), np.zeros((ROWS, COLS), bool), kind="binary", experiment="a\\b")
 
 
+def test_source_without_uids_is_refused(source):
+    src = pydicom.dcmread(source)
+    del src.SOPInstanceUID
+    with pytest.raises(ValueError, match="SOPInstanceUID"):
+        build_seg(src, np.zeros((ROWS, COLS), bool), kind="binary")
+
+
 def test_geometry_is_copied_when_the_source_has_it(source, tmp_path):
     plain = pydicom.dcmread(write_seg(source, blob() > 0.5, tmp_path / "a.dcm", kind="binary"))
     assert "FrameOfReferenceUID" not in plain
