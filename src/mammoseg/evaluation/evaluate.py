@@ -27,7 +27,7 @@ from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import make_overlay, write_overlay
 from mammoseg.inference.predict import load_prediction
-from mammoseg.io.atomic import atomic_dir, atomic_path, write_json_atomic
+from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram, read_mask
 
 __all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "evaluate_chunk", "write_mask_png"]
@@ -217,7 +217,7 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
     for row in manifest_rows:
         by_image.setdefault(row["image_id"], []).append(row)
     payloads = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:
         for record in status.to_dict("records"):
             image_id = record["image_id"]
             if image_id not in by_image:

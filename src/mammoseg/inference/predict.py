@@ -29,7 +29,7 @@ import numpy as np
 from mammoseg.config.plan import PatchGeometry
 from mammoseg.errors import InputError
 from mammoseg.inference.sliding import Prediction, Predictor, predict_blended, predict_paper, quantise
-from mammoseg.io.atomic import atomic_dir, atomic_path, write_csv_atomic
+from mammoseg.io.atomic import atomic_directory, atomic_path, write_csv_atomic
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -204,7 +204,7 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
         return predictors[models]
 
     rows: list[dict[str, Any]] = []
-    with atomic_dir(out_dir) as tmp, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with atomic_directory(out_dir) as tmp, concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_read, tasks[0].image_path, reader) if tasks else None
         for index, task in enumerate(tasks):
             image, error = pending.result()

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from mammoseg.errors import NoSpaceError
 
-__all__ = ["atomic_path", "atomic_dir", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
+__all__ = ["atomic_path", "atomic_directory", "write_text_atomic", "write_json_atomic", "write_csv_atomic"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -69,12 +69,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; it replaces ``target`` only if the block succeeds.
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``target``; it becomes ``target`` only if the block succeeds.
 
-    For outputs that are folders of files (a chunk of predictions): a job killed half-way leaves a ``.tmp-*``
-    folder, never a ``target`` that looks complete. A full disk inside the block is re-raised as in
-    :func:`atomic_path`.
+    For outputs that are folders (a chunk of predictions, a TensorFlow SavedModel with its model card): a failed
+    or killed block leaves no folder under the target's name (a killed one leaves a ``.tmp-*`` folder beside it).
+    An existing ``target`` is renamed aside, the new folder renamed in, and the old one removed; the files are on
+    disk before the rename. A full disk inside the block is re-raised as in :func:`atomic_path`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,14 +83,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            for path in tmp.rglob("*"):
+                if path.is_file():
+                    with open(path, "rb+") as handle:
+                        os.fsync(handle.fileno())
         except OSError as exc:
             if _disk_full(exc) and str(target) not in str(exc):
                 raise _name_target(exc, target) from exc
             raise
-        os.chmod(tmp, 0o777 & ~_UMASK)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders; results are meant to be shared
+        old = None
         if target.exists():
-            shutil.rmtree(target)
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent)) / target.name
+            os.replace(target, old)
         os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
