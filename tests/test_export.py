@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
+from mammoseg.errors import InputError  # noqa: E402
 from mammoseg.config import validate_config  # noqa: E402
-from mammoseg.config.fingerprint import training_plan  # noqa: E402
+from mammoseg.config.plan import Plan, build_plan  # noqa: E402
 from mammoseg.model.export import MODEL_CARD_FIELDS, export_model  # noqa: E402
 from mammoseg.model.unet import build_unet, count_parameters, model_kwargs, parameter_counts  # noqa: E402
 
@@ -32,8 +33,10 @@ FINGERPRINT = {"train": {"rois": 12, "images": 10, "patients": 9, "image_rows_px
 VALIDATION = {"dice_mean": np.float32(0.61), "froc": {"sensitivity_at_1_fppi": 0.7}, "images": 12}
 
 
-def plan() -> dict:
-    return training_plan(FINGERPRINT, CONFIG)
+def plan() -> Plan:
+    rows = [{"image_id": f"P_{i}_LEFT_CC", "patient_id": f"P_{i}", "image_rows": "256", "image_cols": "256"}
+            for i in range(10)]
+    return build_plan(CONFIG["patches"], "mass-n7d4-00000000", rows)
 
 
 def save_fold(path: Path, seed: int) -> Path:
@@ -45,7 +48,7 @@ def save_fold(path: Path, seed: int) -> Path:
 
 
 def keras_output(path: Path, batch: np.ndarray) -> np.ndarray:
-    from mammoseg.inference.sliding import load_model
+    from mammoseg.inference.predict import load_model
 
     return np.asarray(load_model(path)(batch, training=False))
 
@@ -150,8 +153,8 @@ def test_model_card_has_every_field_and_true_parameter_counts(exports, folds):
     assert card["architecture"]["parameters_per_fold"] == expected
     assert expected == count_parameters(1, **model_kwargs(CONFIG["model"]))  # the formula agrees with Keras
     assert card["architecture"]["input_shape"] == [SIDE, SIDE, 1]
-    assert card["plan"]["patch_side_px"] == 128
-    assert (card["plan"]["downscale_factor"], card["plan"]["network_input_px"]) == (4, SIDE)
+    assert card["plan"]["window_px"] == 128 and card["plan"]["patches_key"] == "mass-n7d4-00000000"
+    assert (card["plan"]["downscale"], card["plan"]["input_px"]) == (4, SIDE)
     prep = card["preprocessing"]
     assert (prep["window_side_px"], prep["downscale_factor"], prep["network_input_px"]) == (128, 4, SIDE)
     assert card["sliding_window"]["mode"] == "blended" and card["sliding_window"]["parameters"]["threshold"] == 0.4
@@ -214,7 +217,7 @@ def test_onnx_can_be_left_out(folds, tmp_path):
 
 
 def test_mismatched_plan_is_refused_and_nothing_is_left(folds, tmp_path):
-    wrong = plan() | {"network_input_px": [64, 64, 1]}
+    wrong = build_plan({**CONFIG["patches"], "downscale": 2}, "mass-n7d2-00000000", [])
     with pytest.raises(ValueError, match="disagree"):
         export_model(folds, tmp_path / "out", plan=wrong, config=CONFIG, validation={})
     assert list(tmp_path.iterdir()) == []
@@ -235,7 +238,7 @@ def test_model_with_python_code_is_refused(tmp_path):
     inputs = keras.Input((SIDE, SIDE, 1))
     path = tmp_path / "evil.keras"
     keras.Model(inputs, keras.layers.Lambda(lambda x: x * 0.5)(inputs)).save(path)
-    with pytest.raises(ValueError, match="evil.keras"):
+    with pytest.raises(InputError, match="evil.keras"):
         export_model([path], tmp_path / "out", plan=plan(), config=CONFIG, validation={})
 
 

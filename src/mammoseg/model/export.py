@@ -49,6 +49,7 @@ import numpy as np
 
 from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
+from mammoseg.config.plan import Plan
 from mammoseg.io.atomic import atomic_directory
 
 __all__ = ["MODEL_CARD_FIELDS", "SAVED_MODEL_DIR", "ONNX_FILE", "MODEL_CARD_FILE", "ONNX_OPSET", "export_model"]
@@ -74,7 +75,7 @@ _INTENDED_USE = (
 )
 
 
-def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan: dict[str, Any],
+def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan: Plan,
                  config: dict[str, Any], validation: dict[str, Any],
                  fingerprint: dict[str, Any] | None = None, onnx: bool = True) -> dict[str, Any]:  # fmt: skip
     """Export one model or an ensemble of fold models (see the module docstring for the folder it writes).
@@ -84,8 +85,8 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
     keras_paths : one ``.keras`` file per fold, all of the same architecture and input size; loaded with
         :func:`mammoseg.inference.sliding.load_model` (``safe_mode=True``)
     out_dir : the folder to write (replaced atomically if it exists)
-    plan : the training plan (``plan.json`` of :func:`mammoseg.config.fingerprint.training_plan`): patch side
-        ``2**n`` px, downscale factor, network input ``s`` px; must match ``config`` and the models
+    plan : the plan the models were trained on (:class:`mammoseg.config.plan.Plan`, ``plan.json``): window side
+        ``2**n`` px, downscale factor, network input ``s`` px; must match the models
     config : the workflow config (validated here); the card keeps every section except local paths
     validation : validation figures to publish with the model (JSON-serialisable: numbers, strings, lists, dicts)
     fingerprint : the training data fingerprint (``fingerprint.json``: counts and image sizes per split)
@@ -99,17 +100,17 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
     Raises
     ------
     ValueError
-        No model given; folds that differ in architecture; a plan that does not match the models or the config;
+        No model given; folds that differ in architecture; a plan that does not match the models;
         a SavedModel that does not reproduce Keras.
     """
-    from mammoseg.inference.sliding import load_model
+    from mammoseg.inference.predict import load_model
 
     config = validate_config(config)
     paths = [Path(p) for p in keras_paths]
     if not paths:
         raise ValueError("export_model needs at least one .keras file")
     models = [load_model(path) for path in paths]
-    side = _input_side(models, paths, plan, config)
+    side = _input_side(models, paths, plan)
     serve = _serving_function(models, side)
     batch = _check_batch(side)
     expected = np.mean([np.asarray(model(batch, training=False)) for model in models], axis=0)
@@ -127,9 +128,9 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
 # --------------------------------------------------------------------------------------------------------------
 # the served function and its exports
 # --------------------------------------------------------------------------------------------------------------
-def _input_side(models: list, paths: list[Path], plan: dict[str, Any], config: dict[str, Any]) -> int:
-    """The network input side ``s`` in pixels, checked across folds, plan and config."""
-    from mammoseg.model.unet import input_size, parameter_counts
+def _input_side(models: list, paths: list[Path], plan: Plan) -> int:
+    """The network input side ``s`` in pixels, checked across the folds and against the plan."""
+    from mammoseg.model.unet import parameter_counts
 
     shapes = {tuple(model.input_shape) for model in models}
     counts = {tuple(parameter_counts(model).values()) for model in models}
@@ -140,12 +141,9 @@ def _input_side(models: list, paths: list[Path], plan: dict[str, Any], config: d
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1 or shape[1] is None:
         raise ValueError(f"model input shape {shape} is not (batch, s, s, 1)")
     side = int(shape[1])
-    planned = {"network_input_px": int(plan["network_input_px"][0]), "patch_side_px": int(plan["patch_side_px"]),
-               "downscale_factor": int(plan["downscale_factor"])}  # fmt: skip
-    configured = {"network_input_px": input_size(config["patches"]), "patch_side_px": 2 ** config["patches"]["n"],
-                  "downscale_factor": config["patches"]["downscale"]}  # fmt: skip
-    if planned != configured or planned["network_input_px"] != side:
-        raise ValueError(f"plan {planned}, config {configured} and the model input ({side} px) disagree")
+    if plan.input_px != side:
+        raise ValueError(f"the plan's network input ({plan.input_px} px: {plan.window_px} px windows downscaled by "
+                         f"{plan.downscale}) and the model input ({side} px) disagree")
     return side
 
 
@@ -232,12 +230,12 @@ def _onnx_difference(path: Path, batch: np.ndarray, expected: np.ndarray) -> flo
 # --------------------------------------------------------------------------------------------------------------
 # the model card
 # --------------------------------------------------------------------------------------------------------------
-def _model_card(paths: list[Path], models: list, side: int, plan: dict[str, Any], config: dict[str, Any],
+def _model_card(paths: list[Path], models: list, side: int, plan: Plan, config: dict[str, Any],
                 validation: dict[str, Any], fingerprint: dict[str, Any] | None, onnx: dict[str, Any],
                 checks: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     from mammoseg.model.unet import parameter_counts
 
-    patches, infer = config["patches"], config["infer"]
+    infer = config["infer"]
     card = {
         "format": "mammoseg model card 1",
         "name": config["experiment"] or config["model"]["name"],
@@ -257,10 +255,9 @@ def _model_card(paths: list[Path], models: list, side: int, plan: dict[str, Any]
             "output": "1 channel, sigmoid probability of mass per pixel",
             "parameters_per_fold": parameter_counts(models[0]),
         },
-        "plan": {"patch_side_px": 2 ** patches["n"], "downscale_factor": patches["downscale"],
-                 "network_input_px": side, "config_hashes": plan.get("config_hashes", {})},  # fmt: skip
-        "preprocessing": _preprocessing(2 ** patches["n"], patches["downscale"], side),
-        "sliding_window": _sliding_window(infer, patches["downscale"]),
+        "plan": plan.as_dict(),
+        "preprocessing": _preprocessing(plan.window_px, plan.downscale, side),
+        "sliding_window": _sliding_window(infer, plan.downscale),
         "training_data": _training_data(fingerprint),
         "config": _shareable_config(config),
         "validation": validation,
