@@ -65,7 +65,7 @@ def build_case(tmp_path: Path):
     return root / "manifest.csv", lesions, probs, chunk
 
 
-EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1,
+EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1, "seg": "binary",
             "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0}
 CONFIG = {"infer": {"threshold": 0.5, "chunk_size": 100}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
 
@@ -100,6 +100,16 @@ def test_per_image_json_pixel_metrics_match_sklearn(evaluated):
         png = np.asarray(Image.open(path.with_name(f"{image_id}.mask.png")))
         np.testing.assert_array_equal(png.ravel() == 255, pred)
         assert path.with_name(f"{image_id}.overlay.png").is_file()
+        # and the DICOM SEG of the same mask, referencing its source image
+        import highdicom as hd
+        import pydicom
+
+        seg = hd.seg.segread(path.with_name(f"{image_id}.seg.dcm"))
+        source = pydicom.dcmread(tmp_path / "restructured" / "images" / f"{image_id}.dcm")
+        np.testing.assert_array_equal(seg.pixel_array.reshape(SHAPE).astype(bool).ravel(), pred)
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
+        assert record["seg"] == f"binary: {image_id}.seg.dcm"
 
 
 def test_hand_built_tpr_fppi_and_at_lesion_metrics(evaluated):

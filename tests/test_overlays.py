@@ -66,3 +66,16 @@ def test_shape_mismatch_is_an_error():
     image, pred, truth = _scene()
     with pytest.raises(ValueError, match="differ in shape"):
         overlays.make_overlay(image, pred[:-1], truth)
+
+
+def test_legend_band_names_the_colours_below_an_unchanged_overlay():
+    image, pred, truth = _scene((200, 300))
+    rgb = overlays.make_overlay(image, pred, truth, max_side=400)
+    legend = overlays.add_legend(rgb, "P_00001_LEFT_CC")
+    band = legend.shape[0] - rgb.shape[0]
+    assert legend.shape[1:] == rgb.shape[1:] and 10 <= band <= 30
+    np.testing.assert_array_equal(legend[: rgb.shape[0]], rgb)
+    strip = legend[rgb.shape[0]:].reshape(-1, 3)
+    colours = {tuple(c) for c in strip}
+    for _, colour in overlays.LEGEND:  # a swatch of every class colour is in the band
+        assert colour in colours, colour

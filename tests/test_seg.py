@@ -15,6 +15,7 @@ hd = pytest.importorskip("highdicom")
 from dicom_helpers import write_test_dicom  # noqa: E402  (tests/ is on sys.path)
 from test_privacy import IDENTIFYING, NEEDLES, texts_of  # noqa: E402
 
+from mammoseg.errors import InputError
 from mammoseg import __version__  # noqa: E402
 from mammoseg.io import seg as seg_module  # noqa: E402
 from mammoseg.io.seg import COPIED_ATTRIBUTES, build_seg, write_seg  # noqa: E402
@@ -150,7 +151,7 @@ def test_experiment_name_must_be_a_config_name(source):
 def test_source_without_uids_is_refused(source):
     src = pydicom.dcmread(source)
     del src.SOPInstanceUID
-    with pytest.raises(ValueError, match="SOPInstanceUID"):
+    with pytest.raises(InputError, match="SOPInstanceUID"):
         build_seg(src, np.zeros((ROWS, COLS), bool), kind="binary")
 
 

@@ -119,7 +119,10 @@ def _predict(args, config):
 def _evaluate(args, config):
     from mammoseg.evaluation.evaluate import run_evaluate_chunk
 
-    run_evaluate_chunk(args.predictions, args.manifest, args.out, chunk=args.chunk, config=config)
+    from mammoseg.config.keys import stage_keys
+
+    run_evaluate_chunk(args.predictions, args.manifest, args.out, chunk=args.chunk, config=config,
+                       experiment=stage_keys(config).experiment)
 
 
 def _summarise(args, config):

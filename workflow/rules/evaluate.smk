@@ -18,6 +18,7 @@ rule evaluate_chunk:
         ),
     params:
         settings=SETTINGS["evaluation"],
+        experiment=KEYS.experiment,
     group:
         "inference"
     conda:

@@ -5,4 +5,5 @@ from mammoseg.jobs import logged_job
 
 with logged_job(snakemake):
     run_evaluate_chunk(snakemake.input.predictions, snakemake.input.manifest, snakemake.output[0],
-                       chunk=int(snakemake.wildcards.c), config=snakemake.config)
+                       chunk=int(snakemake.wildcards.c), config=snakemake.config,
+                       experiment=snakemake.params.experiment)

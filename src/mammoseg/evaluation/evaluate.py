@@ -25,7 +25,7 @@ import pandas as pd
 
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
-from mammoseg.evaluation.overlays import make_overlay, write_overlay
+from mammoseg.evaluation.overlays import add_legend, make_overlay, write_overlay
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram, read_mask
@@ -152,9 +152,11 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
 
 
 def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Mapping[str, str]], base: Path,
-                   out_dir: Path, *, threshold: float, evaluate: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """Metrics, binary mask and overlay of one predicted image; writes ``{image_id}.json``, ``.mask.png``,
-    ``.overlay.png`` into ``out_dir`` and returns the JSON payload."""
+                   out_dir: Path, *, threshold: float, evaluate: Mapping[str, Any],
+                   experiment: str = "") -> dict[str, Any]:  # fmt: skip
+    """Metrics, binary mask, overlay and DICOM SEG of one predicted image; writes ``{image_id}.json``,
+    ``.mask.png``, ``.overlay.png`` (with a legend) and ``.seg.dcm`` (``evaluate.seg``) into ``out_dir`` and
+    returns the JSON payload."""
     image_id = rows[0]["image_id"]
     image_path = base / rows[0]["image_path"]
     roi_ids, lesions, skipped = load_lesions(rows, base, prob.shape)
@@ -178,10 +180,30 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
     truth = np.zeros(prob.shape, dtype=bool)
     for lesion in lesions:
         truth |= lesion
-    write_overlay(out_dir / f"{image_id}.overlay.png", make_overlay(image, mask, truth, int(evaluate["overlay_max_side"])))
+    overlay = make_overlay(image, mask, truth, int(evaluate["overlay_max_side"]))
+    write_overlay(out_dir / f"{image_id}.overlay.png", add_legend(overlay, image_id))
     write_mask_png(out_dir / f"{image_id}.mask.png", mask)
+    payload["seg"] = write_image_seg(image_path, mask if evaluate["seg"] == "binary" else prob,
+                                     out_dir / f"{image_id}.seg.dcm", kind=evaluate["seg"], experiment=experiment)
     write_json_atomic(out_dir / f"{image_id}.json", payload)
     return payload
+
+
+def write_image_seg(source: Path, pixels: np.ndarray, out_path: Path, *, kind: str, experiment: str) -> str:
+    """The DICOM SEG of one image (:mod:`mammoseg.io.seg`); what was done, for the per-image JSON.
+
+    ``kind`` ``none`` writes nothing; a source that is not a DICOM file (the Kaggle layout's JPEGs) gets no SEG,
+    with the reason recorded, since a SEG must reference a DICOM image.
+    """
+    if kind == "none":
+        return "not requested (evaluate.seg: none)"
+    from mammoseg.io.seg import write_seg
+
+    try:
+        write_seg(source, pixels, out_path, kind=kind, experiment=experiment)
+    except InputError as exc:  # a source that cannot be referenced (not DICOM, no SOP Instance UID)
+        return f"not written: {exc}"
+    return f"{kind}: {out_path.name}"
 
 
 def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
@@ -193,7 +215,7 @@ def write_mask_png(path: str | Path, mask: np.ndarray) -> None:
 
 
 def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[str, str]], manifest_base: str | Path,
-                   out_dir: str | Path, *, threshold: float, evaluate: Mapping[str, Any],
+                   out_dir: str | Path, *, threshold: float, evaluate: Mapping[str, Any], experiment: str = "",
                    log=print) -> list[dict[str, Any]]:  # fmt: skip
     """Evaluate every image of one prediction chunk against its ROI masks; write the chunk's folder atomically.
 
@@ -231,7 +253,7 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
             else:
                 prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
                 payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
-                                         evaluate=evaluate)
+                                         evaluate=evaluate, experiment=experiment)
                 log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
                     f"{payload['results'][0]['false_positives']} false positives")
             payloads.append(payload)
@@ -239,14 +261,16 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
 
 
 def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir: str | Path, *, chunk: int,
-                       config: Mapping[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+                       config: Mapping[str, Any], experiment: str = "") -> list[dict[str, Any]]:  # fmt: skip
     """Stage ``evaluate_chunk``: :func:`evaluate_chunk` for chunk ``chunk`` of ``manifest``, with the resolved
-    configuration's ``infer.threshold``, ``infer.chunk_size`` and ``evaluate`` settings."""
+    configuration's ``infer.threshold``, ``infer.chunk_size`` and ``evaluate`` settings; ``experiment`` names
+    the algorithm version in the DICOM SEGs."""
     from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
 
     all_rows = read_manifest(manifest)
     rows = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, config["infer"]["chunk_size"]))
     payloads = evaluate_chunk(prediction_dir, rows, Path(manifest).parent, out_dir,
-                              threshold=float(config["infer"]["threshold"]), evaluate=config["evaluate"])
+                              threshold=float(config["infer"]["threshold"]), evaluate=config["evaluate"],
+                              experiment=experiment)
     print(f"chunk {chunk}: {sum(p['status'] == 'evaluated' for p in payloads)} images evaluated -> {out_dir}")
     return payloads

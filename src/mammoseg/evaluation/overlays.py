@@ -16,11 +16,15 @@ import numpy as np
 
 from mammoseg.io.atomic import atomic_path
 
-__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "reduction_factor", "make_overlay", "write_overlay"]
+__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "LEGEND", "reduction_factor", "make_overlay", "add_legend",
+           "write_overlay"]
 
 TP_COLOUR = (0, 255, 0)
 FN_COLOUR = (255, 0, 0)
 FP_COLOUR = (255, 255, 255)
+#: The legend drawn under an overlay, in the order the colours are painted over each other.
+LEGEND = (("true positive", TP_COLOUR), ("false negative (missed)", FN_COLOUR), ("false positive", FP_COLOUR))
+LEGEND_BACKGROUND = (48, 48, 48)
 
 
 def reduction_factor(shape: tuple[int, int], max_side: int) -> int:
@@ -79,6 +83,34 @@ def make_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, max_sid
     for region, colour in ((pred & ~truth, FP_COLOUR), (truth & ~pred, FN_COLOUR), (pred & truth, TP_COLOUR)):
         rgb[_reduce_any(region, factor)] = colour
     return rgb
+
+
+def add_legend(rgb: np.ndarray, label: str = "") -> np.ndarray:
+    """The overlay with a band below it naming the colours (and ``label``, e.g. the image id), so a PNG read on
+    its own says what green, red and white mean.
+
+    Returns
+    -------
+    np.ndarray of uint8, shape (rows + band, cols, 3); the overlay's pixels are unchanged in the top ``rows``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, cols = rgb.shape[:2]
+    band = 18 if cols < 400 else 24
+    font = ImageFont.load_default(size=band - 8)
+    canvas = Image.new("RGB", (cols, rows + band), LEGEND_BACKGROUND)
+    canvas.paste(Image.fromarray(rgb), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x, swatch = 4, band - 8
+    for name, colour in LEGEND:
+        draw.rectangle([x, rows + 4, x + swatch - 1, rows + 4 + swatch - 1], fill=colour)
+        x += swatch + 3
+        draw.text((x, rows + 3), name, fill=(230, 230, 230), font=font)
+        x += int(draw.textlength(name, font=font)) + 10
+    if label:
+        draw.text((max(x, cols - 4 - int(draw.textlength(label, font=font))), rows + 3), label, fill=(170, 170, 170),
+                  font=font)
+    return np.asarray(canvas)
 
 
 def write_overlay(path: str | Path, rgb: np.ndarray) -> None:

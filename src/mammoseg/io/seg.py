@@ -67,6 +67,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from mammoseg import __version__
+from mammoseg.errors import InputError
 from mammoseg.io.atomic import atomic_path
 from mammoseg.io.dicom import read_header
 
@@ -109,7 +110,7 @@ def source_reference(source: Dataset) -> Dataset:
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
                            "Columns") if not source.get(k)]  # fmt: skip
     if missing:
-        raise ValueError(f"source image lacks {', '.join(missing)}: a SEG cannot reference it")
+        raise InputError(f"source image lacks {', '.join(missing)}: a SEG cannot reference it")
     reduced = Dataset()
     for keyword in COPIED_ATTRIBUTES:
         if keyword in source:
