@@ -50,6 +50,7 @@ rule all:
         f"{PATCHES}/patches.csv",
         expand(f"{MODELS}/fold-{{f}}/report.json", f=FOLDS),
         f"{EXPERIMENT}/config.yaml",
+        f"{EXPERIMENT}/model",
         expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
 
 

@@ -89,3 +89,24 @@ rule experiment_config:
         benchmark_path("experiment_config", KEYS.experiment)
     script:
         "../scripts/experiment_config.py"
+
+
+rule export_model:
+    input:
+        models=lambda wildcards: chunk_models(wildcards),
+        plan=PLAN,
+        fingerprint=FINGERPRINT,
+        reports=expand(f"{MODELS}/fold-{{f}}/report.json", f=FOLDS),
+        oof=[f"{EXPERIMENT}/oof/summary.csv"] if len(FOLDS) > 1 else [],
+    output:
+        directory(f"{EXPERIMENT}/model"),
+    params:
+        export=config["export"],
+    conda:
+        "../../envs/train.yaml"
+    log:
+        log_path("export_model", KEYS.experiment),
+    benchmark:
+        benchmark_path("export_model", KEYS.experiment)
+    script:
+        "../scripts/export_model.py"

@@ -1,10 +1,10 @@
 """Standard FROC over candidate scores, the LUNA16 CPM and bootstrap intervals (NumPy, and scikit-image through
 :mod:`metrics`: never imports TensorFlow or torch).
 
-The threshold sweep of :mod:`mammoseg.evaluation.metrics` (``froc_points`` / ``tpr_at_fppi``) binarises the map at
-a few thresholds; a false positive saturated at probability 1.0 survives every one of them, and a budget that no
-sweep point reaches reports TPR 0. The detection literature instead scores each *candidate* once and sweeps over
-the candidate scores (CAMELYON16, as in MONAI's ``monai.metrics.froc``; LUNA16). This module does that.
+A sweep of a few binarisation thresholds (mammoseg's FROC before 0.2) cannot sweep away a false positive saturated
+at probability 1.0, and reports TPR 0 for a budget that no sweep point reaches. The detection literature instead
+scores each *candidate* once and sweeps over the candidate scores (CAMELYON16, as in MONAI's
+``monai.metrics.froc``; LUNA16). This module does that.
 
 Conventions (stated once here, and tested in ``tests/test_froc.py``):
 

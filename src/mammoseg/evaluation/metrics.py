@@ -1,4 +1,4 @@
-"""Pixel and lesion metrics, and the FROC curve (NumPy/SciPy/scikit-image only: never imports TensorFlow).
+"""Pixel and lesion metrics at an operating threshold (NumPy/SciPy/scikit-image only: never imports TensorFlow).
 
 Conventions (all stated once here, and tested):
 
@@ -16,10 +16,9 @@ Conventions (all stated once here, and tested):
   well the lesions that were found are outlined, independent of false alarms far from them.
 * **Lesions**: each ROI mask is one lesion. Predicted lesions are 8-connected components of the binary mask.
   A lesion is *detected* by a component when (rule ``iou``, the default) ``|C∩L| / |C∪L| >= iou_threshold``,
-  or (rule ``centroid``) the component contains the lesion's centroid (row/col means, rounded to a pixel).
+  or (rule ``centroid``) the component contains the lesion's centroid (row/col means, halves rounded up).
   A *false positive* is a component that detects no lesion. TPR = detected / lesions, FPPI = FPs / images.
-* **FROC**: TPR at an FPPI budget x is the highest TPR among the operating points with FPPI <= x (0 if none),
-  the usual step convention; it is non-decreasing in x by construction.
+  (The FROC over candidate scores is :mod:`mammoseg.evaluation.froc`.)
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ __all__ = [
     "MATCH_RULES",
     "binarise",
     "threshold_level",
-    "froc_threshold_grid",
     "PixelCounts",
     "pixel_counts",
     "dice_iou",
@@ -47,8 +45,6 @@ __all__ = [
     "filter_components",
     "match_labels",
     "match_lesions",
-    "froc_points",
-    "tpr_at_fppi",
 ]
 
 MATCH_RULES = ("iou", "centroid")
@@ -83,16 +79,6 @@ def binarise(prob_u8: np.ndarray, threshold: float) -> np.ndarray:
     if prob_u8.dtype != np.uint8:
         raise TypeError(f"expected a uint8 probability map, got {prob_u8.dtype}")
     return prob_u8 >= threshold_level(threshold)
-
-
-def froc_threshold_grid(count: int) -> np.ndarray:
-    """``count`` probability thresholds evenly spaced in [0.05, 0.95] (0.5 is one of them when count is odd).
-
-    0 and 1 are left out: at 0 the whole image is one component, at 1 only saturated pixels remain.
-    """
-    if count < 2:
-        raise ValueError(f"a FROC curve needs at least 2 thresholds, got {count}")
-    return np.round(np.linspace(0.05, 0.95, count), 6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,35 +337,3 @@ def match_lesions(
 # --------------------------------------------------------------------------------------------------------------
 # FROC
 # --------------------------------------------------------------------------------------------------------------
-def froc_points(
-    thresholds: Sequence[float], detected: Sequence[int], false_positives: Sequence[int], n_lesions: int, n_images: int
-) -> list[dict]:
-    """Operating points of a FROC curve from totals over all images, one per threshold.
-
-    Parameters
-    ----------
-    thresholds, detected, false_positives : per threshold, totals over all images
-    n_lesions, n_images : totals (TPR = detected / n_lesions; FPPI = false_positives / n_images)
-
-    Returns
-    -------
-    list of dict with ``threshold``, ``detected``, ``false_positives``, ``tpr``, ``fppi``, sorted by threshold.
-    """
-    if n_images <= 0:
-        raise ValueError("a FROC curve needs at least one image")
-    rows = []
-    for t, d, f in sorted(zip(thresholds, detected, false_positives)):
-        rows.append({
-            "threshold": float(t), "detected": int(d), "false_positives": int(f),
-            "tpr": (d / n_lesions) if n_lesions else float("nan"), "fppi": f / n_images,
-        })
-    return rows
-
-
-def tpr_at_fppi(points: Sequence[dict], budgets: Sequence[float] = (0.5, 1.0, 2.0, 4.0)) -> dict[float, float]:
-    """Highest TPR among operating points with FPPI <= budget (0.0 when none qualifies), per budget."""
-    out = {}
-    for budget in budgets:
-        eligible = [p["tpr"] for p in points if p["fppi"] <= budget + 1e-12 and not math.isnan(p["tpr"])]
-        out[float(budget)] = max(eligible) if eligible else 0.0
-    return out

@@ -385,3 +385,38 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def validation_figures(fold_reports: Sequence[str | Path], oof_summary: str | Path | None = None) -> dict[str, Any]:
+    """What the model card publishes as validation: each fold's best validation Dice and epoch (from its training
+    report) and, with cross-validation, the out-of-fold detection and segmentation figures (``summary.csv`` of the
+    ``oof`` image set: TPR/FPPI at the operating threshold, the FROC points and CPM, pooled Dice)."""
+    folds = []
+    for path in fold_reports:
+        report = json.loads(Path(path).read_text())
+        folds.append({"fold": report.get("fold", 0), "monitor": report.get("monitor"),
+                      "best_value": report.get("best_value"), "best_epoch": report.get("best_epoch"),
+                      "epochs_run": report.get("epochs_run")})
+    figures: dict[str, Any] = {"folds": folds}
+    if oof_summary is not None:
+        import pandas as pd
+
+        table = pd.read_csv(oof_summary)
+        as_predicted = table[table["min_area"] == 0]
+        figures["out_of_fold"] = {row.metric: {"value": row.value, "ci_low": row.ci_low, "ci_high": row.ci_high}
+                                  for row in as_predicted.itertuples()}
+    return figures
+
+
+def run_export(models: Sequence[str | Path], plan: str | Path, fingerprint: str | Path,
+               fold_reports: Sequence[str | Path], out_dir: str | Path, *, config: dict[str, Any],
+               oof_summary: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stage ``export_model``: the fold models of an experiment as SavedModel (+ ONNX with ``export.onnx``) and
+    model card, with the plan, the training data fingerprint and the validation figures."""
+    from mammoseg.config.plan import read_plan
+
+    card = export_model(models, out_dir, plan=read_plan(plan), config=config,
+                        validation=validation_figures(fold_reports, oof_summary),
+                        fingerprint=json.loads(Path(fingerprint).read_text()), onnx=config["export"]["onnx"])
+    print(f"exported {len(models)} fold model(s) -> {out_dir} (ONNX: {card['files']['onnx'].get('written')})")
+    return card

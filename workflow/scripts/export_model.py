@@ -1,0 +1,8 @@
+"""Rule export_model: SavedModel (+ ONNX) and model card of the experiment's fold models (mammoseg.model.export)."""
+
+from mammoseg.jobs import logged_job
+from mammoseg.model.export import run_export
+
+with logged_job(snakemake):
+    run_export(snakemake.input.models, snakemake.input.plan, snakemake.input.fingerprint, snakemake.input.reports,
+               snakemake.output[0], config=snakemake.config, oof_summary=(snakemake.input.oof or [None])[0])
