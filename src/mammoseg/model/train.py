@@ -26,8 +26,8 @@ rate, the iteration count and the mixed-precision loss scale, and the epoch numb
   overwrite the best model with a worse one (keras-team/keras#17012, open);
 * the history (one row per epoch, each epoch once) and the accumulated wall time;
 * atomicity: ``BackupAndRestore`` overwrites its weights file, then its metadata file, in place. A ``kill -9``
-  in between leaves the weights of epoch e+1 with the epoch number e (one epoch trained twice), one during the
-  metadata write a truncated JSON file that stops every rerun.
+  during the weights write leaves a half-written file, one in between the weights of epoch e+1 with the epoch
+  number e (one epoch trained twice), one during the metadata write a truncated JSON file that stops every rerun.
 
 ``state.json`` is written atomically after the backup of each epoch and is the commit point: it records the
 epoch, the history, the callbacks' counters and the SHA-256 of the backup's weights file. Before a rerun's
@@ -36,7 +36,9 @@ else ``BackupAndRestore``'s previous copy (``double_checkpoint=True``) if that m
 rewritten from ``state.json``; if neither matches, or the config hash (config sections, data, fold) differs,
 training starts afresh. A rerun therefore continues after the last committed epoch and ends with the same
 number of epochs; only the order in which batches are shuffled differs from an uninterrupted run.
-``_resume/`` is removed after a successful run, so a later rerun with changed data retrains.
+``_resume/`` is removed after a successful run, so a later rerun with changed data retrains. TensorBoard's
+event files are appended to, not committed: a kill between an epoch's scalars and its commit leaves that epoch's
+points twice in ``tensorboard/`` (``history.csv`` is the record).
 
 The split
 ---------
