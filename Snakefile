@@ -38,6 +38,7 @@ include: "workflow/rules/evaluate.smk"
 localrules:
     fingerprint,
     plan,
+    splits,
     patch_manifest,
     experiment_config,
     summarise,

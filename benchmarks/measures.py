@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import pydicom
 
+from mammoseg.config import validate_config
 from mammoseg.data.layouts import detect_layout, find_case_root, index_tree, list_files
 from mammoseg.inference.sliding import (
     _pad_to_window,
@@ -26,7 +27,7 @@ from mammoseg.inference.sliding import (
 from mammoseg.inference.predict import make_predictor
 from mammoseg.io.dicom import header_record
 from mammoseg.model.dataset import ShardReader, make_dataset, read_provenance
-from mammoseg.model.train import _build_and_compile, configure_runtime
+from mammoseg.model.train import build_model, configure_runtime
 from mammoseg.patches.geometry import preprocess_window
 from mammoseg.data.manifest import read_manifest
 from mammoseg.patches.shards import extract_shard
@@ -259,12 +260,12 @@ def benchmark_training(model_cfg: dict[str, Any], input_size: int, batch_size: i
     from mammoseg.model.losses import get_loss
     from mammoseg.model.unet import parameter_counts
 
-    runtime = configure_runtime({"seed": seed, "mixed_precision": "auto"})
+    runtime = configure_runtime(validate_config({"train": {"seed": seed, "mixed_precision": "auto"}})["train"])
     rng = np.random.default_rng(seed)
     images = rng.random((batch_size, input_size, input_size, 1), dtype=np.float32)
     masks = (rng.random((batch_size, input_size, input_size, 1)) > 0.9).astype(np.float32)
     with runtime.strategy.scope():
-        model = _build_and_compile(model_cfg, input_size, get_loss(loss), 1e-3)
+        model = build_model(model_cfg, input_size, get_loss(loss), 1e-3)
     for _ in range(max(1, warmup)):
         model.train_on_batch(images, masks)
     started = time.perf_counter()

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mammoseg.config import validate_config
+from mammoseg.model.folds import assign_folds
 from mammoseg.patches.shards import PROVENANCE_COLUMNS
-from mammoseg.model.train import split_train_val
+from mammoseg.model.train import split_for_fold, split_train_val
 
 SIDE = 32  # patch side in pixels: patches n=5, downscale 1
 PATCH_CFG = {"n": 5, "downscale": 1, "n_shifted": 2}
@@ -111,6 +113,40 @@ def test_split_errors_are_clear():
         split_train_val(_provenance(), 0.15, "image")
 
 
+# --- k-fold by patient ------------------------------------------------------------------------------------------
+
+
+def test_each_fold_validates_on_its_patients_and_never_trains_on_them():
+    prov = _provenance(n_patients=11)
+    train_cfg = validate_config({"train": {"folds": 4, "seed": 5}})["train"]
+    folds = assign_folds(prov["patient_id"], 4, seed=5)
+    validated = []
+    for fold in range(4):
+        train, val = split_for_fold(prov, train_cfg, fold)
+        assert set(val["patient_id"]) == {p for p, f in folds.items() if f == fold}
+        assert set(train["patient_id"]).isdisjoint(val["patient_id"])
+        assert sorted([*train.index, *val.index]) == list(prov.index)
+        validated += sorted(set(val["patient_id"]))
+    # over the k runs every patient is validated exactly once
+    assert sorted(validated) == sorted(prov["patient_id"].unique())
+
+
+def test_one_fold_is_the_val_fraction_split():
+    prov = _provenance()
+    train_cfg = validate_config({"train": {"val_fraction": 0.15, "seed": 3}})["train"]
+    assert train_cfg["folds"] == 1
+    val = split_for_fold(prov, train_cfg, 0)[1]
+    assert list(val.index) == list(split_train_val(prov, 0.15, "patient", seed=3)[1].index)
+
+
+def test_fold_errors_are_clear():
+    prov = _provenance()
+    with pytest.raises(ValueError, match=r"fold must be in 0\.\.2"):
+        split_for_fold(prov, validate_config({"train": {"folds": 3}})["train"], 3)
+    with pytest.raises(ValueError, match="split_by: sample"):
+        split_for_fold(prov, validate_config({"train": {"folds": 3, "split_by": "sample"}})["train"], 0)
+
+
 # --- training ---------------------------------------------------------------------------------------------------
 
 
@@ -125,9 +161,18 @@ def test_two_epoch_training_writes_every_output_and_reloads(tmp_path):
     out = tmp_path / "models" / "tiny"
     report = train_model([shard], out, model_cfg=MODEL_CFG, train_cfg=_train_cfg(loss="weighted_bce"),
                          patch_cfg=PATCH_CFG)
-    for name in ("model.keras", "best.keras", "history.csv", "curves.png", "report.json"):
+    for name in ("best.keras", "last.keras", "history.csv", "curves.png", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert any((out / "tensorboard").iterdir())
+    # Keras' TensorBoard callback wrote the epoch scalars of both epochs (steps count epochs from 0)
+    import tensorflow as tf
+
+    steps = {}
+    for events in (out / "tensorboard").rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                steps.setdefault(f"{events.parent.name}/{value.tag}", set()).add(event.step)
+    for tag in ("train/epoch_dice", "train/epoch_learning_rate", "validation/epoch_dice"):
+        assert steps.get(tag) == {0, 1}, (tag, steps)
     assert not (out / "_resume").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
@@ -153,13 +198,152 @@ def test_two_epoch_training_writes_every_output_and_reloads(tmp_path):
     assert saved["data"]["pos_weight"] == pytest.approx(black / white)
     assert saved["parameters"]["trainable"] > 0 and saved["device"].startswith("CPU")
 
-    # the saved model reloads in safe mode and predicts the same
-    x = np.random.default_rng(1).random((3, SIDE, SIDE, 1), dtype=np.float32)
-    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
-    best = keras.saving.load_model(out / "best.keras", safe_mode=True)
-    np.testing.assert_allclose(np.asarray(model(x, training=False)), np.asarray(best(x, training=False)),
-                               atol=1e-6)
-    assert model.loss.get_config()["pos_weight"] == pytest.approx(black / white)
+    # both checkpoints reload in safe mode, with the class-balanced loss they were trained with
+    for name in ("best.keras", "last.keras"):
+        model = keras.saving.load_model(out / name, safe_mode=True)
+        assert model.loss.get_config()["pos_weight"] == pytest.approx(black / white), name
+
+
+def test_run_identity_includes_the_fold():
+    from mammoseg.model.train import run_identity
+
+    cfg = validate_config({"train": {"folds": 3}})
+    sections = (cfg["model"], cfg["train"], cfg["patches"], "data-fingerprint")
+    assert run_identity(*sections, fold=1) == run_identity(*sections, fold=1)
+    assert run_identity(*sections, fold=0) != run_identity(*sections, fold=1)
+
+
+def test_fold_training_validates_on_the_folds_patients(tmp_path):
+    pytest.importorskip("tensorflow")
+    from mammoseg.model.dataset import read_provenance
+    from mammoseg.model.train import train_model
+
+    shard = write_tiny_shard(tmp_path / "shard-0.h5")
+    report = train_model([shard], tmp_path / "fold-1", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
+                         train_cfg=_train_cfg(epochs=1, folds=3), fold=1)
+    assert (report["fold"], report["folds"]) == (1, 3)
+    prov = read_provenance([shard])
+    prov = prov[prov["split"] == "train"]
+    fold_patients = {p for p, f in assign_folds(prov["patient_id"], 3, seed=0).items() if f == 1}
+    assert report["data"]["val_patients"] == len(fold_patients) == 2  # 6 patients in 3 folds
+    assert report["data"]["val_patches"] == int(prov["patient_id"].isin(fold_patients).sum())
+    assert report["data"]["train_patients"] == 4
+    assert json.loads((tmp_path / "fold-1" / "report.json").read_text())["fold"] == 1
+
+
+def _dice_on(model_path: Path, shard: Path, val_rows, batch_size: int) -> float:
+    """The validation Dice of a saved checkpoint, computed as fit computes val_dice."""
+    import keras
+
+    from mammoseg.model.dataset import make_dataset
+
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    dataset = make_dataset([str(shard)], val_rows, batch_size, shuffle=False)
+    return float(model.evaluate(dataset, verbose=0, return_dict=True)["dice"])
+
+
+def test_best_and_last_reproduce_their_epochs_and_the_rate_follows_the_cosine(tmp_path):
+    pytest.importorskip("tensorflow")
+    from mammoseg.model.dataset import read_provenance
+    from mammoseg.model.train import train_model
+
+    shard = write_tiny_shard(tmp_path / "shard-0.h5")
+    out = tmp_path / "model"
+    # a rate high enough that the validation Dice falls after epoch 1 (checked below), so best != last
+    cfg = _train_cfg(epochs=4, learning_rate=0.03, lr_schedule="cosine", deterministic=True)
+    report = train_model([shard], out, model_cfg=MODEL_CFG, train_cfg=cfg, patch_cfg=PATCH_CFG)
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    best_row = history.loc[history["val_dice"].idxmax()]
+    last_row = history.iloc[-1]
+    assert report["best_epoch"] == best_row["epoch"] and report["best_value"] == pytest.approx(best_row["val_dice"])
+    assert best_row["epoch"] != last_row["epoch"] and abs(best_row["val_dice"] - last_row["val_dice"]) > 1e-3
+
+    prov = read_provenance([shard])
+    val_rows = split_train_val(prov[prov["split"] == "train"], 0.25, "patient", 0)[1]
+    assert _dice_on(out / "best.keras", shard, val_rows, 8) == pytest.approx(best_row["val_dice"], abs=1e-6)
+    assert _dice_on(out / "last.keras", shard, val_rows, 8) == pytest.approx(last_row["val_dice"], abs=1e-6)
+
+    # the epoch-e rate is lr0 * (1 + cos(pi * (e - 1) / epochs)) / 2
+    expected = [0.03 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
+    np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-6)
+
+
+def test_plateau_halves_the_rate_early_stopping_stops_and_both_resume(tmp_path, monkeypatch):
+    """A rate too small to change any weight: the validation Dice never improves after epoch 1. The plateau
+    patience is 2 (half of 4), so the rate halves after epochs 3 and 5; early stopping (patience 4) stops after
+    epoch 5. The same must hold when the run is interrupted after epoch 3 and resumed."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from mammoseg.model import train
+
+    monkeypatch.setattr(train, "MIN_LEARNING_RATE", 0.0)  # the 1e-6 floor would keep 1e-12 from being halved
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 3:
+                raise RuntimeError("interrupted")
+
+    real_make_callbacks = train.make_callbacks
+
+    def with_interrupt(*args, **kwargs):
+        return {**real_make_callbacks(*args, **kwargs), "interrupt": Interrupt()}
+
+    shard = write_tiny_shard(tmp_path / "shard-0.h5")
+    model_cfg = {**MODEL_CFG, "batch_norm": False}  # batch norm's moving statistics would change without any rate
+    cfg = _train_cfg(epochs=20, learning_rate=1e-12, lr_schedule="plateau", early_stopping_patience=4)
+    expected_rates = [1e-12, 1e-12, 1e-12, 5e-13, 5e-13]
+
+    runs = {}
+    for name, interrupted in (("straight", False), ("resumed", True)):
+        out = tmp_path / name
+        if interrupted:
+            monkeypatch.setattr(train, "make_callbacks", with_interrupt)
+            with pytest.raises(RuntimeError, match="interrupted"):
+                train.train_model([shard], out, model_cfg=model_cfg, train_cfg=cfg, patch_cfg=PATCH_CFG)
+            assert json.loads((out / "_resume" / "state.json").read_text())["epochs_done"] == 3
+            monkeypatch.setattr(train, "make_callbacks", real_make_callbacks)
+        runs[name] = train.train_model([shard], out, model_cfg=model_cfg, train_cfg=cfg, patch_cfg=PATCH_CFG)
+        history = pd.read_csv(out / "history.csv")
+        assert list(history["epoch"]) == [1, 2, 3, 4, 5], name
+        assert history["val_dice"].nunique() == 1, name  # the premise: nothing improved
+        np.testing.assert_allclose(history["learning_rate"], expected_rates, rtol=1e-6, err_msg=name)
+        assert runs[name]["stopped_early"] and runs[name]["epochs_run"] == 5, name
+        # ModelCheckpoint kept epoch 1 as best; without its restored `best` the resumed epoch 4 would replace it
+        assert runs[name]["best_epoch"] == 1, name
+    assert runs["straight"]["run_starts"] == [0] and runs["resumed"]["run_starts"] == [0, 3]
+
+
+@pytest.mark.parametrize("case", ["weights committed", "weights of the next epoch half written", "neither"])
+def test_reconcile_backup_returns_to_the_committed_epoch(tmp_path, case):
+    """BackupAndRestore overwrites its files in place; state.json (the commit point) decides which survive."""
+    pytest.importorskip("tensorflow")
+    import hashlib
+
+    import keras
+
+    from mammoseg.model.train import TrainState, _backup_files, reconcile_backup
+
+    backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", double_checkpoint=True)
+    weights, previous, metadata = _backup_files(backup)
+    weights.parent.mkdir()
+    committed, next_epoch = b"weights after epoch 3", b"weights after ep"
+    state = TrainState(config_hash="h", epochs_done=3, backup_sha256=hashlib.sha256(committed).hexdigest())
+    if case == "weights committed":
+        weights.write_bytes(committed)
+        metadata.write_text('{"epo')  # a metadata write cut short must not stop the rerun
+    elif case == "weights of the next epoch half written":
+        previous.write_bytes(committed)
+        weights.write_bytes(next_epoch)
+        metadata.write_text('{"epoch": 3, "batch": 0}')  # not yet rewritten for epoch 4
+    else:
+        previous.write_bytes(next_epoch)
+        weights.write_bytes(next_epoch)
+    assert reconcile_backup(state, backup) is (case != "neither")
+    if case != "neither":
+        assert weights.read_bytes() == committed
+        assert json.loads(metadata.read_text()) == {"epoch": 3, "batch": 0}
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -101,7 +101,13 @@ def _patch_show(args, config):
 def _train(args, config):
     from mammoseg.model.train import run_train
 
-    run_train(config, args.shards, Path(args.out_dir), fold=args.fold)
+    run_train(config, args.shards, Path(args.out_dir), fold=args.fold, plan=args.plan, splits=args.splits)
+
+
+def _splits(args, config):
+    from mammoseg.model.folds import run_splits
+
+    run_splits(args.manifest, args.out, folds=config["train"]["folds"], seed=config["train"]["seed"])
 
 
 def _model_summary(args, config):
@@ -188,9 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="number of patches")
     p.add_argument("--out", help="PNG path (default: beside the shard)")
 
+    p = add("splits", _splits, "the cross-validation's folds of the training patients (splits.json)")
+    p.add_argument("--manifest", required=True, help="manifest.csv of the training collection")
+    p.add_argument("--out", required=True, help="splits.json to write")
+
     p = add("train", _train, "train the U-Net (one fold) on patch shards")
     p.add_argument("--out-dir", required=True, help="the fold's model folder")
     p.add_argument("--fold", type=int, default=0, help="fold index (train.folds > 1: cross-validation)")
+    p.add_argument("--plan", help="plan.json of the shards (default: the geometry of the configuration)")
+    p.add_argument("--splits", help="splits.json of the cross-validation (default: dealt over the shards' patients)")
     p.add_argument("shards", nargs="+")
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)

@@ -37,6 +37,7 @@ FINGERPRINT = f"{DATA}/fingerprint.json"
 PATCHES = f"{R}/patches/{KEYS.patches}"
 PLAN = f"{PATCHES}/plan.json"
 MODELS = f"{R}/models/{KEYS.model}"
+SPLITS = f"{MODELS}/splits.json"
 PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
 EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
 SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]

@@ -8,6 +8,7 @@ rule predict_chunk:
         plan=PLAN,
         manifest=lambda wildcards: f"{DATA}/{set_split(wildcards.image_set)}/manifest.csv",
         models=chunk_models,
+        splits=SPLITS,
         images=chunk_images,
     output:
         directory(f"{PREDICTIONS}/{{image_set}}/chunk-{{c}}"),

@@ -7,4 +7,4 @@ from mammoseg.model.train import run_train
 
 with logged_job(snakemake):
     run_train(snakemake.config, snakemake.input.shards, Path(snakemake.output.report).parent,
-              fold=int(snakemake.wildcards.f))
+              fold=int(snakemake.wildcards.f), plan=snakemake.input.plan, splits=snakemake.input.splits)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary", "input_size", "model_kwargs"]
+__all__ = ["build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary", "model_kwargs"]
 
 
 def level_filters(depth: int, filters: int, max_filters: int | None = None) -> list[int]:
@@ -182,15 +182,6 @@ def _size(variable) -> int:
     return size
 
 
-def input_size(patch_cfg: dict[str, Any]) -> int:
-    """Side of the network input in pixels: the patch side ``2**n`` divided by the downscale factor."""
-    side = 2 ** int(patch_cfg.get("n", 10))
-    factor = int(patch_cfg.get("downscale", 4))
-    if side % factor:
-        raise ValueError(f"patch side 2**{patch_cfg.get('n')} = {side} px is not divisible by downscale {factor}")
-    return side // factor
-
-
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The :func:`build_unet` keyword arguments from the config's ``model`` section."""
     keys = ("depth", "filters", "batch_norm", "dropout", "upsampling", "kernel_size", "max_filters",
@@ -205,7 +196,9 @@ def run_summary(config: dict[str, Any]) -> dict[str, Any]:
     -------
     dict with ``trainable``, ``non_trainable`` (ints), ``input_shape`` and ``model`` (the model section).
     """
-    side = input_size(config.get("patches", {}))
+    from mammoseg.config.plan import patch_geometry
+
+    side = patch_geometry(config["patches"]).input_px
     model = build_unet((side, side, 1), **model_kwargs(config.get("model", {})))
     counts = parameter_counts(model)
     return {**counts, "input_shape": [side, side, 1], "model": json.loads(json.dumps(config.get("model", {})))}
