@@ -324,3 +324,44 @@ def test_bad_inputs_each_have_their_fate(bad_tree, tmp_path):
     assert not Path("/tmp/evil").exists()
     for name in os.listdir(out / "images") + os.listdir(out / "masks"):
         assert "/" not in name and not name.startswith(".")
+
+
+def test_every_file_of_the_collection_is_accounted_for(tmp_path):
+    """Hidden and system files are `ignored` rows; a stray file beside the case folders is a row too."""
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=17, layout="doi", **SIZE)
+    case_root = root / "CBIS-DDSM"
+    series = next(next(case_root.glob("Mass-Training_*")).rglob("*.dcm")).parent
+    (case_root / ".DS_Store").write_bytes(b"\0" * 32)
+    (series / "._000000.dcm").write_bytes(b"\0" * 32)
+    (series / "Thumbs.db").write_bytes(b"\0" * 32)
+    (case_root / "README.txt").write_text("downloaded with the NBIA Data Retriever\n")
+    out = tmp_path / "out"
+    summary = restructure_collection(root, out, abnormality="mass", split="train", progress=False)
+    _, skipped = _check_accounting(summary, out)
+    # every file on disk except the other collection's case folders (Mass-Test: its own run accounts for them)
+    on_disk = [p for p in case_root.rglob("*") if p.is_file() and not p.relative_to(case_root).parts[0].startswith("Mass-Test_")]
+    assert summary["files_found"] == len(on_disk)
+    reasons = dict(zip(skipped["source_path"], skipped["reason"]))
+    for name in (case_root / ".DS_Store", series / "._000000.dcm", series / "Thumbs.db"):
+        assert reasons[str(name)] == "ignored"
+    assert reasons[str(case_root / "README.txt")] == "not_dicom"
+    assert summary["skipped_by_reason"]["ignored"] == 3
+
+
+def test_patient_identifiers_other_than_digits_are_kept_refused_names_recorded(tmp_path):
+    root = tmp_path / "tree"
+    for case in ("Mass-Training_P_M0001_LEFT_MLO", "Mass-Training_P_00002_LEFT_CC"):
+        _write(root, case, "000000.dcm", _image(1), description="full mammogram images")
+        _write(root, case + "_1", "000000.dcm", _mask())
+    _write(root, "Mass-Training_P_M0003!_LEFT_CC", "000000.dcm", _image(3), description="full mammogram images")
+    out = tmp_path / "out"
+    summary = restructure_collection(root, out, abnormality="mass", split="train", progress=False)
+    manifest, skipped = _check_accounting(summary, out)
+    assert sorted(manifest["roi_id"]) == ["P_00002_LEFT_CC_1", "P_M0001_LEFT_MLO_1"]
+    assert manifest.set_index("roi_id").loc["P_M0001_LEFT_MLO_1", "patient_id"] == "P_M0001"
+    assert (out / "images" / "P_M0001_LEFT_MLO.dcm").exists() and (out / "masks" / "P_M0001_LEFT_MLO_1.dcm").exists()
+    refused = skipped[skipped["reason"] == "bad_identifier"]
+    assert len(refused) == 1
+    assert "'Mass-Training_P_M0003!_LEFT_CC'" in refused["message"].iloc[0]
+    assert "_P_<id>_<LEFT|RIGHT>_<CC|MLO>" in refused["message"].iloc[0]  # the pattern it did not match

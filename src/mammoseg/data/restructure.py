@@ -62,7 +62,14 @@ import pandas as pd
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.io.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
-from mammoseg.data.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
+from mammoseg.data.layouts import (
+    CASE_NAME_PATTERN,
+    CaseName,
+    collection_prefix,
+    detect_layout,
+    index_tree,
+    parse_case_name,
+)
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -100,10 +107,14 @@ SKIP_REASONS: dict[str, tuple[str, str]] = {
     "no_pixel_data": ("file", "a DICOM file without Pixel Data"),
     "bad_header": ("file", "Rows/Columns/BitsAllocated missing or zero, or not a single-frame greyscale image"),
     "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin)"),
-    "unreadable": ("file", "the file cannot be opened or parsed for another reason"),
+    "unreadable": ("file", "the file cannot be opened or parsed for another reason; also an entry that is no "
+                           "regular file (a broken link) and a folder that cannot be listed"),
+    "ignored": ("file", "a hidden or system file or folder (`.DS_Store`, `Thumbs.db`, `desktop.ini`, AppleDouble "
+                        "`._*`, any name starting with '.'): never read; a folder is one row and is not searched"),
     "missing_file": ("file", "listed in the Kaggle dicom_info.csv but not on disk"),
-    "bad_identifier": ("file", "neither the PatientID nor the case folder is a CBIS-DDSM case name "
-                               "(e.g. contains '/', '..', NUL, or is too long): nothing is named after it"),
+    "bad_identifier": ("file", "neither the PatientID nor the case folder is a case name (Collection_P_id_SIDE_VIEW"
+                               "[_N], the id 1-32 letters, digits, '-' or '_'; e.g. it contains '/', '..', NUL, or "
+                               "is too long): nothing is named after it"),
     "other_collection": ("file", "the header names another collection than the one being restructured"),
     "duplicate": ("file", "a second file for an image or mask already taken (the same case twice); the first, "
                           "or the one whose series UID the CSV names, is kept"),
@@ -249,7 +260,7 @@ def _identify(row: Any, prefix: str, plan: Plan) -> CaseName | None:
     ids = {"image_id": folder_case.image_id if folder_case else "", "roi_id": (folder_case.roi_id or "") if folder_case else ""}
     if case is None:
         plan.skip("bad_identifier", f"PatientID {_shown(row.PatientID)} and folder {_shown(row.top_folder)} are not "
-                                    "CBIS-DDSM case names", source=row.path, **ids)  # fmt: skip
+                                    f"case names ({CASE_NAME_PATTERN})", source=row.path, **ids)  # fmt: skip
         return None
     if case.collection != prefix:
         plan.skip("other_collection", f"PatientID {_shown(row.PatientID)} belongs to {case.collection}, not {prefix}",
