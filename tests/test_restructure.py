@@ -365,3 +365,55 @@ def test_patient_identifiers_other_than_digits_are_kept_refused_names_recorded(t
     assert len(refused) == 1
     assert "'Mass-Training_P_M0003!_LEFT_CC'" in refused["message"].iloc[0]
     assert "_P_<id>_<LEFT|RIGHT>_<CC|MLO>" in refused["message"].iloc[0]  # the pattern it did not match
+
+
+def _break_jpeg2000_codestream_header(path: Path) -> None:
+    """Overwrite the SIZ segment after the SOC marker: the file stays complete, its codestream header is garbage."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\xff\x4f\xff\x51")  # SOC then SIZ: the start of a JPEG 2000 codestream
+    data[start + 2:start + 12] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def undecodable_tree(tmp_path) -> Path:
+    """Two JPEG 2000 full images with one ROI each; the codestream header of image 2 is broken."""
+    root = tmp_path / "j2k"
+    t = "Mass-Training_P_{:05d}_LEFT_CC"
+    for k in (1, 2):
+        image = _write(root, t.format(k), "000000.dcm", _image(k), description="full mammogram images",
+                       syntax=JPEG2000Lossless)  # fmt: skip
+        _write(root, t.format(k) + "_1", "000000.dcm", _mask())
+        if k == 2:
+            _break_jpeg2000_codestream_header(image)
+    return root
+
+
+def test_undecodable_full_image_is_skipped_and_its_roi_too(undecodable_tree, tmp_path):
+    from mammoseg.io.dicom import header_record
+
+    broken = next((undecodable_tree / "CBIS-DDSM" / "Mass-Training_P_00002_LEFT_CC").rglob("*.dcm"))
+    assert header_record(broken)["readable"], "the header checks must pass: only a decode finds this"
+    out = tmp_path / "out"
+    summary = restructure_collection(undecodable_tree, out, abnormality="mass", split="train", threads=2,
+                                     progress=False)  # fmt: skip
+    manifest, skipped = _check_accounting(summary, out)
+    assert manifest["roi_id"].tolist() == ["P_00001_LEFT_CC_1"]
+    assert not (out / "images" / "P_00002_LEFT_CC.dcm").exists()
+    row = skipped[skipped["source_path"] == str(broken)]
+    assert row["reason"].tolist() == ["undecodable"] and row["image_id"].tolist() == ["P_00002_LEFT_CC"]
+    assert "JPEG 2000" in row["message"].iloc[0]  # the decoder's message
+    roi = skipped[skipped["roi_id"] == "P_00002_LEFT_CC_1"]
+    assert roi["reason"].tolist() == ["mask_without_image"]
+
+
+def test_decoding_threads_change_nothing_but_speed(bad_tree, tmp_path):
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"out-{threads}"
+        restructure_collection(bad_tree, out, abnormality="mass", split="train", threads=threads, progress=False)
+        outputs.append(((out / "manifest.csv").read_bytes(), (out / "skipped.csv").read_bytes()))
+    assert outputs[0] == outputs[1]
+    with pytest.raises(ValueError, match="threads"):
+        restructure_collection(bad_tree, tmp_path / "x", abnormality="mass", split="train", threads=0, progress=False)
+

@@ -33,15 +33,18 @@ Accounting: found = kept + skipped
 ----------------------------------
 The units are **full images**, **ROIs** and **stray files**:
 
-- an image is found when at least one readable file of its case (no ``_N``) is found; it is kept when at least
-  one of its ROIs is kept;
+- an image is found when at least one readable file of its case (no ``_N``) is found whose pixels decode (every
+  full image is decoded, in ``threads`` threads, before it is kept); it is kept when at least one of its ROIs is
+  kept;
 - an ROI (a distinct ``roi_id``) is found when a readable file of its case folder is found, or when the case CSV
   lists it (even if nothing of it is on disk); it is kept when its mask passes every check;
-- a stray file is a file that belongs to no image or ROI: unreadable, not DICOM, a duplicate, another collection's.
+- a stray file is a file that belongs to no image or ROI: unreadable, not DICOM, an undecodable full image, a
+  duplicate, another collection's, a hidden or system file (``ignored``).
 
 ``found = images found + ROIs found + stray files``, ``kept = images kept + ROIs kept``, ``skipped`` = rows of
 skipped.csv; ``found == kept + skipped`` always (asserted). Cropped ROI images belong to their ROI and are counted
-as ``crop_files``, never linked. ``files_found`` is the number of files the index saw.
+as ``crop_files``, never linked. ``files_found`` is the number of entries the index saw: every file below the case
+root except the top-level entries of other collections, plus one per hidden folder (not searched).
 
 Skip reasons (``skipped.csv`` column ``reason``)
 ------------------------------------------------
@@ -53,6 +56,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +65,15 @@ import numpy as np
 import pandas as pd
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
-from mammoseg.io.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
+from mammoseg.io.dicom import (
+    RASTER_SUFFIXES,
+    DicomReadError,
+    binary_fraction,
+    mask_from_pixels,
+    read_mammogram,
+    read_raw_pixels,
+    safe_name,
+)
 from mammoseg.data.layouts import (
     CASE_NAME_PATTERN,
     CaseName,
@@ -78,6 +90,8 @@ __all__ = [
     "BINARY_FRACTION",
     "find_case_csv",
     "load_case_csv",
+    "decode_failure",
+    "decode_failures",
     "restructure_collection",
     "run_restructure",
 ]
@@ -309,6 +323,65 @@ def _plan_images(rows: list[tuple[Any, CaseName]], table: CaseTable | None, plan
                       image_id=image_id)  # fmt: skip
 
 
+def decode_failure(path: str) -> DicomReadError | None:
+    """Why the full image at ``path`` cannot be used, or None when its pixels decode.
+
+    The one place restructuring decodes a full image (to become ``mammoseg.io.dicom.check_decodable`` once that
+    exists). Indexing checked the header and that the pixel data are complete; only a decode finds a broken
+    stream, such as a JPEG 2000 codestream whose own header is damaged, which extraction and prediction would
+    otherwise be the first to meet.
+    """
+    try:
+        read_mammogram(path)
+    except DicomReadError as exc:
+        return exc
+    return None
+
+
+def decode_failures(paths: list[str], *, threads: int = 1, progress: bool = False) -> dict[str, DicomReadError]:
+    """Decode every file of ``paths`` (full images) and return ``{path: error}`` for those that fail.
+
+    ``threads`` decodes run at once (a thread pool: the decoders and file reads release the GIL); each holds one
+    decoded image, about 25 MB for a 4.6k x 2.8k 16-bit mammogram, which is dropped as soon as it has decoded.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    bar = _bar(len(paths), "decode full images", progress)
+    failures: dict[str, DicomReadError] = {}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for path, error in zip(paths, pool.map(decode_failure, paths)):
+            if error is not None:
+                failures[path] = error
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return failures
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", mininterval=0.5)
+
+
+def _drop_undecodable(rows: list[tuple[Any, CaseName]], plan: Plan, threads: int,
+                      progress: bool) -> list[tuple[Any, CaseName]]:  # fmt: skip
+    """The full-image rows whose pixels decode; each other one becomes a skip with the reader's reason and message.
+
+    An image none of whose files decodes is then not found, and its ROIs are ``mask_without_image``.
+    """
+    failures = decode_failures([row.path for row, _ in rows], threads=threads, progress=progress)
+    for row, case in rows:
+        error = failures.get(row.path)
+        if error is not None:
+            plan.skip(error.reason, error.detail, source=row.path, image_id=case.image_id)
+    return [(row, case) for row, case in rows if row.path not in failures]
+
+
 def _read_roi_file(row: Any, case: CaseName, plan: Plan, ids: dict) -> RoiFile | None:
     """Read one ROI-folder file's pixels and measure them; None (recorded) when unreadable."""
     try:
@@ -400,7 +473,8 @@ def _csv_attributes(roi_id: str, mask_series: str, table: CaseTable | None) -> d
     return dict(table.rows.get(key, empty))
 
 
-def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *, progress: bool = False) -> Plan:
+def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *, threads: int = 1,
+                    progress: bool = False) -> Plan:  # fmt: skip
     """Decide the fate of every indexed file, image and ROI of one collection (nothing is written).
 
     Parameters
@@ -408,7 +482,8 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
     index : from :func:`mammoseg.data.layouts.index_tree`, one collection
     prefix : the collection, e.g. ``Mass-Training``
     table : the case CSV, or None
-    progress : tqdm bar (stderr) over the ROI files whose pixels are read
+    threads : full images decoded at once (:func:`decode_failures`)
+    progress : tqdm bars (stderr) over the full images decoded and the ROI files whose pixels are read
     """
     plan = Plan()
     image_rows: list[tuple[Any, CaseName]] = []
@@ -427,15 +502,10 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
             image_rows.append((row, case))
         else:
             roi_rows.setdefault(case.roi_id, []).append((row, case))
-    _plan_images(image_rows, table, plan)
+    _plan_images(_drop_undecodable(image_rows, plan, threads, progress), table, plan)
 
     roi_ids = set(roi_rows) | (set(table.rows) if table is not None else set())
-    n_roi_files = sum(len(v) for v in roi_rows.values())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_roi_files, desc="ROI files", unit="file", mininterval=0.5)
+    bar = _bar(sum(len(v) for v in roi_rows.values()), "ROI files", progress)
     for roi_id in sorted(roi_ids):
         entries = roi_rows.get(roi_id, [])
         case = entries[0][1] if entries else parse_case_name(f"{prefix}_{roi_id}")
@@ -540,7 +610,7 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
 
 def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abnormality: str, split: str,
                            csv_dir: str | Path | None = None, layout: str = "auto", link: str = "symlink",
-                           progress: bool = True) -> dict:  # fmt: skip
+                           threads: int = 1, progress: bool = True) -> dict:  # fmt: skip
     """Restructure one collection of a CBIS-DDSM download (any layout) into images/, masks/ and two tables.
 
     Parameters
@@ -552,6 +622,8 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     csv_dir : folder of the official case CSVs; None = look beside and inside ``source_root``
     layout : ``auto`` or one of :data:`mammoseg.data.layouts.LAYOUTS`
     link : ``symlink`` (absolute links) or ``copy``
+    threads : full images decoded at once: every full image is decoded before it is kept (an undecodable one is
+        a skip with the reader's reason, usually ``undecodable``); the rule passes its ``threads``
     progress : tqdm bars on stderr
 
     Returns
@@ -562,13 +634,15 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     """
     if link not in ("symlink", "copy"):
         raise ValueError(f"link must be 'symlink' or 'copy', got {link!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     source_root, out_dir = Path(source_root), Path(out_dir)
     prefix = collection_prefix(abnormality, split)
     layout = detect_layout(source_root) if layout in ("auto", "", None) else layout
     csv_path = find_case_csv(source_root, csv_dir, abnormality, split)
     table = load_case_csv(csv_path, abnormality) if csv_path else None
     index = index_tree(source_root, layout=layout, collection_prefix=prefix, progress=progress)
-    plan = plan_collection(index, prefix, table, progress=progress)
+    plan = plan_collection(index, prefix, table, threads=threads, progress=progress)
     manifest, skipped = write_outputs(plan, out_dir, link)
 
     rois_kept, images_kept = len(manifest), manifest["image_id"].nunique()
@@ -600,7 +674,7 @@ def _summary_text(summary: dict) -> str:
     )
 
 
-def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str) -> dict:
+def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str, threads: int = 1) -> dict:
     """The ``restructure`` stage: one collection, settings from ``config['data']``.
 
     Parameters
@@ -610,10 +684,11 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
     source_root : the download, or the synthetic tree (``results/synth``)
     out_dir : ``results/restructured/{abn}/{split}``
     split : ``train`` or ``test``
+    threads : full images decoded at once (the rule's ``threads``)
     """
     data = dict(config.get("data", {}))
     return restructure_collection(
         source_root, out_dir, abnormality=data.get("abnormality", "mass"), split=split,
         csv_dir=data.get("csv_dir") or None, layout=data.get("layout", "auto"), link=data.get("link", "symlink"),
-        progress=True,
+        threads=threads, progress=True,
     )  # fmt: skip
