@@ -122,7 +122,7 @@ def test_links_resolve_from_any_cwd_and_copy_option(tmp_path, monkeypatch):
     for row in manifest.itertuples():
         linked = tmp_path / "linked" / row.image_path
         copied = tmp_path / "copied" / row.image_path
-        assert linked.is_symlink() and os.path.isabs(os.readlink(linked))
+        assert linked.is_symlink() and not os.path.isabs(os.readlink(linked))
         assert not copied.is_symlink() and copied.read_bytes() == Path(row.image_source).read_bytes()
         np.testing.assert_array_equal(read_mammogram(linked), read_mammogram(row.image_source))
         assert read_mask(tmp_path / "linked" / row.mask_path).mask.any()
@@ -417,3 +417,35 @@ def test_decoding_threads_change_nothing_but_speed(bad_tree, tmp_path):
     with pytest.raises(ValueError, match="threads"):
         restructure_collection(bad_tree, tmp_path / "x", abnormality="mass", split="train", threads=0, progress=False)
 
+
+def test_links_keep_working_when_results_and_download_move_together(tmp_path):
+    project = tmp_path / "project"
+    synth.generate_dataset(project / "data", n_train=2, n_test=1, seed=18, layout="doi", **SIZE)
+    out = project / "results" / "restructured" / "mass" / "train"
+    restructure_collection(project / "data", out, abnormality="mass", split="train", progress=False)
+    before = {p.name: read_mammogram(p) for p in (out / "images").iterdir()}
+    assert before and all(not os.path.isabs(os.readlink(p)) for p in (out / "images").iterdir())
+    moved = tmp_path / "elsewhere" / "renamed-project"
+    moved.parent.mkdir()
+    os.rename(project, moved)
+    out = moved / "results" / "restructured" / "mass" / "train"
+    for name, pixels in before.items():
+        np.testing.assert_array_equal(read_mammogram(out / "images" / name), pixels)
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert all(read_mask(out / path).mask.any() for path in manifest["mask_path"])
+
+
+def test_link_text_relative_below_a_common_folder_absolute_across_the_root(tmp_path):
+    from mammoseg.data.restructure import link_text
+
+    images = tmp_path / "project" / "results" / "restructured" / "mass" / "train" / "images"
+    source = tmp_path / "project" / "data" / "CBIS-DDSM" / "case" / "000000.dcm"
+    assert link_text(source, images) == "../../../../../data/CBIS-DDSM/case/000000.dcm"
+    # only the root in common (a download on another disk): absolute, so that the project can move without it
+    elsewhere = "/mammoseg-no-such-disk/CBIS-DDSM/case/000000.dcm"
+    assert link_text(elsewhere, "/mammoseg-no-such-home/project/results/images") == elsewhere
+    # the system follows a relative link from where it physically is: a linked results/ folder is resolved first
+    (tmp_path / "scratch" / "results").mkdir(parents=True)
+    (tmp_path / "project" / "results-link").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "project" / "results-link").symlink_to(tmp_path / "scratch" / "results")
+    assert link_text(source, tmp_path / "project" / "results-link") == "../../project/data/CBIS-DDSM/case/000000.dcm"

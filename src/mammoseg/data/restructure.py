@@ -8,7 +8,11 @@ of a download in any layout (:mod:`mammoseg.data.layouts`) and writes, per ``doc
     out_dir/manifest.csv              one row per kept ROI (columns: MANIFEST_COLUMNS)
     out_dir/skipped.csv               one row per skipped file, image or ROI (columns: SKIPPED_COLUMNS)
 
-Links are absolute symbolic links, so they resolve from any working directory; ``link="copy"`` copies instead.
+Links are relative symbolic links (:func:`link_text`), so they resolve from any working directory and keep working
+when the folder holding both results/ and the download moves; absolute when the two meet only at the filesystem
+root (a download on another disk). ``link="copy"`` copies instead. The ``image_source``/``mask_source`` columns
+and ``skipped.csv``'s ``source_path`` record absolute paths at the time of the run (provenance: nothing reads
+files through them).
 Every output appears atomically (a temporary name, then ``os.replace``); entries of a previous run that the current
 run does not produce are removed from ``images/`` and ``masks/``.
 
@@ -89,6 +93,7 @@ __all__ = [
     "SKIP_REASONS",
     "BINARY_FRACTION",
     "find_case_csv",
+    "link_text",
     "load_case_csv",
     "decode_failure",
     "decode_failures",
@@ -550,15 +555,36 @@ def _inside(target: Path, out_dir: Path) -> Path:
     return parent / target.name
 
 
+def link_text(source: str | Path, link_folder: str | Path) -> str:
+    """What a symbolic link in ``link_folder`` to ``source`` holds: a relative path, or absolute across the root.
+
+    Relative (``../../../../../CBIS-DDSM/...``) when the link and its source lie below one folder other than the
+    filesystem root: results/ and the download in one project folder, or side by side below a home folder; moving
+    or copying that folder keeps the links working. Absolute when they meet only at the root (``/data/CBIS-DDSM``
+    and ``/home/me/project/results``): such a download stays where it is while the project moves, and a relative
+    link would then climb out of the moved folder to a place that is not there.
+
+    Both folders are resolved first, because the system follows a relative link from where the link physically
+    is; the source's own name is kept (a source that is itself a link stays one).
+    """
+    source = os.path.abspath(source)
+    physical_source = os.path.join(os.path.realpath(os.path.dirname(source)), os.path.basename(source))
+    physical_folder = os.path.realpath(link_folder)
+    common = os.path.commonpath([physical_source, physical_folder])
+    if os.path.dirname(common) == common:  # they meet only at the filesystem root
+        return source
+    return os.path.relpath(physical_source, physical_folder)
+
+
 def _place(source: str, target: Path, link: str) -> None:
-    """Make ``target`` point to (symlink) or hold (copy) ``source``, atomically."""
+    """Make ``target`` point to (symlink, :func:`link_text`) or hold (copy) ``source``, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if link == "copy":
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         return
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    os.symlink(os.path.abspath(source), tmp)
+    os.symlink(link_text(source, target.parent), tmp)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -621,7 +647,7 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     split : ``train`` or ``test``
     csv_dir : folder of the official case CSVs; None = look beside and inside ``source_root``
     layout : ``auto`` or one of :data:`mammoseg.data.layouts.LAYOUTS`
-    link : ``symlink`` (absolute links) or ``copy``
+    link : ``symlink`` (relative links, see :func:`link_text`) or ``copy``
     threads : full images decoded at once: every full image is decoded before it is kept (an undecodable one is
         a skip with the reader's reason, usually ``undecodable``); the rule passes its ``threads``
     progress : tqdm bars on stderr
