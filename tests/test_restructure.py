@@ -449,3 +449,34 @@ def test_link_text_relative_below_a_common_folder_absolute_across_the_root(tmp_p
     (tmp_path / "project" / "results-link").parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / "project" / "results-link").symlink_to(tmp_path / "scratch" / "results")
     assert link_text(source, tmp_path / "project" / "results-link") == "../../project/data/CBIS-DDSM/case/000000.dcm"
+
+
+def test_summary_line_names_counts_reasons_layout_and_csv(bad_tree, tmp_path, capsys):
+    from mammoseg.data.restructure import summary_text
+
+    summary = restructure_collection(bad_tree, tmp_path / "out", abnormality="mass", split="train", progress=False)
+    printed = capsys.readouterr().out
+    assert printed == summary_text(summary) + "\n"
+    assert len(printed.splitlines()) == 1  # one line per collection when the CSV was found
+    line = printed.strip()
+    assert line.startswith(f"restructure Mass-Training: found {summary['found']} = kept {summary['kept']} + "
+                           f"skipped {summary['skipped']} (")
+    for reason, count in summary["skipped_by_reason"].items():
+        assert f"{reason} {count}" in line
+    assert "layout doi" in line and f"case CSV {bad_tree / 'csv' / 'mass_case_description_train_set.csv'}" in line
+
+
+def test_summary_warns_without_csv_and_names_the_empty_columns(tmp_path, capsys):
+    from mammoseg.data.restructure import summary_text
+
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=16, layout="nbia", **SIZE)
+    (root / "csv" / "mass_case_description_train_set.csv").unlink()
+    summary = restructure_collection(root, tmp_path / "out", abnormality="mass", split="train", progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == summary_text(summary).splitlines() and len(lines) == 2
+    assert "case CSV none" in lines[0] and "layout nbia" in lines[0]
+    warning = lines[1]
+    assert warning.startswith("restructure Mass-Training: warning: no case CSV mass_case_description_train_set.csv")
+    assert str(root / "csv") in warning
+    assert "pathology, assessment, subtlety, breast_density, shape, margins stay empty" in warning

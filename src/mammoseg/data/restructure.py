@@ -92,6 +92,8 @@ __all__ = [
     "SKIPPED_COLUMNS",
     "SKIP_REASONS",
     "BINARY_FRACTION",
+    "case_csv_folders",
+    "case_csv_name",
     "find_case_csv",
     "link_text",
     "load_case_csv",
@@ -99,6 +101,7 @@ __all__ = [
     "decode_failures",
     "restructure_collection",
     "run_restructure",
+    "summary_text",
 ]
 
 MANIFEST_COLUMNS = [
@@ -159,17 +162,27 @@ def find_case_csv(source_root: str | Path, csv_dir: str | Path | None, abnormali
     ``csv_dir`` (if given, the file must be there) else ``source_root``, its ``csv/``, ``CBIS-DDSM/csv/``, its
     parent and the parent's ``csv/``.
     """
-    name = f"{abnormality}_case_description_{split}_set.csv"
+    name = case_csv_name(abnormality, split)
     if csv_dir:
         path = Path(csv_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
         return path
-    root = Path(source_root)
-    for folder in (root, root / "csv", root / "CBIS-DDSM" / "csv", root.parent, root.parent / "csv"):
+    for folder in case_csv_folders(source_root):
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def case_csv_name(abnormality: str, split: str) -> str:
+    """``mass_case_description_train_set.csv`` and its kin: the official case CSV's file name."""
+    return f"{abnormality}_case_description_{split}_set.csv"
+
+
+def case_csv_folders(source_root: str | Path) -> list[Path]:
+    """Where :func:`find_case_csv` looks without ``csv_dir``, in order."""
+    root = Path(source_root)
+    return [root, root / "csv", root / "CBIS-DDSM" / "csv", root.parent, root.parent / "csv"]
 
 
 @dataclass
@@ -656,7 +669,9 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     -------
     dict : counts (``found``, ``kept``, ``skipped``, ``images_found``, ``images_kept``, ``rois_found``,
     ``rois_kept``, ``stray_files``, ``files_found``, ``crop_files``, ``hint_disagreements``, ``skipped_by_reason``)
-    and ``layout``, ``collection``, ``csv``, ``out_dir``. Also printed.
+    and ``layout``, ``collection``, ``csv`` (the case CSV used, '' for none), ``out_dir``; ``csv_name``,
+    ``csv_searched`` and ``csv_empty_columns`` (where the CSV was looked for and the manifest columns left empty;
+    empty lists when it was found). Printed as :func:`summary_text`.
     """
     if link not in ("symlink", "copy"):
         raise ValueError(f"link must be 'symlink' or 'copy', got {link!r}")
@@ -683,21 +698,42 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
         "files_found": len(index), "crop_files": plan.crop_files, "hint_disagreements": plan.hint_disagreements,
         "masks_thresholded": int((manifest["mask_note"] != "").sum()),
         "skipped_by_reason": {k: int(v) for k, v in skipped["reason"].value_counts().sort_index().items()},
+        # without a CSV: its name, where it was looked for, and the manifest columns it would have filled
+        "csv_name": case_csv_name(abnormality, split),
+        "csv_searched": [] if csv_path else [str(f) for f in case_csv_folders(source_root)],
+        "csv_empty_columns": [] if csv_path else [*_CSV_COLUMNS["both"], *_CSV_COLUMNS[abnormality]],
     }  # fmt: skip
-    print(_summary_text(summary), flush=True)
+    print(summary_text(summary), flush=True)
     return summary
 
 
-def _summary_text(summary: dict) -> str:
+def summary_text(summary: dict) -> str:
+    """What restructuring prints for one collection: one summary line, and a warning line when no case CSV was found.
+
+    Parameters
+    ----------
+    summary : as returned by :func:`restructure_collection`
+
+    Returns
+    -------
+    str : ``restructure <Collection>: found F = kept K + skipped S (<reason> <count>, ...); layout <layout>; case CSV
+    <path>; <images kept>/<found> images and <ROIs kept>/<found> ROIs kept, <files> files -> <out_dir>``; without a
+    CSV, ``case CSV none`` and a second line ``restructure <Collection>: warning: ...`` naming the CSV, where it
+    was looked for and the manifest columns that stay empty.
+    """
+    name = summary["collection"]
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
-    return (
-        f"restructure {summary['collection']} ({summary['layout']} layout): found {summary['found']} = kept "
-        f"{summary['kept']} + skipped {summary['skipped']}\n"
-        f"  images {summary['images_kept']}/{summary['images_found']} kept, ROIs {summary['rois_kept']}/"
-        f"{summary['rois_found']} kept, stray files {summary['stray_files']}; {summary['files_found']} files "
-        f"indexed ({summary['crop_files']} cropped ROI images set aside)\n"
-        f"  skipped by reason: {reasons}\n  -> {summary['out_dir']}/manifest.csv, skipped.csv"
-    )
+    line = (f"restructure {name}: found {summary['found']} = kept {summary['kept']} + skipped {summary['skipped']} "
+            f"({reasons}); layout {summary['layout']}; case CSV {summary['csv'] or 'none'}; "
+            f"{summary['images_kept']}/{summary['images_found']} images and {summary['rois_kept']}/"
+            f"{summary['rois_found']} ROIs kept, {summary['files_found']} files "
+            f"({summary['crop_files']} cropped ROI images set aside) -> {summary['out_dir']}")
+    if summary["csv"]:
+        return line
+    searched = ", ".join(summary.get("csv_searched", [])) or "data.csv_dir"
+    columns = ", ".join(summary.get("csv_empty_columns", []))
+    return (f"{line}\nrestructure {name}: warning: no case CSV {summary.get('csv_name', '')} found (looked in "
+            f"{searched}; set data.csv_dir); the manifest columns {columns} stay empty")
 
 
 def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str, threads: int = 1) -> dict:
