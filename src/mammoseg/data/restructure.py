@@ -128,7 +128,9 @@ SKIP_REASONS: dict[str, tuple[str, str]] = {
     "truncated": ("file", "the file is cut short: header or pixel data incomplete"),
     "no_pixel_data": ("file", "a DICOM file without Pixel Data"),
     "bad_header": ("file", "Rows/Columns/BitsAllocated missing or zero, or not a single-frame greyscale image"),
-    "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin)"),
+    "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin); every full "
+                            "image is decoded before it is kept, so this includes e.g. a JPEG 2000 image whose "
+                            "codestream header is broken"),
     "unreadable": ("file", "the file cannot be opened or parsed for another reason; also an entry that is no "
                            "regular file (a broken link) and a folder that cannot be listed"),
     "ignored": ("file", "a hidden or system file or folder (`.DS_Store`, `Thumbs.db`, `desktop.ini`, AppleDouble "
