@@ -355,15 +355,15 @@ def _list_folder(folder: str, top: str | None, prefix: str | None, listing: Tree
     """
     try:
         info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
+            listing.set_aside_entry(folder, top or "", "unreadable", "a folder link to a folder already searched")
+            return
+        visited.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda e: e.name)
     except OSError as exc:
         listing.set_aside_entry(folder, top or "", "unreadable", f"cannot list the folder: {exc.strerror or exc}")
         return
-    if (info.st_dev, info.st_ino) in visited:
-        listing.set_aside_entry(folder, top or "", "unreadable", "a folder link to a folder already searched")
-        return
-    visited.add((info.st_dev, info.st_ino))
     for entry in entries:
         entry_top = entry.name if top is None else top
         why = ignored_reason(entry.name)
@@ -461,8 +461,9 @@ def index_tree(root: str | Path, *, layout: str = "auto", collection_prefix: str
 
     Returns
     -------
-    pandas.DataFrame, one row per file or set-aside entry (:class:`TreeListing`), columns :data:`INDEX_COLUMNS`: ``path`` (str), ``top_folder`` (case folder,
-    or PatientID in layout D), header values (``Rows``/``Columns``: pixels, ``BitsStored``: bits, -1 when unknown),
+    pandas.DataFrame, one row per file or set-aside entry (:class:`TreeListing`), columns :data:`INDEX_COLUMNS`:
+    ``path`` (str), ``top_folder`` (case folder, '' for a file beside the case folders, or PatientID in layout D),
+    header values (``Rows``/``Columns``: pixels, ``BitsStored``: bits, -1 when unknown),
     ``readable`` (bool), ``reason`` (a skip code, empty when readable) and ``error`` (readable message).
     """
     root = Path(root)

@@ -12,9 +12,13 @@ consistent file. :func:`hdf5_writer` then raises the kept error. The caller stop
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # h5py is imported when a file is written, not with this module (the Snakefile imports shards)
+    import h5py
 
 __all__ = ["LatchingFile", "hdf5_writer"]
 
@@ -22,9 +26,11 @@ __all__ = ["LatchingFile", "hdf5_writer"]
 class LatchingFile:
     """A seekable binary file (``fileobj`` for h5py) that keeps its first write error instead of raising it.
 
-    Reads and writes use ``os.pread``/``os.pwrite`` at the position HDF5 sought to. After the first failed write
-    (or truncate), every later write is kept in memory (``address -> bytes``) and reads see it there, so HDF5
-    reads back what it believes it wrote. :attr:`error` is the first ``OSError``, None while all is well.
+    Reads and writes use ``os.pread``/``os.pwrite`` at the position HDF5 sought to; a read past the end of the
+    file is filled with zeros, as HDF5's own ``sec2`` driver does. After the first failed write (or truncate),
+    that write and every later one are kept in memory (address and bytes, in write order) and reads see them
+    there, so HDF5 reads back what it believes it wrote. :attr:`error` is the first ``OSError``, None while all is
+    well.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -65,9 +71,10 @@ class LatchingFile:
         if size < 0:
             size = max(os.fstat(self._fd).st_size, self._held_end) - self._position
         data = bytearray(os.pread(self._fd, size, self._position))
+        data.extend(bytes(size - len(data)))  # past the end of the file: zeros, as in HDF5's sec2 driver
         if self._held:
-            data = self._overlay(data, size)
-        self._position += len(data)
+            self._overlay(data)
+        self._position += size
         return bytes(data)
 
     def readinto(self, buffer: Any) -> int:
@@ -98,22 +105,20 @@ class LatchingFile:
         while len(view):  # pwrite may write part of the buffer (a signal, a filling disk)
             written = os.pwrite(self._fd, view, address)
             if written == 0:
-                raise OSError(28, os.strerror(28))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             view, address = view[written:], address + written
 
-    def _overlay(self, data: bytearray, size: int) -> bytearray:
-        """``data`` read at the current position, padded to ``size`` and patched with the held writes."""
-        start = self._position
-        data.extend(bytes(size - len(data)))
+    def _overlay(self, data: bytearray) -> None:
+        """Patch ``data``, read at the current position, with the held writes it overlaps."""
+        start, end = self._position, self._position + len(data)
         for address, held in self._held:  # in write order: a later write of the same bytes wins
-            lo, hi = max(start, address), min(start + size, address + len(held))
+            lo, hi = max(start, address), min(end, address + len(held))
             if lo < hi:
                 data[lo - start:hi - start] = held[lo - address:hi - address]
-        return data
 
 
 @contextlib.contextmanager
-def hdf5_writer(path: str | Path, **file_options: Any) -> Iterator[tuple["h5py.File", LatchingFile]]:  # noqa: F821
+def hdf5_writer(path: str | Path, **file_options: Any) -> Iterator[tuple["h5py.File", LatchingFile]]:
     """Create the HDF5 file ``path`` (truncating it) for writing; yield ``(h5py.File, LatchingFile)``.
 
     ``file_options`` go to :class:`h5py.File` (e.g. ``track_order``). The body should stop adding data once
