@@ -195,7 +195,7 @@ def benchmark_extraction_memory(manifest_csv: str | Path, out_path: str | Path, 
         "import json, sys\n"
         "import h5py, pandas, pydicom, numpy\n"
         "from mammoseg.patches.shards import extract_shard\n"
-        "from mammoseg import dicom\n"
+        "from mammoseg.io import dicom\n"
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key + ':'):\n"

@@ -335,6 +335,30 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     return done.returncode == 0
 
 
+def test_real_full_disk_during_the_hdf5_write_cli_exit_2_no_crash(collection, tmp_path):
+    """The disk fills up inside HDF5's own writes (past the free-space check): exit 2, one line, no SIGSEGV.
+
+    1x1-pixel patches (n=4, downscale 16) and 400 shifted copies: the free-space check counts the pixels (about
+    44 KiB) and lets the shard start, but the chunk index and provenance of 8,822 patches need about 3.5 MiB.
+    Before the shard was written through :mod:`mammoseg.io.hdf5`, HDF5 crashed the process at exit (-11).
+    """
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, "1536k"):
+        pytest.skip("needs root and a mountable tmpfs for a real ENOSPC")
+    try:
+        out = disk / "shard-0.h5"
+        patches = {**PATCHES, "n": 4, "downscale": 16, "n_shifted": 400, "compression": "none"}
+        done = run_cli("extract", "--config-json", json.dumps({"patches": patches}), "--manifest", str(collection),
+                       "--out", str(out), "--shard", "0")
+        assert done.returncode != -signal.SIGSEGV, "HDF5 crashed the process after the disk filled up"
+        assert_one_line_error(done, out)
+        assert "[Errno 28]" in done.stderr and "free space" not in done.stderr  # the write failed, not the check
+        assert list(disk.iterdir()) == []  # neither the shard nor a temporary file
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_real_full_disk_tmpfs_extract_clear_error_no_shard(collection, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

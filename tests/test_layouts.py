@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mammoseg.data.layouts import (
@@ -53,8 +54,88 @@ def test_detect_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         detect_layout(tmp_path / "absent")
     (tmp_path / "random").mkdir()
-    with pytest.raises(ValueError, match="no CBIS-DDSM case folders"):
+    with pytest.raises(ValueError, match="no CBIS-DDSM case folder found"):
         detect_layout(tmp_path)
+
+
+def test_no_case_folder_error_names_what_it_saw_and_the_pattern(tmp_path):
+    root = tmp_path / "download"
+    inner = root / "CBIS-DDSM"  # the names shown are those where the case folders would be
+    for name in ["Mass_P_00001_LEFT_CC", "Mass-Training_P_1.5_LEFT_CC", "scan_001", "scan_002", "scan_003",
+                 "scan_004", "scan_005", "scan_006", "scan_007"]:
+        (inner / name).mkdir(parents=True)
+    (inner / "notes.txt").write_text("x")
+    with pytest.raises(ValueError) as caught:
+        detect_layout(root)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{root}: no CBIS-DDSM case folder found")
+    assert "Mass-Training_P_1.5_LEFT_CC/, Mass_P_00001_LEFT_CC/, notes.txt, scan_001/" in message
+    assert "and 2 more" in message  # 10 entries, 8 shown
+    assert "<Mass|Calc>-<Training|Test>_P_<id>_<LEFT|RIGHT>_<CC|MLO>[_<abnormality id>]" in message
+    with pytest.raises(ValueError, match="Mass-Training_P_1.5_LEFT_CC/"):
+        index_tree(root, layout="doi")
+
+
+def test_patient_identifiers_other_than_digits(tmp_path):
+    case = parse_case_name("Mass-Training_P_M0001_LEFT_MLO")
+    assert (case.collection, case.patient_id, case.image_id, case.roi_id) == (
+        "Mass-Training", "P_M0001", "P_M0001_LEFT_MLO", None)  # fmt: skip
+    roi = parse_case_name("Calc-Test_P_site-2_a7_RIGHT_CC_3")
+    assert (roi.patient_id, roi.roi_id) == ("P_site-2_a7", "P_site-2_a7_RIGHT_CC_3")
+    for refused in ["Mass-Training_P_M0001!_LEFT_MLO", "Mass-Training_P_M.1_LEFT_CC", "Mass-Training_P__LEFT_CC",
+                    "Mass-Training_P_-x_LEFT_CC", "Mass-Training_P_" + "A" * 33 + "_LEFT_CC",
+                    "Mass-Training_P_M 1_LEFT_CC", "Mass-Training_P_M\u00e91_LEFT_CC"]:
+        assert parse_case_name(refused) is None, refused
+
+
+def _doi_file(case_root: Path, case: str, name: str = "000000.dcm") -> Path:
+    from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
+
+    header = DicomHeader(case, make_uid("st", case), make_uid("se", case), make_uid("sop", case, name),
+                         "full mammogram images", "20160720", "L", "CC")
+    path = case_root / case / header.study_uid / header.series_uid / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_dataset(np.full((8, 8), 7, np.uint16), header).save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_hidden_and_system_entries_are_listed_as_ignored_and_never_read(tmp_path):
+    case_root = tmp_path / "CBIS-DDSM"
+    image = _doi_file(case_root, "Mass-Training_P_00001_LEFT_CC")
+    _doi_file(case_root, "Mass-Test_P_00002_LEFT_CC")  # another collection's: its own run accounts for it
+    hidden = {
+        case_root / ".DS_Store": "macOS Finder",
+        case_root / "Thumbs.db": "Windows Explorer",
+        image.parent / "DESKTOP.INI": "Windows folder settings",
+        image.parent / "._000000.dcm": "AppleDouble",
+        image.parent / ".partial-download": "hidden",
+    }
+    for path in hidden:
+        path.write_bytes(b"\x00" * 16)
+    (case_root / ".Trashes" / "deep").mkdir(parents=True)
+    (case_root / ".Trashes" / "deep" / "x.dcm").write_bytes(b"")  # inside a hidden folder: never listed
+    index = index_tree(tmp_path, layout="doi", collection_prefix="Mass-Training")
+    ignored = index[index["reason"] == "ignored"].set_index("path")
+    assert set(ignored.index) == {str(p) for p in hidden} | {str(case_root / ".Trashes")}
+    for path, words in hidden.items():
+        assert words in ignored.loc[str(path), "error"]
+    assert ignored.loc[str(case_root / ".Trashes"), "error"].endswith("folder, not searched")
+    assert not ignored["readable"].any()
+    readable = index[index["readable"]]
+    assert readable["path"].tolist() == [str(image)]
+
+
+def test_links_that_lead_nowhere_or_loop_are_unreadable_entries(tmp_path):
+    case_root = tmp_path / "CBIS-DDSM"
+    image = _doi_file(case_root, "Mass-Training_P_00001_LEFT_CC")
+    (image.parent / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    (image.parent / "loop").symlink_to(case_root / "Mass-Training_P_00001_LEFT_CC")
+    index = index_tree(tmp_path, layout="doi", collection_prefix="Mass-Training").set_index("path")
+    assert index.loc[str(image.parent / "gone.dcm"), "reason"] == "unreadable"
+    assert "not a regular file" in index.loc[str(image.parent / "gone.dcm"), "error"]
+    assert index.loc[str(image.parent / "loop"), "reason"] == "unreadable"
+    assert "already searched" in index.loc[str(image.parent / "loop"), "error"]
+    assert index["readable"].sum() == 1
 
 
 def test_index_tree_matches_truth(tree):

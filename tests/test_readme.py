@@ -23,5 +23,5 @@ def test_every_skip_reason_is_documented(repo_root):
     from mammoseg.data.restructure import SKIP_REASONS
 
     readme = (repo_root / "README.md").read_text()
-    for code in SKIP_REASONS:
-        assert f"`{code}`" in readme, code
+    for code, (unit, meaning) in SKIP_REASONS.items():
+        assert f"| `{code}` | {unit} | {meaning} |" in readme, code

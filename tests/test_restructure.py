@@ -122,7 +122,7 @@ def test_links_resolve_from_any_cwd_and_copy_option(tmp_path, monkeypatch):
     for row in manifest.itertuples():
         linked = tmp_path / "linked" / row.image_path
         copied = tmp_path / "copied" / row.image_path
-        assert linked.is_symlink() and os.path.isabs(os.readlink(linked))
+        assert linked.is_symlink() and not os.path.isabs(os.readlink(linked))
         assert not copied.is_symlink() and copied.read_bytes() == Path(row.image_source).read_bytes()
         np.testing.assert_array_equal(read_mammogram(linked), read_mammogram(row.image_source))
         assert read_mask(tmp_path / "linked" / row.mask_path).mask.any()
@@ -324,3 +324,159 @@ def test_bad_inputs_each_have_their_fate(bad_tree, tmp_path):
     assert not Path("/tmp/evil").exists()
     for name in os.listdir(out / "images") + os.listdir(out / "masks"):
         assert "/" not in name and not name.startswith(".")
+
+
+def test_every_file_of_the_collection_is_accounted_for(tmp_path):
+    """Hidden and system files are `ignored` rows; a stray file beside the case folders is a row too."""
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=17, layout="doi", **SIZE)
+    case_root = root / "CBIS-DDSM"
+    series = next(next(case_root.glob("Mass-Training_*")).rglob("*.dcm")).parent
+    (case_root / ".DS_Store").write_bytes(b"\0" * 32)
+    (series / "._000000.dcm").write_bytes(b"\0" * 32)
+    (series / "Thumbs.db").write_bytes(b"\0" * 32)
+    (case_root / "README.txt").write_text("downloaded with the NBIA Data Retriever\n")
+    out = tmp_path / "out"
+    summary = restructure_collection(root, out, abnormality="mass", split="train", progress=False)
+    _, skipped = _check_accounting(summary, out)
+    # every file on disk except the other collection's case folders (Mass-Test: its own run accounts for them)
+    on_disk = [p for p in case_root.rglob("*") if p.is_file() and not p.relative_to(case_root).parts[0].startswith("Mass-Test_")]
+    assert summary["files_found"] == len(on_disk)
+    reasons = dict(zip(skipped["source_path"], skipped["reason"]))
+    for name in (case_root / ".DS_Store", series / "._000000.dcm", series / "Thumbs.db"):
+        assert reasons[str(name)] == "ignored"
+    assert reasons[str(case_root / "README.txt")] == "not_dicom"
+    assert summary["skipped_by_reason"]["ignored"] == 3
+
+
+def test_patient_identifiers_other_than_digits_are_kept_refused_names_recorded(tmp_path):
+    root = tmp_path / "tree"
+    for case in ("Mass-Training_P_M0001_LEFT_MLO", "Mass-Training_P_00002_LEFT_CC"):
+        _write(root, case, "000000.dcm", _image(1), description="full mammogram images")
+        _write(root, case + "_1", "000000.dcm", _mask())
+    _write(root, "Mass-Training_P_M0003!_LEFT_CC", "000000.dcm", _image(3), description="full mammogram images")
+    out = tmp_path / "out"
+    summary = restructure_collection(root, out, abnormality="mass", split="train", progress=False)
+    manifest, skipped = _check_accounting(summary, out)
+    assert sorted(manifest["roi_id"]) == ["P_00002_LEFT_CC_1", "P_M0001_LEFT_MLO_1"]
+    assert manifest.set_index("roi_id").loc["P_M0001_LEFT_MLO_1", "patient_id"] == "P_M0001"
+    assert (out / "images" / "P_M0001_LEFT_MLO.dcm").exists() and (out / "masks" / "P_M0001_LEFT_MLO_1.dcm").exists()
+    refused = skipped[skipped["reason"] == "bad_identifier"]
+    assert len(refused) == 1
+    assert "'Mass-Training_P_M0003!_LEFT_CC'" in refused["message"].iloc[0]
+    assert "_P_<id>_<LEFT|RIGHT>_<CC|MLO>" in refused["message"].iloc[0]  # the pattern it did not match
+
+
+def _break_jpeg2000_codestream_header(path: Path) -> None:
+    """Overwrite the SIZ segment after the SOC marker: the file stays complete, its codestream header is garbage."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\xff\x4f\xff\x51")  # SOC then SIZ: the start of a JPEG 2000 codestream
+    data[start + 2:start + 12] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def undecodable_tree(tmp_path) -> Path:
+    """Two JPEG 2000 full images with one ROI each; the codestream header of image 2 is broken."""
+    root = tmp_path / "j2k"
+    t = "Mass-Training_P_{:05d}_LEFT_CC"
+    for k in (1, 2):
+        image = _write(root, t.format(k), "000000.dcm", _image(k), description="full mammogram images",
+                       syntax=JPEG2000Lossless)  # fmt: skip
+        _write(root, t.format(k) + "_1", "000000.dcm", _mask())
+        if k == 2:
+            _break_jpeg2000_codestream_header(image)
+    return root
+
+
+def test_undecodable_full_image_is_skipped_and_its_roi_too(undecodable_tree, tmp_path):
+    from mammoseg.io.dicom import header_record
+
+    broken = next((undecodable_tree / "CBIS-DDSM" / "Mass-Training_P_00002_LEFT_CC").rglob("*.dcm"))
+    assert header_record(broken)["readable"], "the header checks must pass: only a decode finds this"
+    out = tmp_path / "out"
+    summary = restructure_collection(undecodable_tree, out, abnormality="mass", split="train", threads=2,
+                                     progress=False)  # fmt: skip
+    manifest, skipped = _check_accounting(summary, out)
+    assert manifest["roi_id"].tolist() == ["P_00001_LEFT_CC_1"]
+    assert not (out / "images" / "P_00002_LEFT_CC.dcm").exists()
+    row = skipped[skipped["source_path"] == str(broken)]
+    assert row["reason"].tolist() == ["undecodable"] and row["image_id"].tolist() == ["P_00002_LEFT_CC"]
+    assert "JPEG 2000" in row["message"].iloc[0]  # the decoder's message
+    roi = skipped[skipped["roi_id"] == "P_00002_LEFT_CC_1"]
+    assert roi["reason"].tolist() == ["mask_without_image"]
+
+
+def test_decoding_threads_change_nothing_but_speed(bad_tree, tmp_path):
+    outputs = []
+    for threads in (1, 3):
+        out = tmp_path / f"out-{threads}"
+        restructure_collection(bad_tree, out, abnormality="mass", split="train", threads=threads, progress=False)
+        outputs.append(((out / "manifest.csv").read_bytes(), (out / "skipped.csv").read_bytes()))
+    assert outputs[0] == outputs[1]
+    with pytest.raises(ValueError, match="threads"):
+        restructure_collection(bad_tree, tmp_path / "x", abnormality="mass", split="train", threads=0, progress=False)
+
+
+def test_links_keep_working_when_results_and_download_move_together(tmp_path):
+    project = tmp_path / "project"
+    synth.generate_dataset(project / "data", n_train=2, n_test=1, seed=18, layout="doi", **SIZE)
+    out = project / "results" / "restructured" / "mass" / "train"
+    restructure_collection(project / "data", out, abnormality="mass", split="train", progress=False)
+    before = {p.name: read_mammogram(p) for p in (out / "images").iterdir()}
+    assert before and all(not os.path.isabs(os.readlink(p)) for p in (out / "images").iterdir())
+    moved = tmp_path / "elsewhere" / "renamed-project"
+    moved.parent.mkdir()
+    os.rename(project, moved)
+    out = moved / "results" / "restructured" / "mass" / "train"
+    for name, pixels in before.items():
+        np.testing.assert_array_equal(read_mammogram(out / "images" / name), pixels)
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert all(read_mask(out / path).mask.any() for path in manifest["mask_path"])
+
+
+def test_link_text_relative_below_a_common_folder_absolute_across_the_root(tmp_path):
+    from mammoseg.data.restructure import link_text
+
+    images = tmp_path / "project" / "results" / "restructured" / "mass" / "train" / "images"
+    source = tmp_path / "project" / "data" / "CBIS-DDSM" / "case" / "000000.dcm"
+    assert link_text(source, images) == "../../../../../data/CBIS-DDSM/case/000000.dcm"
+    # only the root in common (a download on another disk): absolute, so that the project can move without it
+    elsewhere = "/mammoseg-no-such-disk/CBIS-DDSM/case/000000.dcm"
+    assert link_text(elsewhere, "/mammoseg-no-such-home/project/results/images") == elsewhere
+    # the system follows a relative link from where it physically is: a linked results/ folder is resolved first
+    (tmp_path / "scratch" / "results").mkdir(parents=True)
+    (tmp_path / "project" / "results-link").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "project" / "results-link").symlink_to(tmp_path / "scratch" / "results")
+    assert link_text(source, tmp_path / "project" / "results-link") == "../../project/data/CBIS-DDSM/case/000000.dcm"
+
+
+def test_summary_line_names_counts_reasons_layout_and_csv(bad_tree, tmp_path, capsys):
+    from mammoseg.data.restructure import summary_text
+
+    summary = restructure_collection(bad_tree, tmp_path / "out", abnormality="mass", split="train", progress=False)
+    printed = capsys.readouterr().out
+    assert printed == summary_text(summary) + "\n"
+    assert len(printed.splitlines()) == 1  # one line per collection when the CSV was found
+    line = printed.strip()
+    assert line.startswith(f"restructure Mass-Training: found {summary['found']} = kept {summary['kept']} + "
+                           f"skipped {summary['skipped']} (")
+    for reason, count in summary["skipped_by_reason"].items():
+        assert f"{reason} {count}" in line
+    assert "layout doi" in line and f"case CSV {bad_tree / 'csv' / 'mass_case_description_train_set.csv'}" in line
+
+
+def test_summary_warns_without_csv_and_names_the_empty_columns(tmp_path, capsys):
+    from mammoseg.data.restructure import summary_text
+
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=16, layout="nbia", **SIZE)
+    (root / "csv" / "mass_case_description_train_set.csv").unlink()
+    summary = restructure_collection(root, tmp_path / "out", abnormality="mass", split="train", progress=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == summary_text(summary).splitlines() and len(lines) == 2
+    assert "case CSV none" in lines[0] and "layout nbia" in lines[0]
+    warning = lines[1]
+    assert warning.startswith("restructure Mass-Training: warning: no case CSV mass_case_description_train_set.csv")
+    assert str(root / "csv") in warning
+    assert "pathology, assessment, subtlety, breast_density, shape, margins stay empty" in warning

@@ -23,6 +23,12 @@ used. The layout only decides where the files are: in layouts A-C one collection
 ``Mass-Test``, ``Calc-Training``, ``Calc-Test``) is selected by its case-folder names, so the headers of the
 others are never read; in layout D by the PatientID column of ``dicom_info.csv``. In layout D the JPEGs listed in
 ``dicom_info.csv`` are the files found; JPEGs it does not list cannot be assigned to a collection and are ignored.
+
+In layouts A-C every entry below the case root is accounted for (:func:`list_entries`), except the top-level
+entries named after another collection: regular files are indexed (also files beside the case folders and in
+folders named after no case), hidden and system files and folders (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``,
+``._*``, any name starting with '.') get an index row with reason ``ignored`` and are not read, and entries that
+are no regular file or folder that cannot be listed get reason ``unreadable``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -42,12 +48,17 @@ __all__ = [
     "LAYOUTS",
     "COLLECTIONS",
     "INDEX_COLUMNS",
+    "CASE_NAME_PATTERN",
     "CaseName",
+    "TreeListing",
+    "ignored_reason",
     "parse_case_name",
     "collection_prefix",
     "find_case_root",
     "find_kaggle_table",
     "detect_layout",
+    "list_entries",
+    "no_case_folders_message",
     "list_files",
     "index_tree",
 ]
@@ -62,10 +73,16 @@ INDEX_COLUMNS = [
 _ABNORMALITY = {"Mass": "mass", "Calc": "calc"}
 _SPLIT = {"Training": "train", "Test": "test"}
 # Strict: a name that does not match exactly (slashes, NUL, '..', extra text, absurd lengths) is no case name.
+# The patient identifier after 'P_' is CBIS-DDSM's five digits (P_00016), or any safe word of a tree laid out like
+# it (P_M0001): letters, digits, '-' and '_', starting with a letter or digit, at most 32 characters. Only such
+# characters ever reach a file name.
 _CASE_RE = re.compile(
-    r"(?P<collection>(?P<abn>Mass|Calc)-(?P<split>Training|Test))_(?P<patient>P_\d{1,8})"
+    r"(?P<collection>(?P<abn>Mass|Calc)-(?P<split>Training|Test))_(?P<patient>P_[A-Za-z0-9][A-Za-z0-9_-]{0,31})"
     r"_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:_(?P<abnormality_id>\d{1,3}))?"
 )
+#: The case-name pattern in words, for messages.
+CASE_NAME_PATTERN = ("<Mass|Calc>-<Training|Test>_P_<id>_<LEFT|RIGHT>_<CC|MLO>[_<abnormality id>], <id> = 1-32 "
+                     "letters, digits, '-' or '_' (e.g. Mass-Training_P_00001_LEFT_CC_1)")
 _UID_FOLDER = re.compile(r"\d+(\.\d+)+")
 _NBIA_NA_STUDY = re.compile(r"\d\d-\d\d-\d{4}-DDSM-NA-\d+")
 _NBIA_STUDY = re.compile(r"\d\d-\d\d-\d{4}-DDSM-\d+")
@@ -81,7 +98,7 @@ class CaseName:
     collection : ``Mass-Training``, ``Mass-Test``, ``Calc-Training`` or ``Calc-Test``
     abnormality : ``mass`` or ``calc``
     split : ``train`` or ``test``
-    patient_id : ``P_00016``
+    patient_id : ``P_00016`` (``P_`` and 1-32 letters, digits, ``-`` or ``_``)
     side, view : ``LEFT``/``RIGHT``, ``CC``/``MLO``
     abnormality_id : int for an ROI folder (``..._CC_1``), None for a full image
     """
@@ -163,6 +180,36 @@ def find_kaggle_table(root: str | Path) -> Path | None:
     return None
 
 
+_SHOWN_NAMES = 8  # top-level names an error message lists
+
+
+def _shown_name(name: str, limit: int = 60) -> str:
+    """A file name fit for a one-line message: repr when it holds control characters, cut to ``limit``."""
+    text = name if name.isprintable() else repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def no_case_folders_message(root: str | Path) -> str:
+    """Why ``root`` is no CBIS-DDSM download: the case-name pattern expected and a few of the names found.
+
+    The names are those of ``root/CBIS-DDSM`` when there is one (the case folders would be there), else of ``root``;
+    folders end with ``/``.
+    """
+    root = Path(root)
+    folder = root / "CBIS-DDSM" if (root / "CBIS-DDSM").is_dir() else root
+    try:
+        with os.scandir(folder) as scan:
+            names = sorted(e.name + ("/" if e.is_dir() else "") for e in scan)
+    except OSError as exc:
+        names, listing = [], f"cannot be listed ({exc.strerror or exc})"
+    else:
+        shown = ", ".join(_shown_name(name) for name in names[:_SHOWN_NAMES])
+        more = f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else ""
+        listing = f"holds {shown}{more}" if names else "is empty"
+    return (f"{root}: no CBIS-DDSM case folder found and no csv/dicom_info.csv (Kaggle copy); case folders are "
+            f"named {CASE_NAME_PATTERN}; {folder} {listing}")
+
+
 def _classify_case_folder(case_dir: Path) -> str | None:
     """The layout one case folder is in, from its study and series folder names."""
     try:
@@ -207,8 +254,7 @@ def detect_layout(root: str | Path) -> str:
     if case_root is None:
         if find_kaggle_table(root) is not None:
             return "kaggle"
-        raise ValueError(f"{root}: no CBIS-DDSM case folders (e.g. Mass-Training_P_00001_LEFT_CC) and no "
-                         "csv/dicom_info.csv found; is this a CBIS-DDSM download?")
+        raise ValueError(no_case_folders_message(root))
     votes: dict[str, int] = {}
     for name in _case_dirs(case_root)[:_SAMPLE_CASES]:
         layout = _classify_case_folder(case_root / name)
@@ -222,43 +268,122 @@ def detect_layout(root: str | Path) -> str:
     return max(sorted(votes), key=votes.get)
 
 
-def list_files(case_root: str | Path, prefix: str | None = None) -> list[tuple[str, str]]:
-    """Every regular file below the case folders of ``case_root`` (layouts A-C), sorted.
+#: File names (lower case) that operating systems and file managers leave in folders: never data.
+_SYSTEM_FILES = {
+    ".ds_store": "macOS Finder folder metadata",
+    "thumbs.db": "Windows Explorer thumbnail cache",
+    "ehthumbs.db": "Windows Media Center thumbnail cache",
+    "desktop.ini": "Windows folder settings",
+}
+
+
+def ignored_reason(name: str) -> str:
+    """Why the entry called ``name`` is never read: a hidden or system file or folder; '' for any other name.
+
+    ``.DS_Store``, ``Thumbs.db``, ``ehthumbs.db``, ``desktop.ini`` (any case), AppleDouble files (``._*``) and every
+    other name starting with '.' (hidden files, ``.Trashes``, an interrupted download's temporaries).
+    """
+    known = _SYSTEM_FILES.get(name.lower())
+    if known:
+        return known
+    if name.startswith("._"):
+        return "AppleDouble file (macOS metadata of the file without '._')"
+    if name.startswith("."):
+        return "hidden (the name starts with '.')"
+    return ""
+
+
+@dataclass
+class TreeListing:
+    """Every entry below a case root, sorted by path, in one of two lists.
+
+    Attributes
+    ----------
+    files : (path, case folder name) of each regular file to index; the case folder name is the top-level folder
+        the file is in, '' for a file directly in the case root
+    set_aside : index rows (:data:`INDEX_COLUMNS`, ``readable`` False) of the entries that are not read: hidden and
+        system files and folders (reason ``ignored``; a folder is one row and is not searched), entries that are
+        not regular files (a broken link, a socket) and folders that cannot be listed (``unreadable``)
+    """
+
+    files: list[tuple[str, str]] = field(default_factory=list)
+    set_aside: list[dict] = field(default_factory=list)
+
+    def set_aside_entry(self, path: str, top: str, reason: str, error: str) -> None:
+        self.set_aside.append({**_NOT_READ, "path": path, "top_folder": top, "reason": reason, "error": error})
+
+
+#: index row values of an entry whose header was not read
+_NOT_READ = {
+    "PatientID": "", "StudyUID": "", "SeriesUID": "", "SOPUID": "", "SeriesDescription": "", "Rows": -1,
+    "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "", "readable": False,
+}  # fmt: skip
+
+
+def _other_collection(name: str, prefix: str | None) -> bool:
+    """Whether a top-level entry is named after a collection other than ``prefix`` (that collection's run reads it)."""
+    return prefix is not None and any(name.startswith(c + "_") for c in COLLECTIONS if c != prefix)
+
+
+def list_entries(case_root: str | Path, prefix: str | None = None) -> TreeListing:
+    """Every entry below ``case_root`` (layouts A-C), sorted, each either to be indexed or set aside with a reason.
 
     Parameters
     ----------
     case_root : from :func:`find_case_root`
-    prefix : a collection (``Mass-Training``); only case folders named ``<prefix>_...`` are walked
+    prefix : a collection (``Mass-Training``): top-level entries named after another collection
+        (``Mass-Test_...``) are left to that collection's run; everything else is listed, so that every file of a
+        one-collection tree is accounted for (hidden files, stray files beside the case folders, files in folders
+        named after no case)
 
     Returns
     -------
-    list of (path, case folder name); hidden files (``.tmp-*``, ``.DS_Store``) are left out.
+    TreeListing
     """
-    case_root = Path(case_root)
-    files: list[tuple[str, str]] = []
-    with os.scandir(case_root) as entries:
-        tops = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    for top in tops:
-        if prefix is not None and not top.startswith(prefix + "_"):
-            continue
-        files.extend((path, top) for path in _walk_files(os.path.join(case_root, top)))
-    return files
+    listing = TreeListing()
+    visited: set[tuple[int, int]] = set()
+    _list_folder(os.fspath(case_root), None, prefix, listing, visited)
+    return listing
 
 
-def _walk_files(folder: str) -> list[str]:
-    """Regular files below ``folder``, sorted, hidden entries skipped (scandir: no extra stat per entry)."""
-    found: list[str] = []
+def _list_folder(folder: str, top: str | None, prefix: str | None, listing: TreeListing,
+                 visited: set[tuple[int, int]]) -> None:  # fmt: skip
+    """Add the entries below ``folder`` to ``listing``; ``top`` is the case folder name (None at the case root).
+
+    scandir, not Path.rglob: its d_type answers is_dir/is_file without a stat per file. One stat per folder
+    detects a folder reached twice (a link that loops back), which would otherwise recurse without end.
+    """
     try:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
+            listing.set_aside_entry(folder, top or "", "unreadable", "a folder link to a folder already searched")
+            return
+        visited.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as scan:
-            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError:
-        return found
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError as exc:
+        listing.set_aside_entry(folder, top or "", "unreadable", f"cannot list the folder: {exc.strerror or exc}")
+        return
     for entry in entries:
-        if entry.is_dir():
-            found.extend(_walk_files(entry.path))
+        entry_top = entry.name if top is None else top
+        why = ignored_reason(entry.name)
+        if why:
+            kind = "folder, not searched" if entry.is_dir() else "file"
+            listing.set_aside_entry(entry.path, top or "", "ignored", f"{why}: {kind}")
+        elif top is None and _other_collection(entry.name, prefix):
+            continue
+        elif entry.is_dir():
+            _list_folder(entry.path, entry_top, prefix, listing, visited)
         elif entry.is_file():
-            found.append(entry.path)
-    return found
+            listing.files.append((entry.path, top or ""))
+        else:
+            listing.set_aside_entry(entry.path, top or "", "unreadable",
+                                    "not a regular file (a broken link, a socket or a device)")
+
+
+def list_files(case_root: str | Path, prefix: str | None = None) -> list[tuple[str, str]]:
+    """The regular files of :func:`list_entries`: (path, case folder name), sorted; hidden and system files left out."""
+    return list_entries(case_root, prefix).files
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -272,13 +397,14 @@ def _progress(items, enabled: bool, desc: str):
 def _index_dicom_tree(root: Path, prefix: str | None, progress: bool) -> pd.DataFrame:
     case_root = find_case_root(root)
     if case_root is None:
-        raise ValueError(f"{root}: no CBIS-DDSM case folders found")
+        raise ValueError(no_case_folders_message(root))
+    listing = list_entries(case_root, prefix)
     rows = []
-    for path, top in _progress(list_files(case_root, prefix), progress, "index"):
+    for path, top in _progress(listing.files, progress, "index"):
         record = header_record(path)
         record["top_folder"] = top
         rows.append(record)
-    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    return pd.DataFrame(rows + listing.set_aside, columns=INDEX_COLUMNS)
 
 
 def _kaggle_path(image_path: str, bases: list[Path]) -> Path:
@@ -335,8 +461,9 @@ def index_tree(root: str | Path, *, layout: str = "auto", collection_prefix: str
 
     Returns
     -------
-    pandas.DataFrame, one row per file, columns :data:`INDEX_COLUMNS`: ``path`` (str), ``top_folder`` (case folder,
-    or PatientID in layout D), header values (``Rows``/``Columns``: pixels, ``BitsStored``: bits, -1 when unknown),
+    pandas.DataFrame, one row per file or set-aside entry (:class:`TreeListing`), columns :data:`INDEX_COLUMNS`:
+    ``path`` (str), ``top_folder`` (case folder, '' for a file beside the case folders, or PatientID in layout D),
+    header values (``Rows``/``Columns``: pixels, ``BitsStored``: bits, -1 when unknown),
     ``readable`` (bool), ``reason`` (a skip code, empty when readable) and ``error`` (readable message).
     """
     root = Path(root)

@@ -8,7 +8,11 @@ of a download in any layout (:mod:`mammoseg.data.layouts`) and writes, per ``doc
     out_dir/manifest.csv              one row per kept ROI (columns: MANIFEST_COLUMNS)
     out_dir/skipped.csv               one row per skipped file, image or ROI (columns: SKIPPED_COLUMNS)
 
-Links are absolute symbolic links, so they resolve from any working directory; ``link="copy"`` copies instead.
+Links are relative symbolic links (:func:`link_text`), so they resolve from any working directory and keep working
+when the folder holding both results/ and the download moves; absolute when the two meet only at the filesystem
+root (a download on another disk). ``link="copy"`` copies instead. The ``image_source``/``mask_source`` columns
+and ``skipped.csv``'s ``source_path`` record absolute paths at the time of the run (provenance: nothing reads
+files through them).
 Every output appears atomically (a temporary name, then ``os.replace``); entries of a previous run that the current
 run does not produce are removed from ``images/`` and ``masks/``.
 
@@ -33,15 +37,18 @@ Accounting: found = kept + skipped
 ----------------------------------
 The units are **full images**, **ROIs** and **stray files**:
 
-- an image is found when at least one readable file of its case (no ``_N``) is found; it is kept when at least
-  one of its ROIs is kept;
+- an image is found when at least one readable file of its case (no ``_N``) is found whose pixels decode (every
+  full image is decoded, in ``threads`` threads, before it is kept); it is kept when at least one of its ROIs is
+  kept;
 - an ROI (a distinct ``roi_id``) is found when a readable file of its case folder is found, or when the case CSV
   lists it (even if nothing of it is on disk); it is kept when its mask passes every check;
-- a stray file is a file that belongs to no image or ROI: unreadable, not DICOM, a duplicate, another collection's.
+- a stray file is a file that belongs to no image or ROI: unreadable, not DICOM, an undecodable full image, a
+  duplicate, another collection's, a hidden or system file (``ignored``).
 
 ``found = images found + ROIs found + stray files``, ``kept = images kept + ROIs kept``, ``skipped`` = rows of
 skipped.csv; ``found == kept + skipped`` always (asserted). Cropped ROI images belong to their ROI and are counted
-as ``crop_files``, never linked. ``files_found`` is the number of files the index saw.
+as ``crop_files``, never linked. ``files_found`` is the number of entries the index saw: every file below the case
+root except the top-level entries of other collections, plus one per hidden folder (not searched).
 
 Skip reasons (``skipped.csv`` column ``reason``)
 ------------------------------------------------
@@ -53,6 +60,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,18 +69,39 @@ import numpy as np
 import pandas as pd
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
-from mammoseg.io.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
-from mammoseg.data.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
+from mammoseg.io.dicom import (
+    RASTER_SUFFIXES,
+    DicomReadError,
+    binary_fraction,
+    mask_from_pixels,
+    read_mammogram,
+    read_raw_pixels,
+    safe_name,
+)
+from mammoseg.data.layouts import (
+    CASE_NAME_PATTERN,
+    CaseName,
+    collection_prefix,
+    detect_layout,
+    index_tree,
+    parse_case_name,
+)
 
 __all__ = [
     "MANIFEST_COLUMNS",
     "SKIPPED_COLUMNS",
     "SKIP_REASONS",
     "BINARY_FRACTION",
+    "case_csv_folders",
+    "case_csv_name",
     "find_case_csv",
+    "link_text",
     "load_case_csv",
+    "decode_failure",
+    "decode_failures",
     "restructure_collection",
     "run_restructure",
+    "summary_text",
 ]
 
 MANIFEST_COLUMNS = [
@@ -99,11 +128,17 @@ SKIP_REASONS: dict[str, tuple[str, str]] = {
     "truncated": ("file", "the file is cut short: header or pixel data incomplete"),
     "no_pixel_data": ("file", "a DICOM file without Pixel Data"),
     "bad_header": ("file", "Rows/Columns/BitsAllocated missing or zero, or not a single-frame greyscale image"),
-    "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin)"),
-    "unreadable": ("file", "the file cannot be opened or parsed for another reason"),
+    "undecodable": ("file", "pixel data cannot be decoded (corrupt stream or missing codec plugin); every full "
+                            "image is decoded before it is kept, so this includes e.g. a JPEG 2000 image whose "
+                            "codestream header is broken"),
+    "unreadable": ("file", "the file cannot be opened or parsed for another reason; also an entry that is no "
+                           "regular file (a broken link) and a folder that cannot be listed"),
+    "ignored": ("file", "a hidden or system file or folder (`.DS_Store`, `Thumbs.db`, `desktop.ini`, AppleDouble "
+                        "`._*`, any name starting with '.'): never read; a folder is one row and is not searched"),
     "missing_file": ("file", "listed in the Kaggle dicom_info.csv but not on disk"),
-    "bad_identifier": ("file", "neither the PatientID nor the case folder is a CBIS-DDSM case name "
-                               "(e.g. contains '/', '..', NUL, or is too long): nothing is named after it"),
+    "bad_identifier": ("file", "neither the PatientID nor the case folder is a case name (Collection_P_id_SIDE_VIEW"
+                               "[_N], the id 1-32 letters, digits, '-' or '_'; e.g. it contains '/', '..', NUL, or "
+                               "is too long): nothing is named after it"),
     "other_collection": ("file", "the header names another collection than the one being restructured"),
     "duplicate": ("file", "a second file for an image or mask already taken (the same case twice); the first, "
                           "or the one whose series UID the CSV names, is kept"),
@@ -129,17 +164,27 @@ def find_case_csv(source_root: str | Path, csv_dir: str | Path | None, abnormali
     ``csv_dir`` (if given, the file must be there) else ``source_root``, its ``csv/``, ``CBIS-DDSM/csv/``, its
     parent and the parent's ``csv/``.
     """
-    name = f"{abnormality}_case_description_{split}_set.csv"
+    name = case_csv_name(abnormality, split)
     if csv_dir:
         path = Path(csv_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
         return path
-    root = Path(source_root)
-    for folder in (root, root / "csv", root / "CBIS-DDSM" / "csv", root.parent, root.parent / "csv"):
+    for folder in case_csv_folders(source_root):
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def case_csv_name(abnormality: str, split: str) -> str:
+    """``mass_case_description_train_set.csv`` and its kin: the official case CSV's file name."""
+    return f"{abnormality}_case_description_{split}_set.csv"
+
+
+def case_csv_folders(source_root: str | Path) -> list[Path]:
+    """Where :func:`find_case_csv` looks without ``csv_dir``, in order."""
+    root = Path(source_root)
+    return [root, root / "csv", root / "CBIS-DDSM" / "csv", root.parent, root.parent / "csv"]
 
 
 @dataclass
@@ -249,7 +294,7 @@ def _identify(row: Any, prefix: str, plan: Plan) -> CaseName | None:
     ids = {"image_id": folder_case.image_id if folder_case else "", "roi_id": (folder_case.roi_id or "") if folder_case else ""}
     if case is None:
         plan.skip("bad_identifier", f"PatientID {_shown(row.PatientID)} and folder {_shown(row.top_folder)} are not "
-                                    "CBIS-DDSM case names", source=row.path, **ids)  # fmt: skip
+                                    f"case names ({CASE_NAME_PATTERN})", source=row.path, **ids)  # fmt: skip
         return None
     if case.collection != prefix:
         plan.skip("other_collection", f"PatientID {_shown(row.PatientID)} belongs to {case.collection}, not {prefix}",
@@ -296,6 +341,65 @@ def _plan_images(rows: list[tuple[Any, CaseName]], table: CaseTable | None, plan
             same = " (same SOPInstanceUID)" if other.sop_uid and other.sop_uid == kept.sop_uid else ""
             plan.skip("duplicate", f"another full image for {image_id}{same}; kept {kept.path}", source=other.path,
                       image_id=image_id)  # fmt: skip
+
+
+def decode_failure(path: str) -> DicomReadError | None:
+    """Why the full image at ``path`` cannot be used, or None when its pixels decode.
+
+    The one place restructuring decodes a full image (to become ``mammoseg.io.dicom.check_decodable`` once that
+    exists). Indexing checked the header and that the pixel data are complete; only a decode finds a broken
+    stream, such as a JPEG 2000 codestream whose own header is damaged, which extraction and prediction would
+    otherwise be the first to meet.
+    """
+    try:
+        read_mammogram(path)
+    except DicomReadError as exc:
+        return exc
+    return None
+
+
+def decode_failures(paths: list[str], *, threads: int = 1, progress: bool = False) -> dict[str, DicomReadError]:
+    """Decode every file of ``paths`` (full images) and return ``{path: error}`` for those that fail.
+
+    ``threads`` decodes run at once (a thread pool: the decoders and file reads release the GIL); each holds one
+    decoded image, about 25 MB for a 4.6k x 2.8k 16-bit mammogram, which is dropped as soon as it has decoded.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    bar = _bar(len(paths), "decode full images", progress)
+    failures: dict[str, DicomReadError] = {}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for path, error in zip(paths, pool.map(decode_failure, paths)):
+            if error is not None:
+                failures[path] = error
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return failures
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or None."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="file", mininterval=0.5)
+
+
+def _drop_undecodable(rows: list[tuple[Any, CaseName]], plan: Plan, threads: int,
+                      progress: bool) -> list[tuple[Any, CaseName]]:  # fmt: skip
+    """The full-image rows whose pixels decode; each other one becomes a skip with the reader's reason and message.
+
+    An image none of whose files decodes is then not found, and its ROIs are ``mask_without_image``.
+    """
+    failures = decode_failures([row.path for row, _ in rows], threads=threads, progress=progress)
+    for row, case in rows:
+        error = failures.get(row.path)
+        if error is not None:
+            plan.skip(error.reason, error.detail, source=row.path, image_id=case.image_id)
+    return [(row, case) for row, case in rows if row.path not in failures]
 
 
 def _read_roi_file(row: Any, case: CaseName, plan: Plan, ids: dict) -> RoiFile | None:
@@ -389,7 +493,8 @@ def _csv_attributes(roi_id: str, mask_series: str, table: CaseTable | None) -> d
     return dict(table.rows.get(key, empty))
 
 
-def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *, progress: bool = False) -> Plan:
+def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *, threads: int = 1,
+                    progress: bool = False) -> Plan:  # fmt: skip
     """Decide the fate of every indexed file, image and ROI of one collection (nothing is written).
 
     Parameters
@@ -397,7 +502,8 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
     index : from :func:`mammoseg.data.layouts.index_tree`, one collection
     prefix : the collection, e.g. ``Mass-Training``
     table : the case CSV, or None
-    progress : tqdm bar (stderr) over the ROI files whose pixels are read
+    threads : full images decoded at once (:func:`decode_failures`)
+    progress : tqdm bars (stderr) over the full images decoded and the ROI files whose pixels are read
     """
     plan = Plan()
     image_rows: list[tuple[Any, CaseName]] = []
@@ -416,15 +522,10 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
             image_rows.append((row, case))
         else:
             roi_rows.setdefault(case.roi_id, []).append((row, case))
-    _plan_images(image_rows, table, plan)
+    _plan_images(_drop_undecodable(image_rows, plan, threads, progress), table, plan)
 
     roi_ids = set(roi_rows) | (set(table.rows) if table is not None else set())
-    n_roi_files = sum(len(v) for v in roi_rows.values())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_roi_files, desc="ROI files", unit="file", mininterval=0.5)
+    bar = _bar(sum(len(v) for v in roi_rows.values()), "ROI files", progress)
     for roi_id in sorted(roi_ids):
         entries = roi_rows.get(roi_id, [])
         case = entries[0][1] if entries else parse_case_name(f"{prefix}_{roi_id}")
@@ -469,15 +570,36 @@ def _inside(target: Path, out_dir: Path) -> Path:
     return parent / target.name
 
 
+def link_text(source: str | Path, link_folder: str | Path) -> str:
+    """What a symbolic link in ``link_folder`` to ``source`` holds: a relative path, or absolute across the root.
+
+    Relative (``../../../../../CBIS-DDSM/...``) when the link and its source lie below one folder other than the
+    filesystem root: results/ and the download in one project folder, or side by side below a home folder; moving
+    or copying that folder keeps the links working. Absolute when they meet only at the root (``/data/CBIS-DDSM``
+    and ``/home/me/project/results``): such a download stays where it is while the project moves, and a relative
+    link would then climb out of the moved folder to a place that is not there.
+
+    Both folders are resolved first, because the system follows a relative link from where the link physically
+    is; the source's own name is kept (a source that is itself a link stays one).
+    """
+    source = os.path.abspath(source)
+    physical_source = os.path.join(os.path.realpath(os.path.dirname(source)), os.path.basename(source))
+    physical_folder = os.path.realpath(link_folder)
+    common = os.path.commonpath([physical_source, physical_folder])
+    if os.path.dirname(common) == common:  # they meet only at the filesystem root
+        return source
+    return os.path.relpath(physical_source, physical_folder)
+
+
 def _place(source: str, target: Path, link: str) -> None:
-    """Make ``target`` point to (symlink) or hold (copy) ``source``, atomically."""
+    """Make ``target`` point to (symlink, :func:`link_text`) or hold (copy) ``source``, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if link == "copy":
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
         return
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    os.symlink(os.path.abspath(source), tmp)
+    os.symlink(link_text(source, target.parent), tmp)
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -529,7 +651,7 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
 
 def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abnormality: str, split: str,
                            csv_dir: str | Path | None = None, layout: str = "auto", link: str = "symlink",
-                           progress: bool = True) -> dict:  # fmt: skip
+                           threads: int = 1, progress: bool = True) -> dict:  # fmt: skip
     """Restructure one collection of a CBIS-DDSM download (any layout) into images/, masks/ and two tables.
 
     Parameters
@@ -540,24 +662,30 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     split : ``train`` or ``test``
     csv_dir : folder of the official case CSVs; None = look beside and inside ``source_root``
     layout : ``auto`` or one of :data:`mammoseg.data.layouts.LAYOUTS`
-    link : ``symlink`` (absolute links) or ``copy``
+    link : ``symlink`` (relative links, see :func:`link_text`) or ``copy``
+    threads : full images decoded at once: every full image is decoded before it is kept (an undecodable one is
+        a skip with the reader's reason, usually ``undecodable``); the rule passes its ``threads``
     progress : tqdm bars on stderr
 
     Returns
     -------
     dict : counts (``found``, ``kept``, ``skipped``, ``images_found``, ``images_kept``, ``rois_found``,
     ``rois_kept``, ``stray_files``, ``files_found``, ``crop_files``, ``hint_disagreements``, ``skipped_by_reason``)
-    and ``layout``, ``collection``, ``csv``, ``out_dir``. Also printed.
+    and ``layout``, ``collection``, ``csv`` (the case CSV used, '' for none), ``out_dir``; ``csv_name``,
+    ``csv_searched`` and ``csv_empty_columns`` (where the CSV was looked for and the manifest columns left empty;
+    empty lists when it was found). Printed as :func:`summary_text`.
     """
     if link not in ("symlink", "copy"):
         raise ValueError(f"link must be 'symlink' or 'copy', got {link!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     source_root, out_dir = Path(source_root), Path(out_dir)
     prefix = collection_prefix(abnormality, split)
     layout = detect_layout(source_root) if layout in ("auto", "", None) else layout
     csv_path = find_case_csv(source_root, csv_dir, abnormality, split)
     table = load_case_csv(csv_path, abnormality) if csv_path else None
     index = index_tree(source_root, layout=layout, collection_prefix=prefix, progress=progress)
-    plan = plan_collection(index, prefix, table, progress=progress)
+    plan = plan_collection(index, prefix, table, threads=threads, progress=progress)
     manifest, skipped = write_outputs(plan, out_dir, link)
 
     rois_kept, images_kept = len(manifest), manifest["image_id"].nunique()
@@ -572,24 +700,45 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
         "files_found": len(index), "crop_files": plan.crop_files, "hint_disagreements": plan.hint_disagreements,
         "masks_thresholded": int((manifest["mask_note"] != "").sum()),
         "skipped_by_reason": {k: int(v) for k, v in skipped["reason"].value_counts().sort_index().items()},
+        # without a CSV: its name, where it was looked for, and the manifest columns it would have filled
+        "csv_name": case_csv_name(abnormality, split),
+        "csv_searched": [] if csv_path else [str(f) for f in case_csv_folders(source_root)],
+        "csv_empty_columns": [] if csv_path else [*_CSV_COLUMNS["both"], *_CSV_COLUMNS[abnormality]],
     }  # fmt: skip
-    print(_summary_text(summary), flush=True)
+    print(summary_text(summary), flush=True)
     return summary
 
 
-def _summary_text(summary: dict) -> str:
+def summary_text(summary: dict) -> str:
+    """What restructuring prints for one collection: one summary line, and a warning line when no case CSV was found.
+
+    Parameters
+    ----------
+    summary : as returned by :func:`restructure_collection`
+
+    Returns
+    -------
+    str : ``restructure <Collection>: found F = kept K + skipped S (<reason> <count>, ...); layout <layout>; case CSV
+    <path>; <images kept>/<found> images and <ROIs kept>/<found> ROIs kept, <files> files -> <out_dir>``; without a
+    CSV, ``case CSV none`` and a second line ``restructure <Collection>: warning: ...`` naming the CSV, where it
+    was looked for and the manifest columns that stay empty.
+    """
+    name = summary["collection"]
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
-    return (
-        f"restructure {summary['collection']} ({summary['layout']} layout): found {summary['found']} = kept "
-        f"{summary['kept']} + skipped {summary['skipped']}\n"
-        f"  images {summary['images_kept']}/{summary['images_found']} kept, ROIs {summary['rois_kept']}/"
-        f"{summary['rois_found']} kept, stray files {summary['stray_files']}; {summary['files_found']} files "
-        f"indexed ({summary['crop_files']} cropped ROI images set aside)\n"
-        f"  skipped by reason: {reasons}\n  -> {summary['out_dir']}/manifest.csv, skipped.csv"
-    )
+    line = (f"restructure {name}: found {summary['found']} = kept {summary['kept']} + skipped {summary['skipped']} "
+            f"({reasons}); layout {summary['layout']}; case CSV {summary['csv'] or 'none'}; "
+            f"{summary['images_kept']}/{summary['images_found']} images and {summary['rois_kept']}/"
+            f"{summary['rois_found']} ROIs kept, {summary['files_found']} files "
+            f"({summary['crop_files']} cropped ROI images set aside) -> {summary['out_dir']}")
+    if summary["csv"]:
+        return line
+    searched = ", ".join(summary.get("csv_searched", [])) or "data.csv_dir"
+    columns = ", ".join(summary.get("csv_empty_columns", []))
+    return (f"{line}\nrestructure {name}: warning: no case CSV {summary.get('csv_name', '')} found (looked in "
+            f"{searched}; set data.csv_dir); the manifest columns {columns} stay empty")
 
 
-def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str) -> dict:
+def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, split: str, threads: int = 1) -> dict:
     """The ``restructure`` stage: one collection, settings from ``config['data']``.
 
     Parameters
@@ -599,10 +748,11 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
     source_root : the download, or the synthetic tree (``results/synth``)
     out_dir : ``results/restructured/{abn}/{split}``
     split : ``train`` or ``test``
+    threads : full images decoded at once (the rule's ``threads``)
     """
     data = dict(config.get("data", {}))
     return restructure_collection(
         source_root, out_dir, abnormality=data.get("abnormality", "mass"), split=split,
         csv_dir=data.get("csv_dir") or None, layout=data.get("layout", "auto"), link=data.get("link", "symlink"),
-        progress=True,
+        threads=threads, progress=True,
     )  # fmt: skip

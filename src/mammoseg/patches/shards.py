@@ -18,7 +18,9 @@ root attributes: :data:`ROOT_ATTRIBUTES`
 
 Images are assigned to shards by a stable hash of ``image_id`` (:func:`shard_of`), so all ROIs of one image are in
 one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name and renamed
-(:func:`mammoseg.atomic.atomic_path`) and are byte-identical for identical inputs and parameters.
+(:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5 writes
+through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
+``OSError`` naming the shard (the CLI: one line, exit 2), never in an HDF5 crash.
 
 This module imports neither TensorFlow nor (at import time) h5py/pandas: the Snakefile imports :func:`shard_of`
 while it builds the DAG.
@@ -37,6 +39,7 @@ from mammoseg import __version__
 from mammoseg.data.manifest import bucket_of, files_of, read_manifest, rows_of_bucket
 from mammoseg.errors import InputError, NoSpaceError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
+from mammoseg.io.hdf5 import hdf5_writer
 from mammoseg.patches.geometry import (
     PatchLargerThanImage,
     crop,
@@ -322,11 +325,11 @@ def read_shard_attributes(shard_path: str | Path) -> dict[str, Any]:
 
 
 def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -> None:
-    """Refuse to start a shard that cannot fit on its disk (upper bound: uncompressed patches + 1 MiB).
+    """Refuse to start a shard whose patch pixels alone cannot fit on its disk (pixel bytes + 1 MiB).
 
-    Why before writing: HDF5 does not survive running out of space in the middle of a file. h5py raises the
-    ``ENOSPC`` error, but the library then crashes the process (SIGSEGV) when it tries to close the damaged file
-    at interpreter exit. Checking first turns the predictable case into a clear ``OSError`` naming the shard.
+    Why: a full disk is found before any image is decoded, with the sizes in the message. It is not a bound on
+    the file (HDF5's chunk index and the provenance add some 400 bytes per patch, which dominate for tiny
+    patches); a disk that fills up during the write is handled by :func:`mammoseg.io.hdf5.hdf5_writer`.
     """
     import errno
     import shutil
@@ -420,50 +423,51 @@ def extract_shard(
     s = params.patch_size
     max_patches = len(records) * (1 + params.n_shifted) + len(groups) * params.n_negative
     _check_free_space(out_path, max_patches, s)
-    with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w", track_order=False) as h5:
-            chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
-            # sized for every patch the shard can hold and cut to the patches written at the end: one resize
-            # instead of two per image (chunks are allocated on write, so the unused rows cost nothing)
-            images = h5.create_dataset("images", shape=(max_patches, s, s), dtype=np.float32,
-                                       compression=image_compression, **chunk)  # fmt: skip
-            masks = h5.create_dataset("masks", shape=(max_patches, s, s), dtype=np.uint8, compression=compression,
-                                      **chunk)  # fmt: skip
-            count = 0
-            for image_id, rois in groups.items():
-                image_paths = {r["image_path"] for r in rois}
-                if len(image_paths) > 1:
-                    for roi in rois:
-                        tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
-                                    f"{manifest_csv}: image {image_id} has several image_path values")
-                    continue
-                # One slice write per dataset and image (its 5 x ROIs patches), not per patch: HDF5 calls
-                # dominated extraction time. Not across images either: patches kept while the next full-size
-                # image decodes fragment the heap, and extraction of real mammograms got 20 % slower (measured).
-                batch = list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
-                if not batch:
-                    continue
-                images[count:count + len(batch)] = np.stack([image_patch for _, image_patch, _ in batch])
-                masks[count:count + len(batch)] = np.stack([mask_patch for _, _, mask_patch in batch])
-                for row, _, _ in batch:
-                    for key in PROVENANCE_COLUMNS:
-                        tables.provenance[key].append(row[key])
-                count += len(batch)
-            images.resize(count, axis=0)
-            masks.resize(count, axis=0)
-            _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
-            _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
-            attrs = {
-                "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
-                "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
-                "window_size": params.window_size, "patch_size": s, "downscale": params.downscale,
-                "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
-                "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
-                "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
-                "image_compression": image_compression or "none",
-            }
-            for key in ROOT_ATTRIBUTES:
-                h5.attrs[key] = attrs[key]
+    with atomic_path(out_path) as tmp, hdf5_writer(tmp, track_order=False) as (h5, disk):
+        chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
+        # sized for every patch the shard can hold and cut to the patches written at the end: one resize
+        # instead of two per image (chunks are allocated on write, so the unused rows cost nothing)
+        images = h5.create_dataset("images", shape=(max_patches, s, s), dtype=np.float32,
+                                   compression=image_compression, **chunk)  # fmt: skip
+        masks = h5.create_dataset("masks", shape=(max_patches, s, s), dtype=np.uint8, compression=compression,
+                                  **chunk)  # fmt: skip
+        count = 0
+        for image_id, rois in groups.items():
+            if disk.error is not None:  # the disk is full: stop, hdf5_writer raises the error naming the shard
+                break
+            image_paths = {r["image_path"] for r in rois}
+            if len(image_paths) > 1:
+                for roi in rois:
+                    tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
+                                f"{manifest_csv}: image {image_id} has several image_path values")
+                continue
+            # One slice write per dataset and image (its 5 x ROIs patches), not per patch: HDF5 calls
+            # dominated extraction time. Not across images either: patches kept while the next full-size
+            # image decodes fragment the heap, and extraction of real mammograms got 20 % slower (measured).
+            batch = list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
+            if not batch:
+                continue
+            images[count:count + len(batch)] = np.stack([image_patch for _, image_patch, _ in batch])
+            masks[count:count + len(batch)] = np.stack([mask_patch for _, _, mask_patch in batch])
+            for row, _, _ in batch:
+                for key in PROVENANCE_COLUMNS:
+                    tables.provenance[key].append(row[key])
+            count += len(batch)
+        images.resize(count, axis=0)
+        masks.resize(count, axis=0)
+        _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
+        _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
+        attrs = {
+            "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
+            "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
+            "window_size": params.window_size, "patch_size": s, "downscale": params.downscale,
+            "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
+            "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
+            "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
+            "image_compression": image_compression or "none",
+        }
+        for key in ROOT_ATTRIBUTES:
+            h5.attrs[key] = attrs[key]
     reasons: dict[str, int] = {}
     for reason in tables.skipped["reason"]:
         reasons[reason] = reasons.get(reason, 0) + 1
