@@ -349,8 +349,9 @@ def test_real_full_disk_during_the_hdf5_write_cli_exit_2_no_crash(collection, tm
     try:
         out = disk / "shard-0.h5"
         patches = {**PATCHES, "n": 4, "downscale": 16, "n_shifted": 400, "compression": "none"}
-        done = run_cli("extract", "--config-json", json.dumps({"patches": patches}), "--manifest", str(collection),
-                       "--out", str(out), "--shard", "0")
+        plan = plan_for(collection, patches, tmp_path / "plan.json")
+        done = run_cli("extract", *configfile(tmp_path / "c", {"patches": patches}), "--plan", str(plan),
+                       "--manifest", str(collection), "--out", str(out), "--shard", "0")
         assert done.returncode != -signal.SIGSEGV, "HDF5 crashed the process after the disk filled up"
         assert_one_line_error(done, out)
         assert "[Errno 28]" in done.stderr and "free space" not in done.stderr  # the write failed, not the check

@@ -44,21 +44,38 @@ def _redirected(path: str) -> Iterator[None]:
             os.close(saved[1])
 
 
+class Console:
+    """Lines a job also shows on the console, not only in its log (a stage's one-line summary); they are printed
+    when the job ends."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def show(self, text: str) -> None:
+        self.lines.append(text)
+
+
 @contextlib.contextmanager
-def logged_job(snakemake: Any) -> Iterator[None]:
-    """Run the block as the job of ``snakemake`` (the object Snakemake gives a ``script:``), logging to its log."""
+def logged_job(snakemake: Any) -> Iterator[Console]:
+    """Run the block as the job of ``snakemake`` (the object Snakemake gives a ``script:``), logging to its log.
+
+    Yields a :class:`Console` for the few lines the user should see without opening the log.
+    """
     log = str(snakemake.log[0]) if len(snakemake.log) else os.devnull
     os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     failure = None
+    console = Console()
     with _redirected(log):
         try:
-            yield
+            yield console
         except InputError as exc:
             failure = f"mammoseg {snakemake.rule}: error: {exc}"
             print(failure, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
             raise
+    for line in console.lines:
+        print(line, file=sys.stderr)
     if failure is not None:
         print(failure, file=sys.stderr)  # once more on the console, where the user is looking
         sys.exit(2)

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from mammoseg.data.restructure import run_restructure
+from mammoseg.data.restructure import run_restructure, summary_text
 from mammoseg.jobs import logged_job
 
-with logged_job(snakemake):
-    run_restructure(snakemake.config, snakemake.params.source, Path(snakemake.output.manifest).parent,
-                    snakemake.wildcards.split)
+with logged_job(snakemake) as console:
+    summary = run_restructure(snakemake.config, snakemake.params.source, Path(snakemake.output.manifest).parent,
+                              snakemake.wildcards.split, threads=snakemake.threads)
+    console.show(summary_text(summary))

@@ -750,9 +750,8 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
     split : ``train`` or ``test``
     threads : full images decoded at once (the rule's ``threads``)
     """
-    data = dict(config.get("data", {}))
+    data = config["data"]
     return restructure_collection(
-        source_root, out_dir, abnormality=data.get("abnormality", "mass"), split=split,
-        csv_dir=data.get("csv_dir") or None, layout=data.get("layout", "auto"), link=data.get("link", "symlink"),
-        threads=threads, progress=True,
+        source_root, out_dir, abnormality=data["abnormality"], split=split, csv_dir=data["csv_dir"] or None,
+        layout=data["layout"], link=data["link"], threads=threads, progress=True,
     )  # fmt: skip
