@@ -209,3 +209,32 @@ def test_mismatched_mask_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="P_1_LEFT_CC_2.dcm: mask shape"):
         evaluate.run_evaluate_chunk(chunk, manifest, tmp_path / "out", chunk=0, config=CONFIG)
     assert not (tmp_path / "out").exists()  # the chunk folder appears whole or not at all
+
+
+def test_a_normal_image_with_a_planted_false_positive_counts_one_fp_and_no_lesion(tmp_path):
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    normal_prob = np.zeros(SHAPE, dtype=np.uint8)
+    normal_prob[20:26, 30:36] = FP_LEVEL  # one planted false positive
+    write_test_dicom(manifest.parent / "images" / "P_3_LEFT_MLO.dcm", np.full(SHAPE, 900, dtype=np.uint16))
+    predict.save_prediction(normal_prob, chunk / "P_3_LEFT_MLO.prob.npz", {"mode": "paper"})
+    clean = np.zeros(SHAPE, dtype=np.uint8)
+    write_test_dicom(manifest.parent / "images" / "P_4_RIGHT_CC.dcm", np.full(SHAPE, 900, dtype=np.uint16))
+    predict.save_prediction(clean, chunk / "P_4_RIGHT_CC.prob.npz", {"mode": "paper"})
+    status = pd.read_csv(chunk / "predictions.csv", dtype=str, keep_default_na=False)
+    extra = [{"image_id": i, "status": "predicted", "reason": "", "message": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
+    pd.concat([status, pd.DataFrame(extra)]).to_csv(chunk / "predictions.csv", index=False)
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    normals = [{"roi_id": "", "image_id": i, "patient_id": i[:3], "split": "test", "abnormality_id": "0",
+                "image_path": f"images/{i}.dcm", "mask_path": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
+    pd.concat([table, pd.DataFrame(normals)]).to_csv(manifest, index=False)
+    out = tmp_path / "experiment" / "test" / "chunk-0"
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    planted = json.loads((out / "P_3_LEFT_MLO.json").read_text())
+    assert planted["normal"] and planted["n_lesions"] == 0
+    assert planted["results"][0]["false_positives"] == 1 and planted["results"][0]["detected"] == 0
+    result = summary.run_summarise([out], out.parent, experiment="toy", image_set="test", config=CONFIG)
+    s = result["summary"][0]
+    assert s["n_lesions"] == 3 and s["n_images"] == 4  # normal images add images, never lesions
+    assert s["n_normal_images"] == 2 and s["fp_per_normal_image"] == 0.5 and s["normal_images_without_mark"] == 0.5
+    assert s["fppi"] == pytest.approx((3 + 1) / 4) and s["fppi_lesion_images"] == pytest.approx(3 / 2)
+    assert "2 normal images" not in result["text"] and "normal images 2: 0.50 false positives" in result["text"]

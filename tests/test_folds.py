@@ -59,3 +59,33 @@ def test_errors_are_clear():
         assign_folds(["a", "b"], 3, seed=0)
     with pytest.raises(ValueError, match="folds must be >= 1"):
         assign_folds(PATIENTS, 0, seed=0)
+
+
+def test_a_patients_normal_and_lesion_images_share_a_fold_and_a_split(tmp_path):
+    """Splits are over the manifest's patients, normal images included; a patient in both splits is refused."""
+    import pandas as pd
+    import pytest
+
+    from mammoseg.config.fingerprint import dataset_fingerprint
+    from mammoseg.errors import InputError
+    from mammoseg.model.folds import read_splits, run_splits
+
+    rows = []
+    for i in range(12):
+        patient = f"P_{i:05d}"
+        rows.append({"roi_id": f"{patient}_LEFT_MLO_1", "image_id": f"{patient}_LEFT_MLO", "patient_id": patient,
+                     "split": "train", "abnormality_id": "1", "image_path": "x", "mask_path": "y"})
+        rows.append({"roi_id": "", "image_id": f"{patient}_RIGHT_MLO", "patient_id": patient, "split": "train",
+                     "abnormality_id": "0", "image_path": "z", "mask_path": ""})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    splits = run_splits(manifest, tmp_path / "splits.json", folds=3, seed=4)
+    assert read_splits(tmp_path / "splits.json") == splits and len(splits.fold_of) == 12
+    by_image = {row["image_id"]: splits.fold_of[row["patient_id"]] for row in rows}
+    for i in range(12):
+        assert by_image[f"P_{i:05d}_LEFT_MLO"] == by_image[f"P_{i:05d}_RIGHT_MLO"]
+    train = pd.DataFrame(rows).assign(image_rows="8", image_cols="8", pathology="")
+    test = train.iloc[:1].assign(split="test")
+    with pytest.raises(InputError, match="P_00000.*both"):
+        dataset_fingerprint([train, test])
+    assert dataset_fingerprint([train])["train"]["normal_images"] == 12

@@ -13,8 +13,18 @@ from pydicom.uid import JPEG2000Lossless
 
 from mammoseg.io.dicom import read_mammogram, read_mask
 from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
+from mammoseg.config import validate_config
 from mammoseg.data.layouts import LAYOUTS
-from mammoseg.data.restructure import MANIFEST_COLUMNS, SKIP_REASONS, SKIPPED_COLUMNS, restructure_collection, run_restructure
+from dicom_helpers import write_test_dicom
+from mammoseg.data.restructure import (
+    MANIFEST_COLUMNS,
+    SKIP_REASONS,
+    SKIPPED_COLUMNS,
+    restructure_collection,
+    run_restructure,
+    summary_text,
+)
+from mammoseg.errors import InputError
 
 synth = pytest.importorskip("mammoseg.data.synth", reason="mammoseg.data.synth (the tree generator) is not there yet")
 
@@ -28,7 +38,8 @@ def _check_accounting(summary: dict, out: Path) -> tuple[pd.DataFrame, pd.DataFr
     skipped = pd.read_csv(out / "skipped.csv", dtype=str, keep_default_na=False)
     assert list(manifest.columns) == MANIFEST_COLUMNS and list(skipped.columns) == SKIPPED_COLUMNS
     assert summary["found"] == summary["kept"] + summary["skipped"]
-    assert summary["kept"] == len(manifest) + manifest["image_id"].nunique()
+    # kept units: every ROI (a row with a roi_id) and every image (a normal image is one row without)
+    assert summary["kept"] == (manifest["roi_id"] != "").sum() + manifest["image_id"].nunique()
     assert summary["skipped"] == len(skipped) and set(skipped["reason"]) <= set(SKIP_REASONS)
     assert not list(out.rglob(".tmp-*")), "temporary files left behind"
     return manifest, skipped
@@ -164,7 +175,8 @@ def test_tree_from_real_csv_rows(tmp_path, cbis_csv_dir):
 def test_run_restructure_reads_config(tmp_path):
     root = tmp_path / "src"
     synth.generate_dataset(root, n_train=2, n_test=1, seed=15, layout="nbia-old", **SIZE)
-    config = {"data": {"abnormality": "mass", "layout": "nbia-old", "link": "copy", "csv_dir": str(root / "csv")}}
+    config = validate_config({"data": {"abnormality": "mass", "layout": "nbia-old", "link": "copy",
+                                       "csv_dir": str(root / "csv")}})
     summary = run_restructure(config, root, tmp_path / "out", "test")
     assert summary["layout"] == "nbia-old" and summary["csv"].startswith(str(root / "csv"))
     assert not any(p.is_symlink() for p in (tmp_path / "out").rglob("*"))
@@ -480,3 +492,45 @@ def test_summary_warns_without_csv_and_names_the_empty_columns(tmp_path, capsys)
     assert warning.startswith("restructure Mass-Training: warning: no case CSV mass_case_description_train_set.csv")
     assert str(root / "csv") in warning
     assert "pathology, assessment, subtlety, breast_density, shape, margins stay empty" in warning
+
+
+# --- lesion-free (normal) images ---------------------------------------------------------------------------------
+
+
+def test_normal_images_are_kept_without_roi_and_every_file_is_accounted_for(tmp_path):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=3, n_test=1, seed=21, layout="doi", **SIZE)
+    normals = tmp_path / "normals"
+    rng = np.random.default_rng(0)
+    write_test_dicom(normals / "Normal_P_90003_LEFT_MLO.dcm", rng.integers(100, 900, (256, 160)),
+                     patient_id="Normal_P_90003_LEFT_MLO")
+    write_test_dicom(normals / "scan 17.dcm", rng.integers(100, 900, (256, 160)), patient_id="anonymous 17")
+    write_test_dicom(normals / "copy" / "P_90003_LEFT_MLO.dcm", rng.integers(100, 900, (256, 160)),
+                     patient_id="whoever")  # the same image id from its file name: a duplicate
+    (normals / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    (normals / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (normals / "empty.dcm").write_bytes(b"")
+    summary = restructure_collection(root, tmp_path / "out", abnormality="mass", split="train", progress=False,
+                                     normals=[normals])
+    manifest, skipped = _check_accounting(summary, tmp_path / "out")
+    kept = manifest[manifest["roi_id"] == ""]
+    assert sorted(kept["image_id"]) == ["P_90003_LEFT_MLO", "scan_17"] and summary["normal_images"] == 2
+    first = kept.set_index("image_id").loc["P_90003_LEFT_MLO"]
+    assert (first["patient_id"], first["side"], first["view"], first["pathology"]) == ("P_90003", "LEFT", "MLO",
+                                                                                       "NORMAL")
+    assert first["mask_path"] == "" and first["abnormality_id"] == "0"
+    assert (tmp_path / "out" / first["image_path"]).resolve() == (normals / "Normal_P_90003_LEFT_MLO.dcm").resolve()
+    assert kept.set_index("image_id").loc["scan_17", "patient_id"] == "scan_17"
+    fates = {Path(r.source_path).name: r.reason for r in skipped.itertuples() if str(r.source_path).startswith(
+        str(normals.resolve())) or str(normals) in str(r.source_path)}
+    assert fates == {"P_90003_LEFT_MLO.dcm": "duplicate", "chart.png": "not_dicom", ".DS_Store": "ignored",
+                     "empty.dcm": "zero_byte"}
+    assert "(2 normal)" in summary_text(summary)
+
+
+def test_a_normals_folder_that_is_not_there_names_the_key(tmp_path):
+    root = tmp_path / "src"
+    synth.generate_dataset(root, n_train=2, n_test=1, seed=22, layout="doi", **SIZE)
+    with pytest.raises(InputError, match="data.normals.train"):
+        restructure_collection(root, tmp_path / "out", abnormality="mass", split="train", progress=False,
+                               normals=[tmp_path / "nowhere"])

@@ -466,3 +466,33 @@ def test_filters_per_dataset_and_recorded(tmp_path):
         np.testing.assert_array_equal(h5["masks"][()], masks)
     with pytest.raises(ValueError, match="image_compression"):
         extract_shard(manifest, tmp_path / "x.h5", shard_index=0, n_shards=1, **PARAMS, image_compression="zstd")
+
+
+def test_normal_images_give_only_lesion_free_windows(tmp_path):
+    """A manifest row without ROI (data.normals): n_normal tissue windows with empty masks, nothing else."""
+    from mammoseg.config import validate_config
+    from mammoseg.config.plan import build_plan
+    from mammoseg.data.manifest import read_manifest
+
+    manifest = write_collection(tmp_path / "c", {"P_00007_LEFT_CC": ((320, 256), [Lesion(100, 100, 130, 130)])},
+                                smooth=True)
+    write_dicom(tmp_path / "c" / "images" / "P_00008_RIGHT_MLO.dcm", _smooth_background(np.random.default_rng(1),
+                                                                                      320, 256))
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    normal = {column: "" for column in table.columns}
+    normal.update({"image_id": "P_00008_RIGHT_MLO", "patient_id": "P_00008", "split": "train", "abnormality_id": "0",
+                   "image_rows": "320", "image_cols": "256", "image_path": "images/P_00008_RIGHT_MLO.dcm"})
+    pd.concat([table, pd.DataFrame([normal])]).to_csv(manifest, index=False)
+    (path,) = extract_all(manifest, tmp_path / "s", n=6, downscale=2, n_shifted=1, n_negative=1, n_normal=3)
+    images, masks, prov, skipped, attrs = load_shard(path)
+    assert skipped.empty and attrs["n_normal"] == 3
+    of_normal = prov[prov["image_id"] == "P_00008_RIGHT_MLO"]
+    assert len(of_normal) == 3 and (of_normal["copy_index"] == -1).all()
+    assert not masks[of_normal.index].any() and (of_normal["rois_in_window"] == "").all()
+    of_lesion = prov[prov["image_id"] == "P_00007_LEFT_CC"]
+    assert (of_lesion["copy_index"] >= 0).sum() == 2 and (of_lesion["copy_index"] == -1).sum() == 1
+    patches = validate_config({"patches": {"n": 6, "downscale": 2, "n_shifted": 1, "n_negative": 1,
+                                           "n_normal": 3}})["patches"]
+    plan = build_plan(patches, "k", read_manifest(manifest))
+    assert (plan.train_rois, plan.train_images, plan.train_normal_images) == (1, 2, 1)
+    assert plan.expected_patches == 1 * 2 + 1 * 1 + 1 * 3 == len(prov)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from mammoseg import __version__
 from mammoseg.config.plan import Plan, build_plan
+from mammoseg.errors import InputError
 from mammoseg.data.manifest import read_manifest
 from mammoseg.io.atomic import write_json_atomic
 
@@ -27,22 +28,37 @@ def _size_stats(values: pd.Series) -> dict[str, float]:
 
 
 def dataset_fingerprint(manifests: list[pd.DataFrame]) -> dict[str, Any]:
-    """Counts and size statistics per split from restructured manifests (one row per ROI)."""
+    """Counts and size statistics per split from restructured manifests (one row per ROI or normal image).
+
+    Raises
+    ------
+    InputError
+        If a patient has images in both splits: every patient-level split (and the test set's independence)
+        rests on a patient being on one side only, normal images included.
+    """
     fingerprint: dict[str, Any] = {}
+    patients: dict[str, set[str]] = {}
     for manifest in manifests:
         if manifest.empty:
             continue
         for split, rows in manifest.groupby("split"):
             images = rows.drop_duplicates("image_id")
+            lesions = rows[rows["roi_id"] != ""]
+            patients[str(split)] = set(rows["patient_id"])
             fingerprint[str(split)] = {
-                "rois": int(len(rows)),
+                "rois": int(len(lesions)),
                 "images": int(len(images)),
+                "normal_images": int((rows["roi_id"] == "").sum()),
                 "patients": int(rows["patient_id"].nunique()),
-                "rois_per_image_max": int(rows.groupby("image_id").size().max()),
+                "rois_per_image_max": int(lesions.groupby("image_id").size().max()) if len(lesions) else 0,
                 "image_rows_px": _size_stats(images["image_rows"]),
                 "image_cols_px": _size_stats(images["image_cols"]),
                 "pathology": {str(k): int(n) for k, n in rows["pathology"].replace("", "unknown").value_counts().items()},
             }
+    shared = sorted(patients.get("train", set()) & patients.get("test", set()))
+    if shared:
+        raise InputError(f"patient(s) {', '.join(shared[:5])} have images in both the train and the test split "
+                         "(data.normals or the download): a patient must be on one side only")
     return fingerprint
 
 
@@ -53,7 +69,8 @@ def run_fingerprint(manifests: Sequence[str | Path], out_fingerprint: str | Path
     fingerprint["manifests"] = [str(p) for p in manifests]
     fingerprint["mammoseg_version"] = __version__
     write_json_atomic(out_fingerprint, fingerprint)
-    summary = ", ".join(f"{split}: {v['images']} images, {v['rois']} ROIs, {v['patients']} patients"
+    summary = ", ".join(f"{split}: {v['images']} images ({v['normal_images']} normal), {v['rois']} ROIs, "
+                        f"{v['patients']} patients"
                         for split, v in fingerprint.items() if isinstance(v, dict) and "rois" in v)
     print(f"fingerprint: {summary or 'no kept ROI'} -> {out_fingerprint}")
     return fingerprint

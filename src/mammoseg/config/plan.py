@@ -56,10 +56,11 @@ class Plan:
     patches_key : the stage key the plan belongs to (``results/patches/<key>/``)
     n : the window's exponent, ``window_px = 2**n``
     window_px, downscale, input_px : see :class:`PatchGeometry`
-    n_shifted, max_shift, n_negative, negative_min_mean, seed, n_shards : the ``patches`` settings
-    train_images, train_rois, train_patients : counts of the restructured training manifest
-    expected_patches : what extraction will make: ``rois × (1 + n_shifted) + images × n_negative`` (fewer if
-        ROIs are skipped or too few lesion-free windows are found)
+    n_shifted, max_shift, n_negative, n_normal, negative_min_mean, seed, n_shards : the ``patches`` settings
+    train_images, train_normal_images, train_rois, train_patients : counts of the restructured training manifest
+        (images include the normal ones)
+    expected_patches : what extraction will make: ``rois × (1 + n_shifted) + lesion images × n_negative + normal
+        images × n_normal`` (fewer if ROIs are skipped or too few lesion-free windows are found)
     smallest_train_image_px : (rows, cols), or None for an empty manifest
     window_fits_every_train_image : False when some ROIs will be skipped as ``patch_larger_than_image``
     mammoseg_version : the version that wrote the plan
@@ -73,10 +74,12 @@ class Plan:
     n_shifted: int
     max_shift: float
     n_negative: int
+    n_normal: int
     negative_min_mean: float
     seed: int
     n_shards: int
     train_images: int
+    train_normal_images: int
     train_rois: int
     train_patients: int
     expected_patches: int
@@ -99,15 +102,19 @@ def build_plan(patches: Mapping[str, Any], patches_key: str, train_rows: Sequenc
     """The plan of a ``patches`` config section for the rows of a restructured training manifest (one per ROI)."""
     geometry = patch_geometry(patches)
     images = {row["image_id"]: row for row in train_rows}
+    lesions = [row for row in train_rows if row["roi_id"]]
+    normal = len(images) - len({row["image_id"] for row in lesions})
     sizes = [(int(row["image_rows"]), int(row["image_cols"])) for row in images.values()]
     smallest = (min(r for r, _ in sizes), min(c for _, c in sizes)) if sizes else None
     return Plan(
         patches_key=patches_key, n=int(patches["n"]), **asdict(geometry), n_shifted=int(patches["n_shifted"]),
         max_shift=float(patches["max_shift"]), n_negative=int(patches["n_negative"]),
-        negative_min_mean=float(patches["negative_min_mean"]), seed=int(patches["seed"]),
-        n_shards=int(patches["n_shards"]), train_images=len(images), train_rois=len(train_rows),
+        n_normal=int(patches["n_normal"]), negative_min_mean=float(patches["negative_min_mean"]),
+        seed=int(patches["seed"]), n_shards=int(patches["n_shards"]), train_images=len(images),
+        train_normal_images=normal, train_rois=len(lesions),
         train_patients=len({row["patient_id"] for row in train_rows}),
-        expected_patches=len(train_rows) * (1 + int(patches["n_shifted"])) + len(images) * int(patches["n_negative"]),
+        expected_patches=(len(lesions) * (1 + int(patches["n_shifted"])) + (len(images) - normal)
+                          * int(patches["n_negative"]) + normal * int(patches["n_normal"])),
         smallest_train_image_px=smallest,
         window_fits_every_train_image=bool(smallest is None or geometry.window_px <= min(smallest)),
         mammoseg_version=__version__,

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pydicom
 
 from mammoseg.io.dicom import header_record
 

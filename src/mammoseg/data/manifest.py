@@ -1,6 +1,7 @@
 """Reading a restructured collection's ``manifest.csv`` and cutting it into stable buckets of images.
 
-The manifest (one row per kept ROI; columns in docs/architecture.md) is read with the csv module, not pandas:
+The manifest (one row per kept ROI, and one row with empty ROI columns per lesion-free image of ``data.normals``;
+columns in docs/architecture.md) is read with the csv module, not pandas:
 the Snakefile reads it while it builds the DAG, and every value stays a string (CBIS fields hold the literal
 ``NA``; identifiers must not become numbers). Image paths in it are relative to its folder.
 
@@ -19,7 +20,8 @@ from typing import Iterable, Mapping, Sequence
 
 from mammoseg.errors import InputError
 
-__all__ = ["REQUIRED_COLUMNS", "read_manifest", "bucket_of", "chunk_count", "rows_of_bucket", "images_of", "files_of"]
+__all__ = ["REQUIRED_COLUMNS", "read_manifest", "is_normal", "lesion_rows", "bucket_of", "chunk_count", "rows_of_bucket",
+           "images_of", "files_of"]
 
 #: Columns every consumer of a manifest needs.
 REQUIRED_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")
@@ -50,7 +52,7 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     if bad_ids:
         raise InputError(f"{path}: abnormality_id is not an integer for ROI(s) {', '.join(bad_ids[:5])}")
     seen: set[str] = set()
-    duplicated = [row["roi_id"] for row in rows if row["roi_id"] in seen or seen.add(row["roi_id"])]
+    duplicated = [row["roi_id"] for row in rows if row["roi_id"] and (row["roi_id"] in seen or seen.add(row["roi_id"]))]
     if duplicated:
         raise InputError(f"{path}: duplicated roi_id(s) {', '.join(duplicated[:5])}")
     return rows
@@ -83,7 +85,17 @@ def images_of(rows: Iterable[Mapping[str, str]]) -> list[tuple[str, str]]:
     return sorted({(row["image_id"], row["image_path"]) for row in rows})
 
 
+def is_normal(row: Mapping[str, str]) -> bool:
+    """True for the row of a lesion-free image (``data.normals``): it has no ROI, hence no mask."""
+    return not row["roi_id"]
+
+
+def lesion_rows(rows: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:
+    """The rows of ROIs (the lesions), without the rows of normal images."""
+    return [row for row in rows if not is_normal(row)]
+
+
 def files_of(rows: Sequence[Mapping[str, str]], base: str | Path) -> list[str]:
     """Every image and mask file of ``rows`` (paths joined to ``base``, the manifest's folder), sorted."""
-    names = {row["image_path"] for row in rows} | {row["mask_path"] for row in rows}
+    names = {row["image_path"] for row in rows} | {row["mask_path"] for row in rows if row["mask_path"]}
     return sorted(str(Path(base) / name) for name in names)

@@ -58,6 +58,7 @@ See :data:`SKIP_REASONS`; the lead copies the table into the README.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +69,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mammoseg.errors import InputError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.io.dicom import (
+    header_record,
     RASTER_SUFFIXES,
     DicomReadError,
     binary_fraction,
@@ -83,6 +86,7 @@ from mammoseg.data.layouts import (
     CaseName,
     collection_prefix,
     detect_layout,
+    ignored_reason,
     index_tree,
     parse_case_name,
 )
@@ -96,6 +100,8 @@ __all__ = [
     "case_csv_name",
     "find_case_csv",
     "link_text",
+    "normal_identity",
+    "plan_normals",
     "load_case_csv",
     "decode_failure",
     "decode_failures",
@@ -559,6 +565,76 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
     return plan
 
 
+# --- lesion-free (normal) images -------------------------------------------------------------------------------
+
+#: A patient, side and view somewhere in a normal image's PatientID or file name (``Normal_P_90003_LEFT_MLO``).
+_NORMAL_NAME = re.compile(r"(?:^|_)P_([A-Za-z0-9][A-Za-z0-9_-]{0,31}?)_(LEFT|RIGHT)_(CC|MLO)(?:$|[_.])")
+
+
+def normal_identity(patient_id: str, file_stem: str) -> tuple[str, str, str, str]:
+    """(image_id, patient_id, side, view) of a normal image, from its PatientID or else its file name.
+
+    The CBIS-like name ``P_<id>_<SIDE>_<VIEW>`` in either gives ``P_<id>_<SIDE>_<VIEW>`` / ``P_<id>``, so a woman's
+    normal image and her mass images share a patient (and so a side of every patient-level split). Any other name
+    is its own patient, and the image id is the file name made safe; side and view are then empty.
+    """
+    for text in (patient_id, file_stem):
+        found = _NORMAL_NAME.search(text or "")
+        if found:
+            patient = f"P_{found.group(1)}"
+            return f"{patient}_{found.group(2)}_{found.group(3)}", patient, found.group(2), found.group(3)
+    image_id = safe_name(file_stem)
+    return image_id, image_id, "", ""
+
+
+def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: Plan, *, threads: int = 1) -> None:
+    """Add the lesion-free mammograms found in ``folders`` to ``plan`` as images without ROI.
+
+    Every file is read as a full image is (header, then pixels decoded) and gets the same skip reasons; hidden and
+    system files are ``ignored``; a second file for an image id already taken (a normal image or an image of the
+    collection) is a ``duplicate``. A kept normal image is one manifest row with empty ROI columns
+    (``roi_id``, ``mask_path``: ''), ``abnormality_id`` 0 and pathology ``NORMAL``.
+    """
+    rows = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: data.normals.{split} names no folder")
+        for entry in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+            hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts if ignored_reason(part)), "")
+            if hidden:
+                plan.skip("ignored", f"{entry}: {hidden}", source=str(entry))
+                continue
+            record = header_record(entry)
+            if not record["readable"]:
+                plan.skip(record["reason"] or "unreadable", record["error"] or "unreadable", source=str(entry))
+                continue
+            if str(entry).lower().endswith(RASTER_SUFFIXES):
+                plan.skip("not_dicom", f"{entry}: normal images are read as DICOM files", source=str(entry))
+                continue
+            rows.append((entry, record))
+    failures = decode_failures([str(entry) for entry, _ in rows], threads=threads)
+    for entry, record in rows:
+        if str(entry) in failures:
+            error = failures[str(entry)]
+            plan.skip(error.reason, str(error), source=str(entry))
+            continue
+        image_id, patient_id, side, view = normal_identity(record["PatientID"], entry.stem)
+        if image_id in plan.images:
+            plan.skip("duplicate", f"another full image for {image_id}; kept {plan.images[image_id]['path']}",
+                      source=str(entry), image_id=image_id)  # fmt: skip
+            continue
+        plan.images_found.add(image_id)  # a kept normal image is an image unit; a skipped file is a file unit
+        plan.images[image_id] = {"path": str(entry), "shape": (int(record["Rows"]), int(record["Columns"]))}
+        plan.manifest.append({
+            "roi_id": "", "image_id": image_id, "patient_id": patient_id, "abnormality": abnormality, "split": split,
+            "side": side, "view": view, "abnormality_id": 0, "pathology": "NORMAL",
+            **{column: "" for column in ("assessment", "subtlety", "breast_density", "shape", "margins", "calc_type",
+                                         "calc_distribution", "mask_note")},
+            "image_rows": int(record["Rows"]), "image_cols": int(record["Columns"]), "mask_rows": "",
+            "mask_cols": "", "image_source": str(entry), "mask_source": "",
+        })
+
+
 # --- writing -------------------------------------------------------------------------------------------------
 
 
@@ -628,17 +704,20 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
     out_real = out_dir.resolve()
     placed: dict[str, set[str]] = {"images": set(), "masks": set()}
     rows = []
-    for entry in sorted(plan.manifest, key=lambda r: r["roi_id"]):
+    for entry in sorted(plan.manifest, key=lambda r: (r["roi_id"], r["image_id"])):
         image_name = _output_name(entry["image_id"], entry["image_source"])
-        mask_name = _output_name(entry["roi_id"], entry["mask_source"])
-        for folder, name, source in (("images", image_name, entry["image_source"]),
-                                     ("masks", mask_name, entry["mask_source"])):  # fmt: skip
+        files = [("images", image_name, entry["image_source"])]
+        mask_name = ""
+        if entry["roi_id"]:  # a normal image has no ROI, hence no mask
+            mask_name = _output_name(entry["roi_id"], entry["mask_source"])
+            files.append(("masks", mask_name, entry["mask_source"]))
+        for folder, name, source in files:
             if name not in placed[folder]:
                 _place(source, _inside(out_dir / folder / name, out_real), link)
                 placed[folder].add(name)
-        rows.append({**entry, "image_path": f"images/{image_name}", "mask_path": f"masks/{mask_name}",
+        rows.append({**entry, "image_path": f"images/{image_name}", "mask_path": f"masks/{mask_name}" if mask_name else "",
                      "image_source": os.path.abspath(entry["image_source"]),
-                     "mask_source": os.path.abspath(entry["mask_source"])})  # fmt: skip
+                     "mask_source": os.path.abspath(entry["mask_source"]) if entry["mask_source"] else ""})  # fmt: skip
     for folder, names in placed.items():
         _remove_stale(out_dir / folder, names)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
@@ -651,7 +730,8 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
 
 def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abnormality: str, split: str,
                            csv_dir: str | Path | None = None, layout: str = "auto", link: str = "symlink",
-                           threads: int = 1, progress: bool = True) -> dict:  # fmt: skip
+                           threads: int = 1, progress: bool = True,
+                           normals: list[str | Path] | tuple = ()) -> dict:  # fmt: skip
     """Restructure one collection of a CBIS-DDSM download (any layout) into images/, masks/ and two tables.
 
     Parameters
@@ -666,6 +746,8 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     threads : full images decoded at once: every full image is decoded before it is kept (an undecodable one is
         a skip with the reader's reason, usually ``undecodable``); the rule passes its ``threads``
     progress : tqdm bars on stderr
+    normals : folders of lesion-free mammograms of this split (``data.normals``): kept as images without ROI
+        (:func:`plan_normals`)
 
     Returns
     -------
@@ -686,9 +768,10 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     table = load_case_csv(csv_path, abnormality) if csv_path else None
     index = index_tree(source_root, layout=layout, collection_prefix=prefix, progress=progress)
     plan = plan_collection(index, prefix, table, threads=threads, progress=progress)
+    plan_normals(list(normals), split, abnormality, plan, threads=threads)
     manifest, skipped = write_outputs(plan, out_dir, link)
 
-    rois_kept, images_kept = len(manifest), manifest["image_id"].nunique()
+    rois_kept, images_kept = int((manifest["roi_id"] != "").sum()), manifest["image_id"].nunique()
     found = len(plan.images_found) + len(plan.rois_found) + plan.stray
     if found != images_kept + rois_kept + len(skipped):  # a bug, never bad input: every unit has one fate
         raise AssertionError(f"accounting broken: found {found} != kept {images_kept + rois_kept} + skipped {len(skipped)}")
@@ -697,6 +780,7 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
         "found": found, "kept": images_kept + rois_kept, "skipped": len(skipped),
         "images_found": len(plan.images_found), "images_kept": int(images_kept),
         "rois_found": len(plan.rois_found), "rois_kept": rois_kept, "stray_files": plan.stray,
+        "normal_images": int((manifest["roi_id"] == "").sum()),
         "files_found": len(index), "crop_files": plan.crop_files, "hint_disagreements": plan.hint_disagreements,
         "masks_thresholded": int((manifest["mask_note"] != "").sum()),
         "skipped_by_reason": {k: int(v) for k, v in skipped["reason"].value_counts().sort_index().items()},
@@ -727,7 +811,9 @@ def summary_text(summary: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
     line = (f"restructure {name}: found {summary['found']} = kept {summary['kept']} + skipped {summary['skipped']} "
             f"({reasons}); layout {summary['layout']}; case CSV {summary['csv'] or 'none'}; "
-            f"{summary['images_kept']}/{summary['images_found']} images and {summary['rois_kept']}/"
+            f"{summary['images_kept']}/{summary['images_found']} images"
+            + (f" ({summary['normal_images']} normal)" if summary.get("normal_images") else "")
+            + f" and {summary['rois_kept']}/"
             f"{summary['rois_found']} ROIs kept, {summary['files_found']} files "
             f"({summary['crop_files']} cropped ROI images set aside) -> {summary['out_dir']}")
     if summary["csv"]:
@@ -753,5 +839,5 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
     data = config["data"]
     return restructure_collection(
         source_root, out_dir, abnormality=data["abnormality"], split=split, csv_dir=data["csv_dir"] or None,
-        layout=data["layout"], link=data["link"], threads=threads, progress=True,
+        layout=data["layout"], link=data["link"], threads=threads, progress=True, normals=data["normals"][split],
     )  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mammoseg.data.manifest import is_normal, lesion_rows
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import add_legend, make_overlay, write_overlay
@@ -46,7 +47,8 @@ def load_lesions(rows: Sequence[Mapping[str, str]], base: str | Path, shape: tup
 
     Parameters
     ----------
-    rows : the image's manifest rows (``roi_id``, ``mask_path`` relative to ``base``)
+    rows : the image's manifest rows (``roi_id``, ``mask_path`` relative to ``base``; a normal image's one row
+        has none, and the image no lesion)
     base : the folder of the manifest
     shape : (rows, cols) of the prediction; a mask of another shape is an error naming the file
 
@@ -56,7 +58,7 @@ def load_lesions(rows: Sequence[Mapping[str, str]], base: str | Path, shape: tup
         Empty masks are skipped with a reason, never silently dropped.
     """
     roi_ids, masks, skipped = [], [], []
-    for row in rows:
+    for row in lesion_rows(rows):  # a normal image's row has no mask: no lesion
         mask_path = Path(base) / row["mask_path"]
         try:
             read = read_mask(mask_path)
@@ -166,6 +168,7 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
             row["roi_id"] = roi_ids[row["lesion"]]
     payload: dict[str, Any] = {
         "image_id": image_id, "patient_id": rows[0]["patient_id"], "status": "evaluated",
+        "normal": all(is_normal(row) for row in rows),
         "image_path": str(image_path), "threshold": threshold, "match": evaluate["match"],
         "iou_threshold": evaluate["iou_threshold"], "shape": list(prob.shape), "n_lesions": len(lesions),
         "lesions_skipped": skipped, "prediction": dict(meta), **numbers,
@@ -247,7 +250,8 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
             if record["status"] != "predicted":
                 payload = {"image_id": image_id, "patient_id": by_image[image_id][0]["patient_id"],
                            "status": "not_predicted", "reason": record["reason"], "message": record["message"],
-                           "n_lesions": len(by_image[image_id])}
+                           "n_lesions": len(lesion_rows(by_image[image_id])),
+                           "normal": all(is_normal(row) for row in by_image[image_id])}
                 write_json_atomic(tmp / f"{image_id}.json", payload)
                 log(f"{image_id}: not evaluated, its prediction failed ({record['reason']})")
             else:

@@ -55,13 +55,14 @@ def _per_image_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[
     for rec in records:
         if rec["status"] != "evaluated":
             rows.append({**tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""),
-                         "status": rec["status"], "reason": rec.get("reason", ""), "n_lesions": rec["n_lesions"]})
+                         "normal": rec.get("normal", False), "status": rec["status"], "reason": rec.get("reason", ""),
+                         "n_lesions": rec["n_lesions"]})
             continue
         for res in rec["results"]:
             pix, at = res["pixel"], res["at_lesions"]
             rows.append({
-                **tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""), "status": rec["status"],
-                "reason": "", "min_area": res["min_area"], "n_lesions": res["n_lesions"], "detected": res["detected"],
+                **tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""),
+                "normal": rec.get("normal", False), "status": rec["status"], "reason": "", "min_area": res["min_area"], "n_lesions": res["n_lesions"], "detected": res["detected"],
                 "false_positives": res["false_positives"],
                 **{k: pix[k] for k in ("tp", "fp", "fn", "tn", "intersection", "union", "dice", "iou")},
                 "at_lesions_intersection": at["intersection"], "at_lesions_union": at["union"],
@@ -116,6 +117,10 @@ def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Map
     rows = []
     for min_area, group in per_image.groupby("min_area", sort=True):
         n_lesions = int(group["n_lesions"].sum())
+        is_normal = group["normal"].astype(bool)
+        # means over the images with lesions: an empty prediction on a normal image has Dice 1, which would
+        # dilute them; the pooled figures take every image (false positives on normal images enter the union)
+        lesion_images, normal = group[~is_normal], group[is_normal]
         pooled = metrics.pooled_dice_iou(group["intersection"], group["union"])
         pooled_at = metrics.pooled_dice_iou(group["at_lesions_intersection"], group["at_lesions_union"])
         values: dict[str, float] = {
@@ -124,11 +129,19 @@ def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Map
             "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
             "fppi": group["false_positives"].sum() / len(group),
             "pooled_dice": pooled[0], "pooled_iou": pooled[1],
-            "mean_dice": float(group["dice"].mean()), "mean_iou": float(group["iou"].mean()),
+            "mean_dice": float(lesion_images["dice"].mean()), "mean_iou": float(lesion_images["iou"].mean()),
             "pooled_dice_at_lesions": pooled_at[0], "pooled_iou_at_lesions": pooled_at[1],
-            "mean_dice_at_lesions": float(group["dice_at_lesions"].mean()),
-            "mean_iou_at_lesions": float(group["iou_at_lesions"].mean()),
+            "mean_dice_at_lesions": float(lesion_images["dice_at_lesions"].mean()),
+            "mean_iou_at_lesions": float(lesion_images["iou_at_lesions"].mean()),
         }
+        if len(normal):  # false positives on lesion-free images, as CAD systems are judged on screening data
+            values.update({
+                "n_normal_images": len(normal),
+                "fp_per_normal_image": float(normal["false_positives"].mean()),
+                "normal_images_without_mark": float((normal["false_positives"] == 0).mean()),
+                "fppi_lesion_images": float(lesion_images["false_positives"].mean()) if len(lesion_images) else
+                float("nan"),
+            })
         if min_area == 0:  # the FROC is over the candidates as predicted
             for point, tpr in zip(froc.FPPI_POINTS, froc.sensitivity_at_fppi(curve.fppi, curve.sensitivity)):
                 values[f"tpr_at_{point:g}_fppi"] = float(tpr)
@@ -196,6 +209,10 @@ def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed
             f"({v['detected']:.0f}/{v['n_lesions']:.0f}), FPPI {_fmt_ci(v, 'fppi', 2)}; "
             f"pooled Dice {_fmt_ci(v, 'pooled_dice', 3)}, IoU {v['pooled_iou']:.3f}; at lesions Dice "
             f"{v['pooled_dice_at_lesions']:.3f}, IoU {v['pooled_iou_at_lesions']:.3f}; mean Dice {v['mean_dice']:.3f}")
+        if "n_normal_images" in v:
+            lines.append(f"    normal images {v['n_normal_images']:.0f}: {v['fp_per_normal_image']:.2f} false positives "
+                         f"per normal image, {v['normal_images_without_mark']:.0%} without a mark; FPPI on lesion "
+                         f"images {v['fppi_lesion_images']:.2f}")
         if "cpm" in v:
             lines.append("    FROC: TPR at FPPI " + ", ".join(
                 f"{p:g}: {v[f'tpr_at_{p:g}_fppi']:.3f}" for p in froc.FPPI_POINTS)

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mammoseg import __version__
-from mammoseg.data.manifest import bucket_of, files_of, read_manifest, rows_of_bucket
+from mammoseg.data.manifest import bucket_of, files_of, is_normal, lesion_rows, read_manifest, rows_of_bucket
 from mammoseg.errors import InputError, NoSpaceError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.io.hdf5 import hdf5_writer
@@ -89,7 +89,8 @@ PROVENANCE_COLUMNS: dict[str, str] = {
 SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason": "str", "message": "str"}
 ROOT_ATTRIBUTES = (
     "config_hash", "mammoseg_version", "h5py_version", "hdf5_version", "numpy_version", "n", "window_size",
-    "patch_size", "downscale", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean", "shard_index",
+    "patch_size", "downscale", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean", "n_normal",
+    "shard_index",
     "n_shards", "compression", "image_compression",
 )
 #: manifest.csv columns extraction needs (docs/architecture.md)
@@ -130,6 +131,7 @@ class PatchParams:
     seed: int
     n_negative: int = 0
     negative_min_mean: float = 0.05
+    n_normal: int = 0
 
     @property
     def window_size(self) -> int:
@@ -224,7 +226,7 @@ def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequenc
     image_id = rois[0]["image_id"]
     union = np.zeros(image_shape, dtype=bool)
     lesions = []
-    for roi in rois:
+    for roi in lesion_rows(rois):  # a normal image's row has no mask
         mask_path = base / roi["mask_path"]
         try:
             read = read_mask(mask_path)
@@ -262,16 +264,18 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
             yield from _roi_patches(image, union, lesion, lesions, params)
         except PatchLargerThanImage as exc:
             tables.skip(lesion.roi["roi_id"], image_id, "patch_larger_than_image", f"{image_path}: {exc}")
-    yield from _negative_patches(image, union, rois[0], params)
+    count = params.n_normal if all(is_normal(roi) for roi in rois) else params.n_negative
+    yield from _negative_patches(image, union, rois[0], params, count)
 
 
-def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params: PatchParams):
-    """Lesion-free windows of one image (``n_negative``, beyond the paper): copy_index -1, all-zero masks."""
-    if params.n_negative <= 0:
+def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params: PatchParams, count: int):
+    """``count`` lesion-free windows of one image (``n_negative`` for an image with lesions, ``n_normal`` for a
+    normal image; beyond the paper): copy_index -1, all-zero masks."""
+    if count <= 0:
         return
     image_id = roi["image_id"]
-    corners = plan_negative_windows(lesions, image, params.window_size, params.n_negative,
-                                    params.negative_min_mean, roi_rng(params.seed, f"{image_id}#negatives"))
+    corners = plan_negative_windows(lesions, image, params.window_size, count, params.negative_min_mean,
+                                    roi_rng(params.seed, f"{image_id}#negatives"))
     s = params.patch_size
     for j, (r, c) in enumerate(corners):
         row = {
@@ -367,6 +371,7 @@ def extract_shard(
     image_compression: str | None = None,
     n_negative: int = 0,
     negative_min_mean: float = 0.05,
+    n_normal: int = 0,
 ) -> dict[str, Any]:
     """Extract the patches of every ROI whose image hashes to ``shard_index`` into one HDF5 shard.
 
@@ -384,6 +389,7 @@ def extract_shard(
     n_negative : lesion-free windows per image, beyond the paper (copy_index -1, roi_id ``<image_id>_negK``,
         all-zero mask; see :func:`mammoseg.patches.geometry.plan_negative_windows`); 0 = the paper's method
     negative_min_mean : a negative window's mean must reach this fraction of the image maximum
+    n_normal : lesion-free windows per normal image (a manifest row without ROI, ``data.normals``)
     compression : HDF5 filter of ``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or ``None``/``"none"``.
         0/1 masks are mostly runs: lzf keeps about 3 % of their bytes at almost no cost.
     image_compression : HDF5 filter of ``images``, same choices, default none. Measured (benchmarks/README.md):
@@ -408,7 +414,7 @@ def extract_shard(
     compression = _filter(compression, "compression")
     image_compression = _filter(image_compression, "image_compression")
     params = PatchParams(int(n), int(downscale), int(n_shifted), float(max_shift), int(seed), int(n_negative),
-                         float(negative_min_mean))
+                         float(negative_min_mean), int(n_normal))
     if not 0 <= shard_index < n_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, {n_shards})")
     manifest_csv = Path(manifest_csv)
@@ -421,7 +427,10 @@ def extract_shard(
         groups.setdefault(roi["image_id"], []).append(roi)
     tables = _Tables()
     s = params.patch_size
-    max_patches = len(records) * (1 + params.n_shifted) + len(groups) * params.n_negative
+    lesion_records = lesion_rows(records)
+    normal_images = len(groups) - len({row["image_id"] for row in lesion_records})
+    max_patches = (len(lesion_records) * (1 + params.n_shifted) + (len(groups) - normal_images) * params.n_negative
+                   + normal_images * params.n_normal)
     _check_free_space(out_path, max_patches, s)
     with atomic_path(out_path) as tmp, hdf5_writer(tmp, track_order=False) as (h5, disk):
         chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
@@ -463,6 +472,7 @@ def extract_shard(
             "window_size": params.window_size, "patch_size": s, "downscale": params.downscale,
             "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
             "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
+            "n_normal": params.n_normal,
             "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
             "image_compression": image_compression or "none",
         }
@@ -472,7 +482,7 @@ def extract_shard(
     for reason in tables.skipped["reason"]:
         reasons[reason] = reasons.get(reason, 0) + 1
     return {
-        "path": str(out_path), "shard_index": int(shard_index), "n_images": len(groups), "n_rois": len(records),
+        "path": str(out_path), "shard_index": int(shard_index), "n_images": len(groups), "n_rois": len(lesion_records),
         "n_patches": count, "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -579,7 +589,7 @@ def run_extract(plan: str | Path, manifest_csv: str | Path, out_path: str | Path
         manifest_csv, out_path, shard_index=int(shard_index), n_shards=p.n_shards, n=p.n, downscale=p.downscale,
         n_shifted=p.n_shifted, max_shift=p.max_shift, seed=p.seed, config_hash=p.patches_key,
         compression=compression, image_compression=image_compression, n_negative=p.n_negative,
-        negative_min_mean=p.negative_min_mean,
+        negative_min_mean=p.negative_min_mean, n_normal=p.n_normal,
     )
     print(f"shard {shard_index}/{p.n_shards}: {summary['n_patches']} patches of {summary['n_rois']} ROIs in "
           f"{summary['n_images']} images, {summary['n_skipped']} ROIs skipped {summary['skipped_reasons']} "
