@@ -21,7 +21,7 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     split="train|test",
-    image_set="test|oof",
+    image_set="test|oof|studies",
     k=r"\d+",
     c=r"\d+",
     f=r"\d+",
@@ -42,6 +42,8 @@ localrules:
     patch_manifest,
     experiment_config,
     summarise,
+    summarise_studies,
+    index_studies,
 
 
 rule all:
@@ -53,6 +55,7 @@ rule all:
         f"{EXPERIMENT}/config.yaml",
         f"{EXPERIMENT}/model",
         expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
+        [f"{EXPERIMENT}/studies/findings.csv"] if STUDIES_ROOT else [],
 
 
 onsuccess:

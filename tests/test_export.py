@@ -34,7 +34,8 @@ VALIDATION = {"dice_mean": np.float32(0.61), "froc": {"sensitivity_at_1_fppi": 0
 
 
 def plan() -> Plan:
-    rows = [{"image_id": f"P_{i}_LEFT_CC", "patient_id": f"P_{i}", "image_rows": "256", "image_cols": "256"}
+    rows = [{"roi_id": f"P_{i}_LEFT_CC_1", "image_id": f"P_{i}_LEFT_CC", "patient_id": f"P_{i}", "image_rows": "256",
+             "image_cols": "256"}
             for i in range(10)]
     return build_plan(CONFIG["patches"], "mass-n7d4-00000000", rows)
 

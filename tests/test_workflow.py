@@ -232,3 +232,29 @@ def test_changed_training_case_reextracts_one_shard(finished_run):
         jobs = scheduled_jobs(snakemake(workdir, "-n"))
     assert jobs["extract_shard"] == 1
     assert jobs["train"] == 1 and jobs.get("restructure", 0) == 0
+
+
+def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
+    """studies.root: any folder of mammograms, no truth: masks, overlays, DICOM SEGs and candidate tables; a file
+    that is not a mammogram is a recorded skip; the test split's results are not touched."""
+    workdir, config, _ = finished_run
+    where = folders(workdir, stage_keys(config))
+    studies = tmp_path / "new studies"
+    manifest = pd.read_csv(where["data"] / "test/manifest.csv", dtype=str, keep_default_na=False)
+    for k, relative in enumerate(sorted(set(manifest["image_path"]))[:2]):
+        (studies / f"visit {k}").mkdir(parents=True)
+        shutil.copy((where["data"] / "test" / relative).resolve(), studies / f"visit {k}" / "scan.dcm")
+    (studies / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    before = {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()}
+    done = snakemake(workdir, "--config", f"studies={{root: '{studies}'}}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    findings = pd.read_csv(where["experiment"] / "studies/findings.csv", dtype=str, keep_default_na=False)
+    assert len(findings) == 2 and set(findings["status"]) == {"evaluated"}
+    for image_id in findings["image_id"]:
+        chunk = next((where["experiment"] / "studies").glob(f"chunk-*/{image_id}.json")).parent
+        for suffix in (".mask.png", ".overlay.png", ".seg.dcm"):
+            assert (chunk / f"{image_id}{suffix}").is_file(), suffix
+        assert json.loads((chunk / f"{image_id}.json").read_text())["truth"] == "unknown"
+    (skipped,) = (workdir / "results" / "studies").glob("studies-*/skipped.csv")
+    assert pd.read_csv(skipped)["reason"].tolist() == ["not_dicom"]
+    assert {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()} == before

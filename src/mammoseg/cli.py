@@ -117,9 +117,11 @@ def _model_summary(args, config):
 
 
 def _predict(args, config):
-    from mammoseg.inference.predict import run_predict_files
+    from mammoseg.config.keys import stage_keys
+    from mammoseg.evaluation.evaluate import run_studies
 
-    run_predict_files(args.inputs, args.model, args.out, config=config, plan=args.plan)
+    run_studies(args.inputs, args.model, args.out, config=config, plan=args.plan,
+                experiment=stage_keys(config).experiment)
 
 
 def _evaluate(args, config):
@@ -208,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     add("summary", _model_summary, "print trainable and non-trainable parameter counts as JSON", model)
 
-    p = add("predict", _predict, "probability maps of mammograms (files or folders of DICOM files)")
+    p = add("predict", _predict, "new studies through a trained model: probability maps, masks, overlays, DICOM "
+                                 "SEG and candidate tables of DICOM files or folders (no ground truth needed)")
     p.add_argument("--model", required=True, nargs="+", action="extend",
                    help=".keras model(s); several (the folds) are averaged")
     p.add_argument("--plan", help="plan.json of the model's patches (default: geometry from the configuration)")

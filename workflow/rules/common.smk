@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import stage_keys, stage_settings
+from mammoseg.config.schema import section_hash
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
 
@@ -29,6 +30,8 @@ N_SHARDS = config["patches"]["n_shards"]
 FOLDS = list(range(config["train"]["folds"]))
 # out-of-fold predictions of the training images exist only with cross-validation
 IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
+# new studies (studies.root): predicted by the experiment's model(s), no ground truth
+STUDIES_ROOT = config["studies"]["root"]
 
 # One folder per stage key (mammoseg.config.keys): the path of an artefact says what made it.
 SYNTH = f"{R}/synth/{KEYS.synth}"
@@ -41,6 +44,8 @@ SPLITS = f"{MODELS}/splits.json"
 PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
 EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
 SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
+# the studies' folder is named after what it reads: another folder is another set of studies
+STUDIES = f"{R}/studies/studies-{section_hash(os.path.abspath(STUDIES_ROOT))[:8]}" if STUDIES_ROOT else ""
 
 
 def log_path(rule_name, *parts):
@@ -69,7 +74,7 @@ def _manifest_rows(path, mtime):
 
 
 def manifest_rows(split):
-    path = manifest_path(split)
+    path = manifest_path(split) if split != "studies" else checkpoints.index_studies.get().output.manifest
     return _manifest_rows(path, os.path.getmtime(path))
 
 
@@ -83,14 +88,24 @@ def set_split(image_set):
     return "test" if image_set == "test" else "train"
 
 
+def set_manifest(image_set):
+    """The manifest of an image set: the test split, the training split (out of fold) or the new studies."""
+    if image_set == "studies":
+        return f"{STUDIES}/manifest.csv"
+    return f"{DATA}/{set_split(image_set)}/manifest.csv"
+
+
+def set_rows(image_set):
+    return manifest_rows("studies" if image_set == "studies" else set_split(image_set))
+
+
 def n_chunks(image_set):
     """How many chunks an image set is cut into (infer.chunk_size images each): known once it is restructured."""
-    return chunk_count(manifest_rows(set_split(image_set)), config["infer"]["chunk_size"])
+    return chunk_count(set_rows(image_set), config["infer"]["chunk_size"])
 
 
 def chunk_rows(wildcards):
-    rows = manifest_rows(set_split(wildcards.image_set))
-    return rows_of_bucket(rows, int(wildcards.c), n_chunks(wildcards.image_set))
+    return rows_of_bucket(set_rows(wildcards.image_set), int(wildcards.c), n_chunks(wildcards.image_set))
 
 
 def chunk_folders(wildcards):
@@ -100,13 +115,13 @@ def chunk_folders(wildcards):
 
 def chunk_images(wildcards):
     """The full images of chunk c of an image set: one changed image re-predicts one chunk."""
-    base = f"{DATA}/{set_split(wildcards.image_set)}"
+    base = os.path.dirname(set_manifest(wildcards.image_set))
     return [f"{base}/{path}" for _, path in images_of(chunk_rows(wildcards))]
 
 
 def chunk_files(wildcards):
     """Images and ROI masks of chunk c (what evaluation reads)."""
-    return files_of(chunk_rows(wildcards), f"{DATA}/{set_split(wildcards.image_set)}")
+    return files_of(chunk_rows(wildcards), os.path.dirname(set_manifest(wildcards.image_set)))
 
 
 def chunk_models(wildcards):
@@ -117,7 +132,7 @@ def chunk_models(wildcards):
 
 def print_run_summary():
     """Print the evaluation summaries (written by `summarise`) as the last thing a successful run shows."""
-    for image_set in IMAGE_SETS:
+    for image_set in IMAGE_SETS + (["studies"] if STUDIES_ROOT else []):
         path = f"{EXPERIMENT}/{image_set}/summary.txt"
         if os.path.exists(path):
             print(f"\n{open(path).read().strip()}")

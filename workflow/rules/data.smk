@@ -58,3 +58,25 @@ rule fingerprint:
         benchmark_path("fingerprint", KEYS.data)
     script:
         "../scripts/fingerprint.py"
+
+
+checkpoint index_studies:
+    output:
+        manifest=f"{STUDIES}/manifest.csv",
+        skipped=report(
+            f"{STUDIES}/skipped.csv",
+            caption="../report/skipped_studies.rst",
+            category="6. New studies",
+            labels={"table": "files of the studies folder not read"},
+        ),
+    params:
+        root=STUDIES_ROOT,
+    threads: 4
+    conda:
+        "../../envs/data.yaml"
+    log:
+        log_path("index_studies", os.path.basename(STUDIES) or "none"),
+    benchmark:
+        benchmark_path("index_studies", os.path.basename(STUDIES) or "none")
+    script:
+        "../scripts/index_studies.py"

@@ -5,7 +5,7 @@
 rule evaluate_chunk:
     input:
         predictions=f"{PREDICTIONS}/{{image_set}}/chunk-{{c}}",
-        manifest=lambda wildcards: f"{DATA}/{set_split(wildcards.image_set)}/manifest.csv",
+        manifest=lambda wildcards: set_manifest(wildcards.image_set),
         files=chunk_files,
     output:
         report(
@@ -59,6 +59,8 @@ rule summarise:
             labels={"figure": "FROC"},
         ),
         text=f"{EXPERIMENT}/{{image_set}}/summary.txt",
+    wildcard_constraints:
+        image_set="test|oof",
     params:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
@@ -110,3 +112,29 @@ rule export_model:
         benchmark_path("export_model", KEYS.experiment)
     script:
         "../scripts/export_model.py"
+
+
+rule summarise_studies:
+    input:
+        chunks=chunk_folders,
+    output:
+        findings=report(
+            f"{EXPERIMENT}/{{image_set}}/findings.csv",
+            caption="../report/findings.rst",
+            category="6. New studies",
+            labels={"table": "findings per image"},
+        ),
+        candidates=f"{EXPERIMENT}/{{image_set}}/candidates.csv",
+        text=f"{EXPERIMENT}/{{image_set}}/summary.txt",
+    wildcard_constraints:
+        image_set="studies",
+    params:
+        experiment=KEYS.experiment,
+    conda:
+        "../../envs/evaluate.yaml"
+    log:
+        log_path("summarise_studies", KEYS.experiment, "{image_set}"),
+    benchmark:
+        benchmark_path("summarise_studies", KEYS.experiment, "{image_set}")
+    script:
+        "../scripts/summarise_studies.py"

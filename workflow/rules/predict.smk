@@ -6,7 +6,7 @@
 rule predict_chunk:
     input:
         plan=PLAN,
-        manifest=lambda wildcards: f"{DATA}/{set_split(wildcards.image_set)}/manifest.csv",
+        manifest=lambda wildcards: set_manifest(wildcards.image_set),
         models=chunk_models,
         splits=SPLITS,
         images=chunk_images,

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Sequence
 
 from mammoseg.errors import InputError
 
-__all__ = ["REQUIRED_COLUMNS", "read_manifest", "is_normal", "lesion_rows", "bucket_of", "chunk_count", "rows_of_bucket",
+__all__ = ["REQUIRED_COLUMNS", "read_manifest", "is_normal", "has_truth", "lesion_rows", "bucket_of", "chunk_count", "rows_of_bucket",
            "images_of", "files_of"]
 
 #: Columns every consumer of a manifest needs.
@@ -88,6 +88,12 @@ def images_of(rows: Iterable[Mapping[str, str]]) -> list[tuple[str, str]]:
 def is_normal(row: Mapping[str, str]) -> bool:
     """True for the row of a lesion-free image (``data.normals``): it has no ROI, hence no mask."""
     return not row["roi_id"]
+
+
+def has_truth(rows: Iterable[Mapping[str, str]]) -> bool:
+    """False for the row of a new study (``studies.root``): no ROI and no pathology, so nothing is known of its
+    lesions; a normal image (pathology ``NORMAL``) is known to have none."""
+    return any(row["roi_id"] or row.get("pathology") for row in rows)
 
 
 def lesion_rows(rows: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:

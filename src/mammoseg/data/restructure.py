@@ -102,6 +102,7 @@ __all__ = [
     "link_text",
     "normal_identity",
     "plan_normals",
+    "run_index_studies",
     "load_case_csv",
     "decode_failure",
     "decode_failures",
@@ -587,18 +588,21 @@ def normal_identity(patient_id: str, file_stem: str) -> tuple[str, str, str, str
     return image_id, image_id, "", ""
 
 
-def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: Plan, *, threads: int = 1) -> None:
-    """Add the lesion-free mammograms found in ``folders`` to ``plan`` as images without ROI.
+def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: Plan, *, threads: int = 1,
+                 pathology: str = "NORMAL", key: str = "data.normals") -> None:  # fmt: skip
+    """Add the mammograms without ROI found in ``folders`` to ``plan``: lesion-free (normal) images, or new studies
+    whose truth is unknown (``pathology=''``).
 
     Every file is read as a full image is (header, then pixels decoded) and gets the same skip reasons; hidden and
     system files are ``ignored``; a second file for an image id already taken (a normal image or an image of the
-    collection) is a ``duplicate``. A kept normal image is one manifest row with empty ROI columns
-    (``roi_id``, ``mask_path``: ''), ``abnormality_id`` 0 and pathology ``NORMAL``.
+    collection) is a ``duplicate``. A kept image is one manifest row with empty ROI columns (``roi_id``,
+    ``mask_path``: ''), ``abnormality_id`` 0 and ``pathology`` (``NORMAL`` for normal images). ``key`` names the
+    configuration key of the folders in errors.
     """
     rows = []
     for folder in map(Path, folders):
         if not folder.is_dir():
-            raise InputError(f"{folder}: data.normals.{split} names no folder")
+            raise InputError(f"{folder}: {key} names no folder")
         for entry in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
             hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts if ignored_reason(part)), "")
             if hidden:
@@ -627,7 +631,7 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
         plan.images[image_id] = {"path": str(entry), "shape": (int(record["Rows"]), int(record["Columns"]))}
         plan.manifest.append({
             "roi_id": "", "image_id": image_id, "patient_id": patient_id, "abnormality": abnormality, "split": split,
-            "side": side, "view": view, "abnormality_id": 0, "pathology": "NORMAL",
+            "side": side, "view": view, "abnormality_id": 0, "pathology": pathology,
             **{column: "" for column in ("assessment", "subtlety", "breast_density", "shape", "margins", "calc_type",
                                          "calc_distribution", "mask_note")},
             "image_rows": int(record["Rows"]), "image_cols": int(record["Columns"]), "mask_rows": "",
@@ -768,7 +772,7 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     table = load_case_csv(csv_path, abnormality) if csv_path else None
     index = index_tree(source_root, layout=layout, collection_prefix=prefix, progress=progress)
     plan = plan_collection(index, prefix, table, threads=threads, progress=progress)
-    plan_normals(list(normals), split, abnormality, plan, threads=threads)
+    plan_normals(list(normals), split, abnormality, plan, threads=threads, key=f"data.normals.{split}")
     manifest, skipped = write_outputs(plan, out_dir, link)
 
     rois_kept, images_kept = int((manifest["roi_id"] != "").sum()), manifest["image_id"].nunique()
@@ -841,3 +845,22 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
         source_root, out_dir, abnormality=data["abnormality"], split=split, csv_dir=data["csv_dir"] or None,
         layout=data["layout"], link=data["link"], threads=threads, progress=True, normals=data["normals"][split],
     )  # fmt: skip
+
+
+def run_index_studies(config: dict, out_dir: str | Path, threads: int = 1) -> dict:
+    """Stage ``index_studies``: the mammograms of ``studies.root`` (new studies, outside the CBIS splits, no ground
+    truth) as a manifest of images without ROI and ``pathology`` '' (truth unknown), linked like restructured
+    images, with ``skipped.csv``; found = kept + skipped."""
+    out_dir = Path(out_dir)
+    plan = Plan()
+    plan_normals([config["studies"]["root"]], "studies", config["data"]["abnormality"], plan, threads=threads,
+                 pathology="", key="studies.root")
+    manifest, skipped = write_outputs(plan, out_dir, config["data"]["link"])
+    found, kept = len(plan.images_found) + plan.stray, int(manifest["image_id"].nunique())
+    if found != kept + len(skipped):  # a bug, never bad input
+        raise AssertionError(f"accounting broken: found {found} != kept {kept} + skipped {len(skipped)}")
+    reasons = ", ".join(f"{k} {v}" for k, v in skipped["reason"].value_counts().sort_index().items()) or "none"
+    line = (f"studies {config['studies']['root']}: found {found} = kept {kept} + skipped {len(skipped)} ({reasons})"
+            f" -> {out_dir}")
+    print(line)
+    return {"found": found, "kept": kept, "skipped": len(skipped), "text": line}

@@ -23,15 +23,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from mammoseg.data.manifest import is_normal, lesion_rows
+from mammoseg.data.manifest import has_truth, is_normal, lesion_rows
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
-from mammoseg.evaluation.overlays import add_legend, make_overlay, write_overlay
+from mammoseg.evaluation.overlays import FINDINGS_LEGEND, add_legend, make_overlay, write_overlay
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram, read_mask
 
-__all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "evaluate_chunk", "write_mask_png"]
+__all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "findings_image", "evaluate_chunk", "write_mask_png"]
 
 
 def _variants(min_area: int) -> list[int]:
@@ -192,6 +192,41 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
     return payload
 
 
+def findings_image(prob: np.ndarray, meta: Mapping[str, Any], row: Mapping[str, str], base: Path, out_dir: Path, *,
+                   threshold: float, evaluate: Mapping[str, Any], experiment: str = "") -> dict[str, Any]:  # fmt: skip
+    """What a model finds on an image without ground truth (a new study): the binary mask, an overlay of the
+    prediction, the DICOM SEG, the candidates (score, area, position) and the marks at the operating threshold.
+    Writes ``{image_id}.json``, ``.mask.png``, ``.overlay.png`` and ``.seg.dcm`` into ``out_dir``."""
+    image_id, image_path = row["image_id"], base / row["image_path"]
+    mask = metrics.binarise(prob, threshold)
+    found = froc.image_candidates(prob, [], candidate_threshold=float(evaluate["candidate_threshold"]),
+                                  match=evaluate["match"], iou_threshold=float(evaluate["iou_threshold"]))
+    marks = metrics.match_lesions(mask, []).components
+    for mark in marks:  # the highest probability inside each mark
+        region = prob[mark["row0"]:mark["row1"], mark["col0"]:mark["col1"]][mask[mark["row0"]:mark["row1"],
+                                                                                  mark["col0"]:mark["col1"]]]
+        mark["score"] = float(region.max()) / 255.0
+    payload: dict[str, Any] = {
+        "image_id": image_id, "patient_id": row["patient_id"], "status": "evaluated", "truth": "unknown",
+        "image_path": str(image_path), "threshold": threshold, "shape": list(prob.shape), "prediction": dict(meta),
+        "candidates": [{k: c[k] for k in ("candidate", "score", "area", "centroid_row", "centroid_col", "row0",
+                                           "col0", "row1", "col1")} for c in found.candidates],
+        "marks": [{k: m[k] for k in ("area", "score", "centroid_row", "centroid_col", "row0", "col0", "row1", "col1")}
+                  for m in marks],
+    }
+    try:
+        image = read_mammogram(image_path)
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        raise InputError(f"{image_path}: cannot read mammogram for the overlay of {image_id}: {exc}") from exc
+    overlay = make_overlay(image, mask, np.zeros_like(mask), int(evaluate["overlay_max_side"]))
+    write_overlay(out_dir / f"{image_id}.overlay.png", add_legend(overlay, image_id, FINDINGS_LEGEND))
+    write_mask_png(out_dir / f"{image_id}.mask.png", mask)
+    payload["seg"] = write_image_seg(image_path, mask if evaluate["seg"] == "binary" else prob,
+                                     out_dir / f"{image_id}.seg.dcm", kind=evaluate["seg"], experiment=experiment)
+    write_json_atomic(out_dir / f"{image_id}.json", payload)
+    return payload
+
+
 def write_image_seg(source: Path, pixels: np.ndarray, out_path: Path, *, kind: str, experiment: str) -> str:
     """The DICOM SEG of one image (:mod:`mammoseg.io.seg`); what was done, for the per-image JSON.
 
@@ -254,6 +289,11 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
                            "normal": all(is_normal(row) for row in by_image[image_id])}
                 write_json_atomic(tmp / f"{image_id}.json", payload)
                 log(f"{image_id}: not evaluated, its prediction failed ({record['reason']})")
+            elif not has_truth(by_image[image_id]):  # a new study: what the model finds, no metrics
+                prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
+                payload = findings_image(prob, meta, by_image[image_id][0], base, tmp, threshold=threshold,
+                                         evaluate=evaluate, experiment=experiment)
+                log(f"{image_id}: {len(payload['marks'])} marks at threshold {threshold}")
             else:
                 prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
                 payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
@@ -278,3 +318,23 @@ def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir
                               experiment=experiment)
     print(f"chunk {chunk}: {sum(p['status'] == 'evaluated' for p in payloads)} images evaluated -> {out_dir}")
     return payloads
+
+
+def run_studies(inputs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
+                config: Mapping[str, Any], plan: str | Path | None = None, experiment: str = "") -> dict[str, Any]:
+    """``mammoseg predict``: new studies (DICOM files or folders, no ground truth) through a trained model or fold
+    ensemble, outside the workflow: ``out_dir/probabilities/`` (maps and ``predictions.csv``),
+    ``out_dir/findings/`` (per image: mask, overlay, DICOM SEG, JSON with candidates and marks) and
+    ``out_dir/findings.csv``, ``candidates.csv``, ``summary.txt``."""
+    from mammoseg.evaluation.summary import summarise_findings
+    from mammoseg.inference.predict import collect_images, run_predict_files
+
+    out_dir = Path(out_dir)
+    images = collect_images(inputs)
+    run_predict_files(inputs, models, out_dir / "probabilities", config=config, plan=plan)
+    rows = [{"roi_id": "", "image_id": image_id, "patient_id": image_id, "image_path": str(Path(path).resolve()),
+             "mask_path": "", "pathology": ""} for image_id, path in images]
+    evaluate_chunk(out_dir / "probabilities", rows, Path("/"), out_dir / "findings",
+                   threshold=float(config["infer"]["threshold"]), evaluate=config["evaluate"], experiment=experiment)
+    return summarise_findings([out_dir / "findings"], out_dir, experiment=experiment or "mammoseg",
+                              threshold=float(config["infer"]["threshold"]))

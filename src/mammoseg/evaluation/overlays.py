@@ -16,7 +16,7 @@ import numpy as np
 
 from mammoseg.io.atomic import atomic_path
 
-__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "LEGEND", "reduction_factor", "make_overlay", "add_legend",
+__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "LEGEND", "FINDINGS_LEGEND", "reduction_factor", "make_overlay", "add_legend",
            "write_overlay"]
 
 TP_COLOUR = (0, 255, 0)
@@ -24,6 +24,8 @@ FN_COLOUR = (255, 0, 0)
 FP_COLOUR = (255, 255, 255)
 #: The legend drawn under an overlay, in the order the colours are painted over each other.
 LEGEND = (("true positive", TP_COLOUR), ("false negative (missed)", FN_COLOUR), ("false positive", FP_COLOUR))
+#: The legend of an image without ground truth (a new study): every predicted pixel is just that.
+FINDINGS_LEGEND = (("predicted mass (no ground truth)", FP_COLOUR),)
 LEGEND_BACKGROUND = (48, 48, 48)
 
 
@@ -85,7 +87,7 @@ def make_overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, max_sid
     return rgb
 
 
-def add_legend(rgb: np.ndarray, label: str = "") -> np.ndarray:
+def add_legend(rgb: np.ndarray, label: str = "", entries=LEGEND) -> np.ndarray:
     """The overlay with a band below it naming the colours (and ``label``, e.g. the image id), so a PNG read on
     its own says what green, red and white mean.
 
@@ -102,7 +104,7 @@ def add_legend(rgb: np.ndarray, label: str = "") -> np.ndarray:
     canvas.paste(Image.fromarray(rgb), (0, 0))
     draw = ImageDraw.Draw(canvas)
     x, swatch = 4, band - 8
-    for name, colour in LEGEND:
+    for name, colour in entries:
         draw.rectangle([x, rows + 4, x + swatch - 1, rows + 4 + swatch - 1], fill=colour)
         x += swatch + 3
         draw.text((x, rows + 3), name, fill=(230, 230, 230), font=font)

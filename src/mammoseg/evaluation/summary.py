@@ -28,7 +28,7 @@ from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_text_atomic
 
-__all__ = ["PAPER_FIGURES", "read_image_records", "summarise", "run_summarise"]
+__all__ = ["PAPER_FIGURES", "read_image_records", "summarise", "run_summarise", "summarise_findings"]
 
 #: The paper's figures on the CBIS-DDSM mass test set (Marita et al.), printed beside a mass evaluation.
 PAPER_FIGURES = ("(paper, CBIS-DDSM mass test set: Dice 0.29 whole image / 0.70 at lesions, IoU 0.17 / 0.534, "
@@ -267,3 +267,36 @@ def run_summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, expe
     return summarise(chunk_dirs, out_dir, experiment=experiment, image_set=image_set,
                      abnormality=config["data"]["abnormality"], bootstrap=evaluate["bootstrap"],
                      bootstrap_seed=evaluate["bootstrap_seed"])
+
+
+FINDING_COLUMNS = ("image_id", "status", "reason", "marks", "marked_px", "max_score", "candidates")
+
+
+def summarise_findings(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str,
+                       threshold: float) -> dict[str, Any]:  # fmt: skip
+    """The tables of new studies (no ground truth): ``findings.csv`` (one row per image: marks at the operating
+    threshold, their pixels, the highest score, the candidates; images that could not be predicted with their
+    reason), ``candidates.csv`` (every candidate: score, area, position) and ``summary.txt``."""
+    records = read_image_records(chunk_dirs)
+    out_dir = Path(out_dir)
+    findings, candidates = [], []
+    for rec in records:
+        if rec["status"] != "evaluated":
+            findings.append({"image_id": rec["image_id"], "status": rec["status"], "reason": rec.get("reason", "")})
+            continue
+        scores = [c["score"] for c in rec["candidates"]]
+        findings.append({"image_id": rec["image_id"], "status": rec["status"], "reason": "",
+                         "marks": len(rec["marks"]), "marked_px": sum(m["area"] for m in rec["marks"]),
+                         "max_score": max(scores, default=0.0), "candidates": len(scores)})
+        candidates += [{"experiment": experiment, "image_id": rec["image_id"], **c} for c in rec["candidates"]]
+    table = pd.DataFrame(findings, columns=list(FINDING_COLUMNS))
+    write_csv_atomic(out_dir / "findings.csv", table)
+    write_csv_atomic(out_dir / "candidates.csv", pd.DataFrame(candidates))
+    evaluated = table[table["status"] == "evaluated"]
+    text = (f"mammoseg findings of {experiment} on {len(records)} new studies (no ground truth): "
+            f"{int((evaluated['marks'] > 0).sum())} of {len(evaluated)} predicted images marked at threshold "
+            f"{threshold:g} ({int(evaluated['marks'].sum())} marks)"
+            + (f"; {len(records) - len(evaluated)} not predicted (findings.csv)" if len(evaluated) < len(records) else ""))
+    write_text_atomic(out_dir / "summary.txt", text + "\n")
+    print(text)
+    return {"text": text, "findings": table}

@@ -241,7 +241,7 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
                 fold_of: Mapping[str, int] | None = None) -> list[ImageTask]:  # fmt: skip
     """The images of manifest ``rows`` with the models that predict them, sorted by image id.
 
-    ``image_set`` ``test``: every image by the mean of all ``models`` (one per fold). ``oof`` (out of fold): each
+    ``image_set`` ``test`` or ``studies``: every image by the mean of all ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
     """
@@ -249,7 +249,7 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     for row in rows:
         images.setdefault(row["image_id"], row)
     base = Path(base)
-    if image_set == "test":
+    if image_set in ("test", "studies"):
         return [ImageTask(i, str(base / row["image_path"]), tuple(map(str, models))) for i, row in sorted(images.items())]
     if image_set != "oof" or fold_of is None:
         raise ValueError(f"image set {image_set!r}: out-of-fold predictions need the cross-validation's splits")
