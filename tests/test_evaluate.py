@@ -224,7 +224,7 @@ def test_a_normal_image_with_a_planted_false_positive_counts_one_fp_and_no_lesio
     extra = [{"image_id": i, "status": "predicted", "reason": "", "message": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
     pd.concat([status, pd.DataFrame(extra)]).to_csv(chunk / "predictions.csv", index=False)
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    normals = [{"roi_id": "", "image_id": i, "patient_id": i[:3], "split": "test", "abnormality_id": "0",
+    normals = [{"roi_id": "", "image_id": i, "patient_id": i[:3], "split": "test", "abnormality_id": "0", "pathology": "NORMAL",
                 "image_path": f"images/{i}.dcm", "mask_path": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
     pd.concat([table, pd.DataFrame(normals)]).to_csv(manifest, index=False)
     out = tmp_path / "experiment" / "test" / "chunk-0"

