@@ -223,8 +223,8 @@ def test_truncated_model_predict_cli_names_the_file(small_model, collection, tmp
     out = tmp_path / "pred"
     done = cli_in_process(capsys, *predict_args(model, collection, out))
     assert_one_line_error(done, model)
-    # the probability maps' folder appears whole or not at all
-    assert not (out / "probabilities").exists() and not list(out.rglob("*.npz")) if out.exists() else True
+    # the probability maps' folder appears whole or not at all: nothing of it is left
+    assert not (out / "probabilities").exists() and not list(tmp_path.rglob("*.npz"))
 
 
 # --- Snakemake re-creates a damaged artefact on request ------------------------------------------------------------
