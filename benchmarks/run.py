@@ -282,7 +282,8 @@ def bench_dag(work: Path, quick: bool) -> list[dict]:
     done, restructure_s = _snakemake(workdir, "--until", "restructure")
     if done.returncode:
         raise RuntimeError(f"restructure failed:\n{done.stderr[-3000:]}")
-    manifests = [workdir / "results/restructured/mass" / split / "manifest.csv" for split in ("train", "test")]
+    (data,) = (workdir / "results" / "restructured").glob("mass-*")
+    manifests = [data / split / "manifest.csv" for split in ("train", "test")]
     n_rows = [sum(1 for _ in open(m)) - 1 for m in manifests]
     times = []
     for _ in range(2):  # the second run sees a warm file cache, as a user re-running -n would
@@ -296,6 +297,127 @@ def bench_dag(work: Path, quick: bool) -> list[dict]:
     return [row("dry-run DAG build at CBIS mass scale (seconds)", measured, round(max(times), 2), "<= 15 s",
                 max(times) <= 15, {"dry_run_s": times, "jobs": jobs, "manifest_rows": n_rows,
                                    "tree_s": tree_s, "restructure_s": restructure_s})]
+
+
+def _job_seconds(workdir: Path, rule: str) -> list[float]:
+    """The wall seconds of every job of ``rule``, from the benchmark TSVs the workflow writes (``s`` column)."""
+    seconds = []
+    for path in sorted((workdir / "results" / "benchmarks" / rule).rglob("*.tsv")):
+        lines = path.read_text().splitlines()
+        seconds.append(float(lines[1].split("\t")[0]))
+    return seconds
+
+
+def _stage_workdir(work: Path, n_test: int, **overrides: Any) -> Path:
+    """A demo workflow with ``n_test`` test images, trained for one epoch (enough to time inference)."""
+    import yaml
+
+    from mammoseg.config.resolve import merge
+
+    workdir = work / f"stage-{n_test}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config = merge(demo, {"synth": {"n_train": 8, "n_test": n_test}, "train": {"epochs": 1},
+                          "evaluate": {"bootstrap": 0}, "export": {"onnx": False}, **overrides})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    done, _ = _snakemake(workdir, "--until", "train", timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"preparing {workdir} failed:\n{done.stderr[-3000:]}")
+    return workdir
+
+
+def _in_process_loop(workdir: Path) -> float:
+    """Wall seconds of one fresh Python process that loads the model once and predicts every test image."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from mammoseg.config.resolve import resolve_config\n"
+        "from mammoseg.config.keys import stage_keys\n"
+        "from mammoseg.data.manifest import read_manifest\n"
+        "from mammoseg.inference.predict import chunk_tasks, predict_images\n"
+        "from mammoseg.config.plan import read_plan\n"
+        "w = Path(sys.argv[1]); c = resolve_config([w / 'config.yaml']); k = stage_keys(c)\n"
+        "r = w / 'results'; m = r / 'restructured' / k.data / 'test' / 'manifest.csv'\n"
+        "models = [str(r / 'models' / k.model / 'fold-0' / 'best.keras')]\n"
+        "tasks = chunk_tasks(read_manifest(m), m.parent, models, image_set='test')\n"
+        "predict_images(tasks, w / 'loop', geometry=read_plan(r / 'patches' / k.patches / 'plan.json').geometry,\n"
+        "               infer=c['infer'], batch_size=c['infer']['batch_size'], log=lambda _: None)\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, str(workdir)], capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if done.returncode:
+        raise RuntimeError(f"in-process loop failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def bench_inference_stage(work: Path, quick: bool) -> list[dict]:
+    """Issue 17: the prediction stage as Snakemake runs it (chunks of infer.chunk_size images, the model loaded
+    once per chunk) against one Python process that loads the model once and predicts the same images."""
+    rows, measured = [], {}
+    for n_test in ([12] if quick else [12, 100]):
+        workdir = _stage_workdir(work, n_test)
+        done, _ = _snakemake(workdir, "--until", "predict_chunk", "--forcerun", "predict_chunk", timeout=1800)
+        if done.returncode:
+            raise RuntimeError(f"prediction failed:\n{done.stderr[-3000:]}")
+        jobs = _job_seconds(workdir, "predict_chunk")
+        stage_s, loop_s = sum(jobs), _in_process_loop(workdir)
+        measured[n_test] = (stage_s, loop_s)
+        ratio = stage_s / loop_s
+        rows.append(row(f"prediction stage as Snakemake runs it vs one in-process loop, {n_test} demo test images",
+                        f"{len(jobs)} predict_chunk job(s) (chunk_size 200): {stage_s:.1f} s (benchmark TSVs) vs "
+                        f"one process, one model load: {loop_s:.1f} s", round(ratio, 3), "<= 1.3x", ratio <= 1.3,
+                        {"jobs_s": jobs, "loop_s": loop_s}))
+    if len(measured) == 2:  # per-job fixed cost F and per-image cost c from the two sizes, projected to CBIS-DDSM
+        (t12, _), (t100, _) = measured[12], measured[100]
+        per_image = (t100 - t12) / 88
+        fixed = t12 - 12 * per_image
+        chunked = -(-378 // 200) * fixed + 378 * per_image
+        per_image_jobs = 378 * (fixed + per_image)
+        rows.append(row("projected prediction stage at CBIS-DDSM's 378 mass test images (demo model, this CPU)",
+                        f"per job {fixed:.1f} s fixed + {per_image:.3f} s per image: chunks of 200 "
+                        f"{chunked / 60:.1f} min vs one job per image {per_image_jobs / 60:.1f} min",
+                        round(per_image_jobs / chunked, 1), "speed-up (reported)", None,
+                        {"fixed_s": fixed, "per_image_s": per_image}))
+    return rows
+
+
+def bench_chunk_caching(work: Path, quick: bool) -> list[dict]:
+    """Issue 17: after a run in chunks, a dry run with one changed test image schedules only that image's chunk."""
+    import pydicom
+
+    n_test = 24 if quick else 100
+    workdir = _stage_workdir(work, n_test, infer={"chunk_size": n_test // 4})
+    done, _ = _snakemake(workdir, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"workflow failed:\n{done.stderr[-3000:]}")
+    from mammoseg.data.manifest import read_manifest
+
+    (manifest,) = (workdir / "results" / "restructured").glob("mass-*/test/manifest.csv")
+    image = (manifest.parent / read_manifest(manifest)[0]["image_path"]).resolve()
+    original = image.read_bytes()
+    try:
+        ds = pydicom.dcmread(image)
+        ds.decompress()
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] ^= 1
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(image, enforce_file_format=True)
+        done, seconds = _snakemake(workdir, "-n")
+    finally:
+        image.write_bytes(original)
+    jobs = {}
+    for line in (done.stdout + done.stderr).split("Job stats:", 1)[-1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        jobs[parts[0]] = int(parts[1])
+    jobs.pop("total", None)
+    jobs.pop("all", None)
+    expected = {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1}
+    return [row("dry run after one test image changed (chunks of a quarter of the test images)",
+                f"{n_test} test images in 4 chunks; scheduled: {jobs}", jobs.get("predict_chunk"),
+                "1 predict_chunk job", jobs == expected, {"jobs": jobs, "dry_run_s": seconds})]
 
 
 def _job_count(text: str) -> int | None:
@@ -383,6 +505,8 @@ ROWS: dict[str, Callable[[Path, bool], list[dict]]] = {
     "read_vs_train": bench_read_vs_train,
     "inference": bench_inference,
     "dag": bench_dag,
+    "inference_stage": bench_inference_stage,
+    "chunk_caching": bench_chunk_caching,
     "inference_memory": bench_inference_memory,
     "extraction_memory": bench_extraction_memory,
 }
