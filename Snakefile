@@ -43,6 +43,7 @@ localrules:
     experiment_config,
     summarise,
     summarise_studies,
+    report_pages,
     index_studies,
 
 
@@ -54,6 +55,7 @@ rule all:
         expand(f"{MODELS}/fold-{{f}}/report.json", f=FOLDS),
         f"{EXPERIMENT}/config.yaml",
         f"{EXPERIMENT}/model",
+        f"{EXPERIMENT}/report",
         expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
         [f"{EXPERIMENT}/studies/findings.csv"] if STUDIES_ROOT else [],
 

@@ -76,9 +76,7 @@ rule summarise:
 
 rule experiment_config:
     output:
-        config=report(
-            f"{EXPERIMENT}/config.yaml", caption="../report/config.rst", category="0. Configuration", labels={"file": "resolved configuration"}
-        ),
+        config=f"{EXPERIMENT}/config.yaml",
         stage_keys=f"{EXPERIMENT}/keys.json",
     params:
         config=config,
@@ -138,3 +136,29 @@ rule summarise_studies:
         benchmark_path("summarise_studies", KEYS.experiment, "{image_set}")
     script:
         "../scripts/summarise_studies.py"
+
+
+rule report_pages:
+    input:
+        summaries=expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
+        histories=expand(f"{MODELS}/fold-{{f}}/history.csv", f=FOLDS),
+        config=f"{EXPERIMENT}/config.yaml",
+    output:
+        report(
+            directory(f"{EXPERIMENT}/report"),
+            patterns=["{page}.html"],
+            caption="../report/pages.rst",
+            category="0. Tables",
+            labels={"page": "{page}"},
+        ),
+    params:
+        experiment=KEYS.experiment,
+        image_sets=IMAGE_SETS,
+    conda:
+        "../../envs/evaluate.yaml"
+    log:
+        log_path("report_pages", KEYS.experiment),
+    benchmark:
+        benchmark_path("report_pages", KEYS.experiment)
+    script:
+        "../scripts/report_pages.py"
