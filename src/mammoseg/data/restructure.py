@@ -61,7 +61,10 @@ import numpy as np
 import pandas as pd
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
-from mammoseg.io.dicom import RASTER_SUFFIXES, DicomReadError, binary_fraction, mask_from_pixels, read_raw_pixels, safe_name
+from mammoseg.io.dicom import DicomReadError, read_stored_pixels
+from mammoseg.io.masks import binary_fraction, mask_from_pixels
+from mammoseg.io.names import safe_name
+from mammoseg.io.raster import RASTER_SUFFIXES
 from mammoseg.data.layouts import CaseName, collection_prefix, detect_layout, index_tree, parse_case_name
 
 __all__ = [
@@ -301,11 +304,13 @@ def _plan_images(rows: list[tuple[Any, CaseName]], table: CaseTable | None, plan
 def _read_roi_file(row: Any, case: CaseName, plan: Plan, ids: dict) -> RoiFile | None:
     """Read one ROI-folder file's pixels and measure them; None (recorded) when unreadable."""
     try:
-        pixels, photometric, bits = read_raw_pixels(row.path)
+        # the index already refused JPEG/PNG files outside the Kaggle layout: what reaches here is to be read
+        stored = read_stored_pixels(row.path, allow_raster=True)
     except DicomReadError as exc:
         plan.skip(exc.reason, exc.detail, source=row.path, **ids)
         return None
-    read = mask_from_pixels(pixels, photometric, bits)
+    pixels = stored.pixels
+    read = mask_from_pixels(pixels, stored.photometric, stored.bits_stored)
     return RoiFile(
         row.path, row.SeriesUID, row.SOPUID, (int(pixels.shape[0]), int(pixels.shape[1])), role="crop",
         note=read.note, foreground=int(np.count_nonzero(read.mask)), binary=binary_fraction(pixels),

@@ -25,7 +25,8 @@ import pandas as pd
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from mammoseg.config import section_hash, validate_config
-from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.masks import read_mask
 from mammoseg.inference.sliding import load_prediction
 from mammoseg.evaluation import metrics
 from mammoseg.evaluation.overlays import make_overlay, write_overlay

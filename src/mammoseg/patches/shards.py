@@ -238,11 +238,13 @@ def _roi_patches(image: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int,
 
 def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: _Tables):
     """Read one image and its masks; yield its patches and record skips. One image in memory at a time."""
-    from mammoseg.io.dicom import read_mammogram, read_mask
+    from mammoseg.io.dicom import read_mammogram
+    from mammoseg.io.masks import read_mask
 
     image_id = rois[0]["image_id"]
     try:
-        image = read_mammogram(image_path)
+        # a restructured Kaggle set holds the JPEG/PNG files that restructuring indexed and vetted
+        image = read_mammogram(image_path, allow_raster=True)
     except Exception as exc:  # any decode failure of one file must not stop the shard: record it
         for roi in rois:
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
@@ -252,7 +254,7 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
     for roi in rois:
         mask_path = base / roi["mask_path"]
         try:
-            read = read_mask(mask_path)
+            read = read_mask(mask_path, allow_raster=True)
         except Exception as exc:
             tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
             continue
