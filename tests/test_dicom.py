@@ -303,9 +303,10 @@ def test_corrupt_dimension_element_is_a_bad_header(tmp_path):
 # --- every kind of file: the same pixels as pydicom's own pixel_array -----------------------------------------
 
 
-def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stored=None, signed=False):
+def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stored=None, signed=False,
+          deflated=False):  # fmt: skip
     """A file holding ``pixels``; ``stored`` replaces the pixel bytes after the header is built (garbage high bits)."""
-    from pydicom.uid import ImplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     ds = build_dataset(pixels, HEADER, bits_stored=bits_stored)
     if signed:
@@ -316,6 +317,8 @@ def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stor
         ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     elif implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path = tmp_path / name
     ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
     return path
@@ -332,6 +335,7 @@ def _cases():
         "native16": dict(pixels=image, rle=False),
         "native8_odd": dict(pixels=mask, rle=False),
         "implicit16": dict(pixels=image, rle=False, implicit=True),
+        "deflated16": dict(pixels=image, rle=False, deflated=True),
         "native12_high_bits": dict(pixels=image, rle=False, bits_stored=12, stored=garbage),
         "rle12_high_bits": dict(pixels=image, rle=True, bits_stored=12, stored=garbage),
     }
@@ -396,7 +400,8 @@ def test_dimensions_are_checked_before_decoding(tmp_path, monkeypatch):
     ds = pydicom.dcmread(path)
     ds.Rows = 60000
     ds.save_as(path, enforce_file_format=True)
-    monkeypatch.setattr(dicom, "pixel_array", lambda *a, **k: pytest.fail("the decoder was called"))
+    for decoder_entry in ("get_decoder", "pixel_array"):
+        monkeypatch.setattr(dicom, decoder_entry, lambda *a, **k: pytest.fail("a decoder was called"))
     with pytest.raises(DicomReadError) as info:
         read_mammogram(path)
     assert info.value.reason == "bad_header" and "60000" in info.value.detail

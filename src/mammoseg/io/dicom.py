@@ -33,7 +33,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.pixels import apply_modality_lut, as_pixel_options, get_decoder, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.values import convert_string, convert_value
@@ -67,9 +67,11 @@ _TAGS = {keyword: Tag(keyword) for keyword in (
     "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
     "NumberOfFrames", "SpecificCharacterSet")}  # fmt: skip
 _DICTIONARY_VR = {keyword: dictionary_VR(tag) for keyword, tag in _TAGS.items()}
-#: every element read from a header: those above and what ``apply_modality_lut`` looks at
-_READ_TAGS = [*_TAGS.values(), *map(Tag, ("PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
-                                          "ModalityLUTSequence"))]  # fmt: skip
+#: every element read from a header: those above and what the decoder (``as_pixel_options``) and
+#: ``apply_modality_lut`` look at
+_READ_TAGS = [*_TAGS.values(), *map(Tag, (
+    "PixelRepresentation", "PlanarConfiguration", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "ModalityLUTSequence"))]  # fmt: skip
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # an element length meaning "up to the closing delimiter" (encapsulated data)
 
 #: Values longer than this (bytes) are stepped over, not read, when the Pixel Data element is checked: pydicom
@@ -313,12 +315,14 @@ def _check_pixel_length(path: str | Path, element: RawDataElement, geometry: _Ge
 
 
 class _Header(NamedTuple):
-    """One parsed and checked DICOM header."""
+    """One parsed and checked DICOM header, and where its pixel data are."""
 
-    ds: pydicom.Dataset  # the dataset without its pixel data
+    ds: pydicom.Dataset  # the elements of _READ_TAGS, no pixel data
     transfer_syntax: str  # UID, "" when the file meta does not say
     geometry: _Geometry
     values: dict[str, Any]  # the converted values of _GEOMETRY_KEYWORDS and of the keywords asked for
+    source: BinaryIO  # what holds the pixel data: the open file, or its copy in memory
+    pixel_data: RawDataElement | None  # the Pixel Data element, value not read (None: deflated dataset)
 
 
 def _read_checked_header(path: str | Path, handle: BinaryIO, *, check_pixels: bool = True,
@@ -334,7 +338,7 @@ def _read_checked_header(path: str | Path, handle: BinaryIO, *, check_pixels: bo
     pixel_data = _pixel_data_element(path, source, ds, syntax)
     if check_pixels and pixel_data is not None:
         _check_pixel_length(path, pixel_data, geometry, size)
-    return _Header(ds, syntax, geometry, values)
+    return _Header(ds, syntax, geometry, values, source, pixel_data)
 
 
 def read_header(path: str | Path) -> pydicom.Dataset:
@@ -419,24 +423,37 @@ def header_record(path: str | Path, *, check_pixels: bool = True, allow_raster: 
 # --- pixels --------------------------------------------------------------------------------------------------
 
 
-def _decode(path: str | Path, handle: BinaryIO, header: _Header) -> np.ndarray:
-    """Decode the pixel data straight from the open file with pydicom (its plugins, in its order of preference).
+def _decode(path: str | Path, header: _Header) -> np.ndarray:
+    """Decode the pixel data with pydicom's decoder for the file's transfer syntax (its plugins, in its order of
+    preference), reading the encoded data straight from where :func:`_read_checked_header` found them.
 
-    Why from the file, not from a dataset: :func:`pydicom.pixels.pixel_array` then hands the encoded frame to the
-    decoder without first copying the whole Pixel Data value into a dataset (measured: 6 % of the decode time of
-    a real mammogram, 19 % of a demo image's). ``view_only``: uncompressed pixels are not copied once more into a
-    writeable array (every consumer only reads them).
+    Why not ``pixel_array(file)``: it would parse the header a second time before decoding (6 % of the read of a
+    demo image); :meth:`Decoder.as_array <pydicom.pixels.decoders.base.Decoder.as_array>` takes the file positioned
+    at the pixel data and the image pixel values of the dataset already parsed (``as_pixel_options``), which is
+    all that ``pixel_array`` hands it. Why not from a dataset: the whole Pixel Data value would first be copied into
+    it (6 % of the decode of a real mammogram, 19 % of a demo image). ``view_only``: uncompressed pixels are not
+    copied once more into a writeable array (every consumer only reads them).
     """
-    handle.seek(0)
     try:
-        pixels = pixel_array(handle, view_only=True)
+        if header.pixel_data is None:  # deflated: only pydicom's inflated copy of the whole dataset has the pixels
+            header.source.seek(0)
+            pixels = pixel_array(pydicom.dcmread(header.source), view_only=True)
+        else:
+            syntax = UID(header.transfer_syntax)
+            decoder = get_decoder(syntax)
+            options = as_pixel_options(header.ds, transfer_syntax_uid=syntax, pixel_keyword="PixelData",
+                                       view_only=True)  # fmt: skip
+            if header.pixel_data.VR:  # explicit VR: OB or OW matters to big endian data
+                options["pixel_vr"] = header.pixel_data.VR
+            header.source.seek(header.pixel_data.value_tell)
+            pixels, _ = decoder.as_array(header.source, **options)
     except (KeyboardInterrupt, SystemExit):
         raise
     # BaseException, not Exception: a corrupt RLE stream makes pylibjpeg-rle's Rust decoder panic, and pyo3
     # raises that as PanicException, a BaseException subclass (found by tests/test_fuzz.py).
     except BaseException as exc:  # missing plugin, corrupt stream, inconsistent header, decoder panic
-        syntax = UID(header.transfer_syntax).name if header.transfer_syntax else "no transfer syntax"
-        raise DicomReadError(path, "undecodable", f"cannot decode pixel data ({syntax}): "
+        syntax_name = UID(header.transfer_syntax).name if header.transfer_syntax else "no transfer syntax"
+        raise DicomReadError(path, "undecodable", f"cannot decode pixel data ({syntax_name}): "
                                                   f"{type(exc).__name__}: {exc}") from None  # fmt: skip
     if pixels.ndim != 2:
         raise DicomReadError(path, "bad_header", f"expected a single-frame greyscale image, got pixel array of shape {pixels.shape}")
@@ -449,7 +466,7 @@ def _read_dicom(path: str | Path) -> tuple[np.ndarray, _Header]:
     try:
         with open(path, "rb") as handle:
             header = _read_checked_header(path, handle)
-            return _decode(path, handle, header), header
+            return _decode(path, header), header
     except OSError as exc:
         raise _open_error(path, exc) from None
 
