@@ -552,6 +552,22 @@ def test_long_header_element(tmp_path, rle):
 # --- odd and hostile files: a reason code, never another exception -----------------------------------------
 
 
+def test_corrupt_identity_value_leaves_the_file_readable_everywhere(tmp_path):
+    """Found by the slow fuzz test on a real mammogram: one flipped bit made SeriesDescription's VR 'MO'. pydicom
+    cannot convert it; the pixel readers never look at it, so the index must not refuse the file either: the value
+    is recorded empty (the case is then named by its folder)."""
+    path = write(tmp_path / "x.dcm", ramp())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x08\x00\x3e\x10LO")  # (0008,103E) SeriesDescription, explicit VR
+    data[at + 4:at + 6] = b"MO"
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotImplementedError):  # pydicom's own verdict on the value
+        pydicom.dcmread(path).SeriesDescription  # noqa: B018
+    record = header_record(path)
+    assert record["readable"] and record["SeriesDescription"] == "" and record["PatientID"] == HEADER.patient_id
+    np.testing.assert_array_equal(read_mammogram(path), ramp())
+
+
 def test_encapsulated_data_under_a_native_syntax_is_refused_cleanly(tmp_path):
     """A one-character flip of the transfer syntax (RLE ...1.2.5 -> native ...1.2.1) must not reach np.frombuffer."""
     path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)

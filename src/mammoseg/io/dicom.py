@@ -202,26 +202,38 @@ def _convert(path: str | Path, keyword: str, element: Any, encodings: list[str] 
         raise DicomReadError(path, "bad_header", f"{keyword} cannot be read: {type(exc).__name__}: {exc}") from None
 
 
-def _header_values(path: str | Path, ds: pydicom.Dataset, keywords: tuple[str, ...]) -> dict[str, Any]:
+def _encodings(ds: pydicom.Dataset) -> list[str] | None:
+    """The Python codecs of the dataset's Specific Character Set; None (pydicom's default, ISO 646) when absent or
+    unreadable, as pydicom itself falls back (only text values depend on it, none of the image geometry)."""
+    charset = ds.get_item(_TAGS["SpecificCharacterSet"], keep_deferred=True)
+    if charset is None:
+        return None
+    try:
+        return convert_encodings(_convert("", "SpecificCharacterSet", charset, None))
+    except Exception:  # noqa: BLE001 - an unknown character set, a corrupt value
+        return None
+
+
+def _header_values(path: str | Path, ds: pydicom.Dataset, keywords: tuple[str, ...], *,
+                   strict: bool = True) -> dict[str, Any]:  # fmt: skip
     """The values of ``keywords`` in ``ds`` (None when absent), each converted by pydicom.
+
+    ``strict``: a value pydicom cannot convert is a ``bad_header``; otherwise it counts as absent.
 
     Why not ``ds.get(keyword)``: indexing has to keep up with a bare ``dcmread`` loop, and through the Dataset's
     attribute machinery a dozen values cost half as much again as the whole parse; pydicom's value converters
     (:func:`pydicom.values.convert_value`, where ``ds.get`` ends up) cost a quarter of that.
     """
-    charset = ds.get_item(_TAGS["SpecificCharacterSet"], keep_deferred=True)
-    encodings = None
-    if charset is not None:
-        try:
-            encodings = convert_encodings(_convert(path, "SpecificCharacterSet", charset, None))
-        except DicomReadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an unknown character set, a corrupt value
-            raise DicomReadError(path, "bad_header", f"SpecificCharacterSet: {type(exc).__name__}: {exc}") from None
+    encodings = _encodings(ds)
     values = {}
     for keyword in keywords:
         element = ds.get_item(_TAGS[keyword], keep_deferred=True)
-        values[keyword] = None if element is None else _convert(path, keyword, element, encodings)
+        try:
+            values[keyword] = None if element is None else _convert(path, keyword, element, encodings)
+        except DicomReadError:
+            if strict:
+                raise
+            values[keyword] = None
     return values
 
 
@@ -321,26 +333,23 @@ class _Header(NamedTuple):
     ds: pydicom.Dataset  # the elements of _READ_TAGS, no pixel data
     transfer_syntax: str  # UID, "" when the file meta does not say
     geometry: _Geometry
-    values: dict[str, Any]  # the converted values of _GEOMETRY_KEYWORDS and of the keywords asked for
     source: BinaryIO  # what holds the pixel data: the open file, or its copy in memory
     pixel_data: RawDataElement | None  # the Pixel Data element, value not read (None: deflated, or not checked)
 
 
-def _read_checked_header(path: str | Path, handle: BinaryIO, *, check_pixels: bool = True,
-                         keywords: tuple[str, ...] = ()) -> _Header:  # fmt: skip
+def _read_checked_header(path: str | Path, handle: BinaryIO, *, check_pixels: bool = True) -> _Header:
     """Parse a file from an open handle and check its header and (``check_pixels``) its Pixel Data element;
-    ``keywords``: further header values to convert on the way (one pass over the header). Decoding needs the
-    element: readers always check the pixels."""
+    decoding needs the element: readers always check the pixels."""
     size = _file_size(path, handle)
     ds, source = _parse_header(path, handle, size)
-    values = _header_values(path, ds, _GEOMETRY_KEYWORDS + keywords)
+    values = _header_values(path, ds, _GEOMETRY_KEYWORDS)
     geometry = _geometry(path, values, at_end=source.tell() >= size)
     _check_limits(path, geometry)
     syntax = str(ds.file_meta.get("TransferSyntaxUID") or "")
     pixel_data = _pixel_data_element(path, source, ds, syntax) if check_pixels else None
     if pixel_data is not None:
         _check_pixel_length(path, pixel_data, geometry, size)
-    return _Header(ds, syntax, geometry, values, source, pixel_data)
+    return _Header(ds, syntax, geometry, source, pixel_data)
 
 
 def read_header(path: str | Path) -> pydicom.Dataset:
@@ -378,9 +387,12 @@ _EMPTY_RECORD: dict[str, Any] = {
 
 def _dicom_record(path: str, *, check_pixels: bool) -> dict[str, Any]:
     with open(path, "rb") as handle:
-        header = _read_checked_header(path, handle, check_pixels=check_pixels, keywords=_IDENTITY_KEYWORDS)
+        header = _read_checked_header(path, handle, check_pixels=check_pixels)
+    # lenient: the pixel readers do not look at these values, so a corrupt one (a flipped VR) must not make the
+    # index refuse a file they read; it is recorded empty, and restructuring names the case by its folder
+    identity = _header_values(path, header.ds, _IDENTITY_KEYWORDS, strict=False)
     g = header.geometry
-    record = {key: _text(header.values[keyword]) for key, keyword in _RECORD_TEXT.items()}
+    record = {key: _text(identity[keyword]) for key, keyword in _RECORD_TEXT.items()}
     record.update(Rows=g.rows, Columns=g.cols, BitsStored=g.bits_stored, PhotometricInterpretation=g.photometric,
                   TransferSyntax=header.transfer_syntax)
     return record
