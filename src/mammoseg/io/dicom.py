@@ -215,16 +215,16 @@ def _encodings(ds: pydicom.Dataset) -> list[str] | None:
 
 
 def _header_values(path: str | Path, ds: pydicom.Dataset, keywords: tuple[str, ...], *,
-                   strict: bool = True) -> dict[str, Any]:  # fmt: skip
+                   encodings: list[str] | None, strict: bool = True) -> dict[str, Any]:  # fmt: skip
     """The values of ``keywords`` in ``ds`` (None when absent), each converted by pydicom.
 
-    ``strict``: a value pydicom cannot convert is a ``bad_header``; otherwise it counts as absent.
+    ``encodings``: from :func:`_encodings`. ``strict``: a value pydicom cannot convert is a ``bad_header``;
+    otherwise it counts as absent.
 
     Why not ``ds.get(keyword)``: indexing has to keep up with a bare ``dcmread`` loop, and through the Dataset's
     attribute machinery a dozen values cost half as much again as the whole parse; pydicom's value converters
     (:func:`pydicom.values.convert_value`, where ``ds.get`` ends up) cost a quarter of that.
     """
-    encodings = _encodings(ds)
     values = {}
     for keyword in keywords:
         element = ds.get_item(_TAGS[keyword], keep_deferred=True)
@@ -332,6 +332,7 @@ class _Header(NamedTuple):
 
     ds: pydicom.Dataset  # the elements of _READ_TAGS, no pixel data
     transfer_syntax: str  # UID, "" when the file meta does not say
+    encodings: list[str] | None  # Python codecs of the Specific Character Set (None: the default)
     geometry: _Geometry
     source: BinaryIO  # what holds the pixel data: the open file, or its copy in memory
     pixel_data: RawDataElement | None  # the Pixel Data element, value not read (None: deflated, or not checked)
@@ -342,14 +343,15 @@ def _read_checked_header(path: str | Path, handle: BinaryIO, *, check_pixels: bo
     decoding needs the element: readers always check the pixels."""
     size = _file_size(path, handle)
     ds, source = _parse_header(path, handle, size)
-    values = _header_values(path, ds, _GEOMETRY_KEYWORDS)
+    encodings = _encodings(ds)
+    values = _header_values(path, ds, _GEOMETRY_KEYWORDS, encodings=encodings)
     geometry = _geometry(path, values, at_end=source.tell() >= size)
     _check_limits(path, geometry)
     syntax = str(ds.file_meta.get("TransferSyntaxUID") or "")
     pixel_data = _pixel_data_element(path, source, ds, syntax) if check_pixels else None
     if pixel_data is not None:
         _check_pixel_length(path, pixel_data, geometry, size)
-    return _Header(ds, syntax, geometry, source, pixel_data)
+    return _Header(ds, syntax, encodings, geometry, source, pixel_data)
 
 
 def read_header(path: str | Path) -> pydicom.Dataset:
@@ -390,7 +392,7 @@ def _dicom_record(path: str, *, check_pixels: bool) -> dict[str, Any]:
         header = _read_checked_header(path, handle, check_pixels=check_pixels)
     # lenient: the pixel readers do not look at these values, so a corrupt one (a flipped VR) must not make the
     # index refuse a file they read; it is recorded empty, and restructuring names the case by its folder
-    identity = _header_values(path, header.ds, _IDENTITY_KEYWORDS, strict=False)
+    identity = _header_values(path, header.ds, _IDENTITY_KEYWORDS, encodings=header.encodings, strict=False)
     g = header.geometry
     record = {key: _text(identity[keyword]) for key, keyword in _RECORD_TEXT.items()}
     record.update(Rows=g.rows, Columns=g.cols, BitsStored=g.bits_stored, PhotometricInterpretation=g.photometric,
