@@ -167,7 +167,7 @@ def _parse_header(path: str | Path, handle: BinaryIO, size: int) -> tuple[pydico
     loop. When pydicom reaches the end of those bytes first (a longer header, or a file cut short inside them),
     the header is parsed from the file.
     """
-    prefix = handle.read(_HEADER_BYTES)
+    prefix = handle.read(min(size, _HEADER_BYTES))
     source: BinaryIO = io.BytesIO(prefix)
     if len(prefix) < size:  # pydicom stops quietly at the end of its input: it may be the prefix's, not the file's
         try:
