@@ -158,7 +158,7 @@ def _extraction_row(what: str, r: dict, lzf: dict, size: str) -> dict:
 
     measured = (f"{r['n_images']} images {size}, {r['n_rois']} ROIs, {r['n_patches']} patches; best rounds: extract "
                 f"{r['extract_s']:.2f} s vs decode {r['decode_s']:.2f} s (best/best {r['ratio_best']:.2f}x; "
-                f"mammoseg's own read of the stored values {r['stored_s']:.2f} s, contract readers "
+                f"read_stored_pixels {r['stored_s']:.2f} s, contract readers "
                 f"{r['read_s']:.2f} s; shard {mib(r)}). With lzf on the images too: {lzf['ratio']:.2f}x, "
                 f"shard {mib(lzf)}")
     return row(what, measured, r["ratio"], "<= 1.3x", r["ratio"] <= 1.3, {**r, "images_lzf": lzf})

@@ -168,6 +168,21 @@ def test_collection_filter_reads_no_other_headers(tmp_path):
         index_tree(tmp_path, collection_prefix="Mass-Somewhere")
 
 
+def test_raster_files_outside_the_kaggle_layout_are_not_dicom(tmp_path):
+    """A PNG chart or a JPEG left in a DICOM download is indexed as not_dicom, never read as an image."""
+    from PIL import Image
+
+    synth.generate_dataset(tmp_path, n_train=2, n_test=1, seed=5, layout="doi", **SIZE)
+    case = next((tmp_path / "CBIS-DDSM").glob("Mass-Training_*"))
+    Image.new("L", (64, 48), 200).save(case / "chart.png")
+    Image.new("L", (64, 48), 100).save(case / "photo.jpg")
+    index = index_tree(tmp_path)
+    strays = index[index["path"].str.endswith(("chart.png", "photo.jpg"))]
+    assert len(strays) == 2 and not strays["readable"].any()
+    assert set(strays["reason"]) == {"not_dicom"} and strays["error"].str.contains("JPEG/PNG").all()
+    assert index.loc[~index["path"].isin(strays["path"]), "readable"].all()
+
+
 def test_kaggle_missing_file_is_recorded(tmp_path):
     synth.generate_dataset(tmp_path, n_train=2, n_test=1, seed=6, layout="kaggle", **SIZE)
     victim = sorted((tmp_path / "CBIS-DDSM" / "jpeg").rglob("*.jpg"))[0]

@@ -430,7 +430,7 @@ def _index_kaggle(root: Path, prefix: str | None, progress: bool) -> pd.DataFram
     for entry in _progress(list(table.itertuples(index=False)), progress, "index"):
         path = _kaggle_path(entry.image_path, bases)
         if path.exists():
-            record = header_record(path)
+            record = header_record(path, allow_raster=True)  # the Kaggle copy is JPEG
         else:
             record = {"path": str(path), "readable": False, "reason": "missing_file",
                       "error": f"listed in {table_path.name} but not on disk"}  # fmt: skip

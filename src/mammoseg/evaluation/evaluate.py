@@ -29,7 +29,8 @@ from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import FINDINGS_LEGEND, add_legend, make_overlay, write_overlay
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
-from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.masks import read_mask
 
 __all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "findings_image", "evaluate_chunk", "write_mask_png"]
 

@@ -221,7 +221,7 @@ def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions:
 def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequence[dict], base: Path,
                    tables: _Tables) -> tuple[list[_Lesion], np.ndarray]:  # fmt: skip
     """Read the masks of one image: the usable lesions and their union (bool, the image's shape); skips recorded."""
-    from mammoseg.io.dicom import read_mask
+    from mammoseg.io.masks import read_mask
 
     image_id = rois[0]["image_id"]
     union = np.zeros(image_shape, dtype=bool)
@@ -229,7 +229,7 @@ def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequenc
     for roi in lesion_rows(rois):  # a normal image's row has no mask
         mask_path = base / roi["mask_path"]
         try:
-            read = read_mask(mask_path)
+            read = read_mask(mask_path, allow_raster=True)  # the Kaggle layout's masks are PNG/JPEG
         except Exception as exc:
             tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
             continue
@@ -253,7 +253,8 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
 
     image_id = rois[0]["image_id"]
     try:
-        image = read_mammogram(image_path)
+        # a restructured Kaggle set holds the JPEG/PNG files that restructuring indexed and vetted
+        image = read_mammogram(image_path, allow_raster=True)
     except Exception as exc:  # any decode failure of one file must not stop the shard: record it
         for roi in rois:
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
