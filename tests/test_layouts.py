@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mammoseg.errors import InputError
+
 from mammoseg.data.layouts import (
     INDEX_COLUMNS,
     LAYOUTS,
@@ -51,10 +53,10 @@ def test_detect_layout(tree):
 
 
 def test_detect_layout_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no such folder"):
         detect_layout(tmp_path / "absent")
     (tmp_path / "random").mkdir()
-    with pytest.raises(ValueError, match="no CBIS-DDSM case folder found"):
+    with pytest.raises(InputError, match="no CBIS-DDSM case folder found"):
         detect_layout(tmp_path)
 
 
@@ -65,14 +67,14 @@ def test_no_case_folder_error_names_what_it_saw_and_the_pattern(tmp_path):
                  "scan_004", "scan_005", "scan_006", "scan_007"]:
         (inner / name).mkdir(parents=True)
     (inner / "notes.txt").write_text("x")
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(InputError) as caught:
         detect_layout(root)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{root}: no CBIS-DDSM case folder found")
     assert "Mass-Training_P_1.5_LEFT_CC/, Mass_P_00001_LEFT_CC/, notes.txt, scan_001/" in message
     assert "and 2 more" in message  # 10 entries, 8 shown
     assert "<Mass|Calc>-<Training|Test>_P_<id>_<LEFT|RIGHT>_<CC|MLO>[_<abnormality id>]" in message
-    with pytest.raises(ValueError, match="Mass-Training_P_1.5_LEFT_CC/"):
+    with pytest.raises(InputError, match="Mass-Training_P_1.5_LEFT_CC/"):
         index_tree(root, layout="doi")
 
 

@@ -170,7 +170,7 @@ def find_case_csv(source_root: str | Path, csv_dir: str | Path | None, abnormali
     if csv_dir:
         path = Path(csv_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
+            raise InputError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
         return path
     for folder in case_csv_folders(source_root):
         if (folder / name).is_file():
@@ -219,7 +219,7 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
     frame.columns = [c.strip() for c in frame.columns]
     needed = {"image file path", "ROI mask file path", "cropped image file path", "pathology"}
     if needed - set(frame.columns):
-        raise ValueError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
+        raise InputError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
     columns = {**_CSV_COLUMNS["both"], **_CSV_COLUMNS[abnormality]}
     table = CaseTable(path=str(path))
     for record in frame.to_dict("records"):
