@@ -652,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    if set(args.rows.split(",")) != set(ROWS):
+        stem += "-rows"
+    taken = stem
+    for k in range(2, 1000):  # every run is kept: a later run of the same day gets the next number
+        if not (out_dir / f"{taken}.md").exists():
+            break
+        taken = f"{stem}-{k}"
+    stem = taken
     (out_dir / f"{stem}.md").write_text(table)
     (out_dir / f"{stem}.json").write_text(json.dumps({"machine": machine, "total_s": total, "quick": args.quick,
                                                       "rows": rows}, indent=1, default=str) + "\n")
