@@ -26,6 +26,7 @@ import pandas as pd
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import add_legend, make_overlay, write_overlay
+from mammoseg.evaluation.postprocess import postprocess
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram, read_mask
@@ -252,6 +253,9 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
                 log(f"{image_id}: not evaluated, its prediction failed ({record['reason']})")
             else:
                 prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
+                # before anything is measured, so masks, candidates, FROC, overlays and SEG see one map
+                prob = postprocess(prob, candidate_threshold=float(evaluate["candidate_threshold"]),
+                                   **evaluate["postprocess"])
                 payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
                                          evaluate=evaluate, experiment=experiment)
                 log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
