@@ -173,6 +173,7 @@ def test_stage_keys_change_exactly_with_the_settings_of_their_stage(repo_root):
     assert changed(infer={"breast_mask": True}) == {"inference", "experiment"}  # the saved map changes
     assert changed(evaluate={"iou_threshold": 0.2}) == {"experiment"}
     assert changed(evaluate={"postprocess": {"top_k": 3}}) == {"experiment"}
+    assert changed(evaluate={"target_fppi": 1.0}) == {"experiment"}
     assert changed(train={"epochs": 3}) == {"model", "inference", "experiment"}
     assert changed(patches={"downscale": 2}) == {"patches", "model", "inference", "experiment"}
     assert changed(patches={"compression": "none"}) == set()
