@@ -270,7 +270,9 @@ def test_a_chunk_with_a_bad_image_predicts_the_others_and_records_it(oracle_mode
     (tmp_path / "in" / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # not a mammogram
     (tmp_path / "in" / "empty.dcm").write_bytes(b"")
     tasks = predict.tasks_for(predict.collect_images([tmp_path / "in"]), [str(oracle_model_path)])
-    infer_cfg = {"mode": "paper", "strip_fraction": 0.1, "min_mean": 0.05}
+    from mammoseg.config import validate_config
+
+    infer_cfg = {**validate_config({})["infer"], "mode": "paper", "strip_fraction": 0.1, "min_mean": 0.05}
     rows = predict.predict_images(tasks, tmp_path / "out", geometry=GEOMETRY, infer=infer_cfg, batch_size=2)
     status = {row["image_id"]: row for row in rows}
     assert status["good"]["status"] == "predicted"
@@ -281,6 +283,30 @@ def test_a_chunk_with_a_bad_image_predicts_the_others_and_records_it(oracle_mode
     assert saved["side"] == "RIGHT" and saved["image_id"] == "good"
     np.testing.assert_array_equal(prob >= 128, truth)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_breast_mask_option_zeroes_the_map_outside_the_breast_and_nothing_else(oracle_model_path, tmp_path):
+    from mammoseg.config import validate_config
+    from mammoseg.inference.anatomy import breast_mask
+
+    import keras
+
+    inverse = keras.saving.load_model(oracle_model_path)  # dark -> 1: the background would be all foreground
+    inverse.get_layer("oracle").set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.array([10.0], np.float32)])
+    inverse.save(tmp_path / "inverse.keras")
+    image, _ = paper_image(BreastSide.RIGHT)
+    write_test_dicom(tmp_path / "in" / "one.dcm", image)
+    tasks = predict.tasks_for(predict.collect_images([tmp_path / "in"]), [str(tmp_path / "inverse.keras")])
+    infer_cfg = {**validate_config({})["infer"], "mode": "paper", "strip_fraction": 0.1, "min_mean": 0.0}
+    predict.predict_images(tasks, tmp_path / "plain", geometry=GEOMETRY, infer=infer_cfg, batch_size=2)
+    predict.predict_images(tasks, tmp_path / "masked", geometry=GEOMETRY, infer={**infer_cfg, "breast_mask": True},
+                           batch_size=2)
+    plain, _ = predict.load_prediction(tmp_path / "plain" / "one.prob.npz")
+    masked, meta = predict.load_prediction(tmp_path / "masked" / "one.prob.npz")
+    inside = breast_mask(image)
+    assert meta["breast_mask"] is True and inside.any()
+    assert (plain[~inside] > 0).any()  # something outside the breast to remove
+    np.testing.assert_array_equal(masked, np.where(inside, plain, 0))
 
 
 # ------------------------------------------------------------------------------------------------- real images

@@ -28,6 +28,7 @@ import numpy as np
 
 from mammoseg.config.plan import PatchGeometry
 from mammoseg.errors import InputError
+from mammoseg.inference.anatomy import apply_anatomy
 from mammoseg.inference.sliding import Prediction, Predictor, predict_blended, predict_paper, quantise
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_csv_atomic
 
@@ -159,11 +160,14 @@ def load_prediction(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageTask:
-    """One image to predict: its id, its file and the model files whose mean predicts it (one per fold used)."""
+    """One image to predict: its id, its file, the model files whose mean predicts it (one per fold used) and its
+    view position (``CC``, ``MLO``; the manifest's ``view`` column; ``""`` when unknown, which keeps the pectoral
+    muscle in the map: see :func:`mammoseg.inference.anatomy.apply_anatomy`)."""
 
     image_id: str
     image_path: str
     models: tuple[str, ...]
+    view: str = ""
 
 
 def _read(path: str, reader: Callable[[str], np.ndarray]) -> tuple[np.ndarray | None, BaseException | None]:
@@ -218,10 +222,13 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
                 continue
             started = time.perf_counter()
             result = predict_image(image, predictor_for(task.models), geometry, infer, batch_size)
+            prob = apply_anatomy(result.prob, image, None, task.view, breast_mask=bool(infer["breast_mask"]),
+                                 exclude_pectoral=bool(infer["exclude_pectoral"]))
             seconds = time.perf_counter() - started
             meta = {**result.meta, "image_id": task.image_id, "image": task.image_path, "models": list(task.models),
-                    "seconds": round(seconds, 3)}
-            save_prediction(result.prob, Path(tmp) / f"{task.image_id}.prob.npz", meta)
+                    "view": task.view, "breast_mask": bool(infer["breast_mask"]),
+                    "exclude_pectoral": bool(infer["exclude_pectoral"]), "seconds": round(seconds, 3)}
+            save_prediction(prob, Path(tmp) / f"{task.image_id}.prob.npz", meta)
             rows.append({**row, "status": "predicted", "reason": "", "message": "", "seconds": round(seconds, 3),
                          **{k: result.meta[k] for k in PREDICTION_COLUMNS if k in result.meta}})
             log(f"{task.image_id}: {result.meta['windows_predicted']} windows, {seconds:.2f} s")
@@ -232,9 +239,29 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
     return rows
 
 
-def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str]) -> list[ImageTask]:
-    """Every (image_id, path) predicted by the mean of the same ``models`` (the test split, all folds)."""
-    return [ImageTask(image_id, str(path), tuple(str(m) for m in models)) for image_id, path in images]
+def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str], *, views: bool = False) -> list[ImageTask]:
+    """Every (image_id, path) predicted by the mean of the same ``models`` (files given to ``mammoseg predict``).
+
+    ``views``: read each file's view position (:func:`view_of`), needed only to exclude the pectoral muscle.
+    """
+    return [ImageTask(image_id, str(path), tuple(str(m) for m in models), view_of(path) if views else "")
+            for image_id, path in images]
+
+
+def view_of(path: str | Path) -> str:
+    """The view position of a DICOM file: its ViewPosition, else ``CC``/``MLO`` in its PatientID or file name
+    (CBIS-DDSM files carry none in ViewPosition but ``..._LEFT_MLO`` in PatientID); ``""`` when neither says,
+    or the file cannot be read (it is refused with its reason when its pixels are read)."""
+    from mammoseg.data.restructure import normal_identity
+    from mammoseg.io.dicom import read_header
+    from mammoseg.io.errors import DicomReadError
+
+    try:
+        header = read_header(path)
+    except DicomReadError:
+        return ""
+    view = str(header.get("ViewPosition", "") or "").strip().upper()
+    return view or normal_identity(str(header.get("PatientID", "") or ""), Path(path).stem)[3]
 
 
 def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Sequence[str], *, image_set: str,
@@ -250,11 +277,12 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
         images.setdefault(row["image_id"], row)
     base = Path(base)
     if image_set in ("test", "studies"):
-        return [ImageTask(i, str(base / row["image_path"]), tuple(map(str, models))) for i, row in sorted(images.items())]
+        return [ImageTask(i, str(base / row["image_path"]), tuple(map(str, models)), row.get("view", "") or "")
+                for i, row in sorted(images.items())]
     if image_set != "oof" or fold_of is None:
         raise ValueError(f"image set {image_set!r}: out-of-fold predictions need the cross-validation's splits")
-    return [ImageTask(i, str(base / row["image_path"]), (str(models[fold_of[row["patient_id"]]]),))
-            for i, row in sorted(images.items())]
+    return [ImageTask(i, str(base / row["image_path"]), (str(models[fold_of[row["patient_id"]]]),),
+                      row.get("view", "") or "") for i, row in sorted(images.items())]
 
 
 def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[str], out_dir: str | Path, *,
@@ -318,7 +346,7 @@ def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_d
     from mammoseg.config.plan import patch_geometry, read_plan
 
     geometry = read_plan(plan).geometry if plan else patch_geometry(config["patches"])
-    tasks = tasks_for(collect_images(inputs), models)
+    tasks = tasks_for(collect_images(inputs), models, views=bool(config["infer"]["exclude_pectoral"]))
     if not tasks:
         raise InputError(f"no file found in {', '.join(map(str, inputs))}")
     rows = predict_images(tasks, out_dir, geometry=geometry, infer=config["infer"],
