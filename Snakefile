@@ -41,6 +41,7 @@ localrules:
     splits,
     patch_manifest,
     experiment_config,
+    calibrate,
     summarise,
     summarise_studies,
     report_pages,

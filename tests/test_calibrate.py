@@ -69,7 +69,7 @@ def test_operating_threshold_defaults_to_the_configured_one():
 
 
 def test_operating_threshold_calibrated_and_unreachable():
-    config = validate_config({"evaluate": {"target_fppi": 1.0}})
+    config = validate_config({"evaluate": {"target_fppi": 1.0}, "train": {"folds": 3}})
     chosen = operating_threshold(config["infer"], config["evaluate"], FP, HITS, 4, 2)
     assert chosen["threshold"] == 0.9 and chosen["source"] == "calibrated"
     assert chosen["calibration"]["expected_fppi"] == 0.5
@@ -81,3 +81,49 @@ def test_a_candidate_score_as_pixel_threshold_keeps_exactly_that_candidate_level
     from mammoseg.evaluation.metrics import threshold_level
 
     assert all(threshold_level(k / 255) == k for k in range(1, 256))  # score k/255 -> pixels >= k
+
+
+def test_calibration_needs_cross_validation():
+    from mammoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.folds"):
+        validate_config({"evaluate": {"target_fppi": 1.0}})
+
+
+def _chunk(folder, records):
+    import json
+
+    folder.mkdir(parents=True)
+    for rec in records:
+        (folder / f"{rec['image_id']}.json").write_text(json.dumps(rec))
+    return folder
+
+
+def _record(image_id, fp, hits):
+    return {"image_id": image_id, "status": "evaluated", "n_lesions": len(hits),
+            "candidates": [{"score": s, "false_positive": True} for s in fp],
+            "lesion_hits": [{"hit_score": h} for h in hits]}
+
+
+def test_run_calibrate_writes_the_operating_point_that_test_images_are_binarised_at(tmp_path):
+    """The stage on per-image records (the hand-computed curve above, split over two images and two chunks): the
+    threshold written is the curve's, out-of-fold images keep infer.threshold, test and new studies get it."""
+    import json
+
+    from mammoseg.errors import ConfigError
+    from mammoseg.evaluation.calibrate import evaluation_threshold, run_calibrate
+
+    config = validate_config({"evaluate": {"target_fppi": 1.9}, "train": {"folds": 3}, "infer": {"threshold": 0.6}})
+    chunks = [_chunk(tmp_path / "chunk-0", [_record("a", FP[:3], HITS[:2])]),
+              _chunk(tmp_path / "chunk-1", [_record("b", FP[3:], HITS[2:]),
+                                            {"image_id": "c", "status": "failed", "n_lesions": 1}])]
+    point = run_calibrate(chunks, tmp_path / "operating_point.json", config=config)
+    assert point["threshold"] == 0.8 and point["calibration"]["n_images"] == 2  # the failed image is not counted
+    assert json.loads((tmp_path / "operating_point.json").read_text()) == point
+    assert evaluation_threshold(config, "oof", tmp_path / "operating_point.json") == 0.6
+    assert evaluation_threshold(config, "test", tmp_path / "operating_point.json") == 0.8
+    assert evaluation_threshold(config, "studies", tmp_path / "operating_point.json") == 0.8
+    with pytest.raises(ConfigError, match="operating point"):
+        evaluation_threshold(config, "test")
+    uncalibrated = validate_config({"infer": {"threshold": 0.6}})
+    assert evaluation_threshold(uncalibrated, "test") == 0.6

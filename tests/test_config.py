@@ -173,12 +173,32 @@ def test_stage_keys_change_exactly_with_the_settings_of_their_stage(repo_root):
     assert changed(infer={"breast_mask": True}) == {"inference", "experiment"}  # the saved map changes
     assert changed(evaluate={"iou_threshold": 0.2}) == {"experiment"}
     assert changed(evaluate={"postprocess": {"top_k": 3}}) == {"experiment"}
-    assert changed(evaluate={"target_fppi": 1.0}) == {"experiment"}
+    # calibration needs cross-validation: compared with the same folds uncalibrated
+    folds = {"train": {"folds": 2}}
+    calibrated = resolve_config([repo_root / "config" / "config.yaml"], {**folds, "evaluate": {"target_fppi": 1.0}})
+    uncalibrated = resolve_config([repo_root / "config" / "config.yaml"], folds)
+    assert {name for name, key in stage_keys(calibrated).as_dict().items()
+            if stage_keys(uncalibrated).as_dict()[name] != key} == {"experiment"}
+    mined = resolve_config([repo_root / "config" / "config.yaml"], {"train": {"folds": 2, "hard_negatives":
+                                                                             {"per_image": 2}}})
+    assert {name for name, key in stage_keys(mined).as_dict().items()
+            if stage_keys(uncalibrated).as_dict()[name] != key} == {"model", "inference", "experiment"}
     assert changed(train={"epochs": 3}) == {"model", "inference", "experiment"}
     assert changed(train={"augment": {"flip": True}}) == {"model", "inference", "experiment"}
-    assert changed(train={"hard_negatives": {"per_image": 2}}) == {"model", "inference", "experiment"}
     assert changed(patches={"downscale": 2}) == {"patches", "model", "inference", "experiment"}
     assert changed(patches={"compression": "none"}) == set()
     assert changed(synth={"seed": 5}) == {"synth", "data", "patches", "model", "inference", "experiment"}
     assert changed(experiment="named") == {"experiment"}
     assert keys.model.startswith("demo-") and keys.patches.startswith("mass-n8d4-")
+
+
+def test_the_resolved_configuration_has_the_schemas_key_order_however_it_was_written():
+    """Snakemake compares a rule's params including their key order: two spellings of one configuration must
+    resolve to equal, equally ordered settings, or an unchanged model would be retrained."""
+    from mammoseg.config.keys import stage_settings
+
+    written = validate_config({"train": {"hard_negatives": {"min_prob": 0.5, "per_image": 0}, "folds": 2}})
+    defaulted = validate_config({"train": {"folds": 2}})
+    assert written == defaulted
+    assert repr(stage_settings(written)) == repr(stage_settings(defaulted))
+    assert list(written["train"]["hard_negatives"]) == ["per_image", "min_prob"]  # the schema's order

@@ -15,6 +15,7 @@ from sklearn.metrics import f1_score, jaccard_score
 from PIL import Image
 
 from mammoseg.errors import InputError
+from mammoseg.config import validate_config
 from mammoseg.evaluation import evaluate, summary
 from mammoseg.inference import predict
 from dicom_helpers import write_test_dicom
@@ -68,7 +69,8 @@ def build_case(tmp_path: Path):
 EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1, "seg": "binary",
             "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0,
             "postprocess": {"min_area": 0, "top_k": 0}}
-CONFIG = {"infer": {"threshold": 0.5, "chunk_size": 100}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
+CONFIG = validate_config({"infer": {"threshold": 0.5, "chunk_size": 100}, "evaluate": EVALUATE,
+                          "data": {"abnormality": "mass"}})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def evaluated(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("evaluate")
     manifest, lesions, probs, chunk = build_case(tmp_path)
     out = tmp_path / "experiment" / "test" / "chunk-0"
-    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG, image_set="test")
     jsons = [out / f"{image_id}.json" for image_id in lesions]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -195,7 +197,7 @@ def test_a_failed_prediction_is_listed_and_counts_in_no_figure(tmp_path):
     status.to_csv(chunk / "predictions.csv", index=False)
     (chunk / "P_2_RIGHT_MLO.prob.npz").unlink()
     out = tmp_path / "experiment" / "test" / "chunk-0"
-    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG, image_set="test")
     result = summary.run_summarise([out], out.parent, experiment="toy", image_set="test", config=CONFIG)
     assert result["n_failed"] == 1 and result["summary"][0]["n_images"] == 1 and result["summary"][0]["n_lesions"] == 2
     per_image = pd.read_csv(out.parent / "per_image.csv")
@@ -208,7 +210,7 @@ def test_mismatched_mask_is_a_clear_error(tmp_path):
     manifest, lesions, probs, chunk = build_case(tmp_path)
     write_test_dicom(manifest.parent / "masks" / "P_1_LEFT_CC_2.dcm", np.zeros((10, 10), np.uint16))
     with pytest.raises(InputError, match="P_1_LEFT_CC_2.dcm: mask shape"):
-        evaluate.run_evaluate_chunk(chunk, manifest, tmp_path / "out", chunk=0, config=CONFIG)
+        evaluate.run_evaluate_chunk(chunk, manifest, tmp_path / "out", chunk=0, config=CONFIG, image_set="test")
     assert not (tmp_path / "out").exists()  # the chunk folder appears whole or not at all
 
 
@@ -229,7 +231,7 @@ def test_a_normal_image_with_a_planted_false_positive_counts_one_fp_and_no_lesio
                 "image_path": f"images/{i}.dcm", "mask_path": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
     pd.concat([table, pd.DataFrame(normals)]).to_csv(manifest, index=False)
     out = tmp_path / "experiment" / "test" / "chunk-0"
-    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG)
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=CONFIG, image_set="test")
     planted = json.loads((out / "P_3_LEFT_MLO.json").read_text())
     assert planted["normal"] and planted["n_lesions"] == 0
     assert planted["results"][0]["false_positives"] == 1 and planted["results"][0]["detected"] == 0

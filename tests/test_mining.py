@@ -158,7 +158,7 @@ def mined(tmp_path):
             "patient_id": "P_00004", "split": "test"}
     pd.DataFrame([*frame.to_dict("records"), normal, test]).to_csv(manifest, index=False)
     config = validate_config({"patches": {"n": 6, "downscale": 4, "n_shards": 1, "n_shifted": 1},
-                              "train": {"hard_negatives": {"per_image": 2, "min_prob": 0.5}}})
+                              "train": {"folds": 2, "hard_negatives": {"per_image": 2, "min_prob": 0.5}}})
     plan_path = tmp_path / "plan.json"
     build_plan(config["patches"], "mass-test-key",
                [r for r in read_manifest(manifest) if r["split"] == "train"]).write(plan_path)
@@ -211,7 +211,7 @@ def test_images_without_a_prediction_are_recorded(mined, tmp_path):
     from mammoseg.config.schema import validate_config
 
     _, _, _, _, root = mined
-    config = validate_config({"train": {"hard_negatives": {"per_image": 2}}})
+    config = validate_config({"train": {"folds": 2, "hard_negatives": {"per_image": 2}}})
     empty = root / "no-predictions"
     empty.mkdir()
     summary = run_mine(root / "plan.json", root / "data" / "manifest.csv", empty, root / "none.h5", config=config,

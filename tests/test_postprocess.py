@@ -119,7 +119,7 @@ def test_the_evaluate_stage_measures_the_post_processed_map(tmp_path):
     manifest, lesions, probs, chunk = build_case(tmp_path)
     config = {**CONFIG, "evaluate": {**CONFIG["evaluate"], "postprocess": {"min_area": 0, "top_k": 1}}}
     out = tmp_path / "evaluated"
-    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=config)
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=config, image_set="test")
     a = json.loads((out / "P_1_LEFT_CC.json").read_text())
     assert (a["results"][0]["detected"], a["results"][0]["false_positives"]) == (1, 0)
     assert [c["score_u8"] for c in a["candidates"]] == [HIT]

@@ -315,7 +315,7 @@ def test_derived_artefacts_carry_no_identifying_values(identified_tree, tmp_path
     run_predict_chunk(patches / "plan.json", manifests["test"], [str(model)], predictions, image_set="test", chunk=0,
                       config=config)
     evaluated = results / "experiments" / "p" / "test" / "chunk-0"
-    run_evaluate_chunk(predictions, manifests["test"], evaluated, chunk=0, config=config)
+    run_evaluate_chunk(predictions, manifests["test"], evaluated, chunk=0, config=config, image_set="test")
     run_summarise([evaluated], evaluated.parent, experiment="p", image_set="test", config=config)
     # the copies do carry the source headers (documented): proves the values reached the pipeline
     copied = next((results / "restructured/mass/test/images").glob("*.dcm"))

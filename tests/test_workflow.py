@@ -153,7 +153,10 @@ def test_restructure_counts_reconcile(finished_run):
         expected = {r["roi_id"] for r in truth["rois"] if r["split"] == split and r["fate"] == "kept"}
         assert set(kept["roi_id"]) == expected
         expected_reasons = {r["reason"] for r in truth["rois"] + truth["files"] if r.get("reason")}
-        assert set(skipped["reason"]) <= expected_reasons | {"image_without_mask"}
+        # Snakemake marks the synthetic download (a directory output) with a hidden timestamp file: recorded, too
+        ignored = skipped[skipped["reason"] == "ignored"]
+        assert all(Path(source).name == ".snakemake_timestamp" for source in ignored["source_path"]), ignored
+        assert set(skipped["reason"]) <= expected_reasons | {"image_without_mask", "ignored"}
 
 
 def test_patch_count_matches_rois_and_the_plan(finished_run):
@@ -190,14 +193,16 @@ def test_changed_test_image_reruns_only_its_chunk(finished_run):
     image = where["data"] / "test" / manifest["image_path"].iloc[0]
     with changed_pixel(image.resolve()):
         jobs = scheduled_jobs(snakemake(workdir, "-n"))
-    assert jobs == {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1}
+    assert jobs == {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1, "report_pages": 1}
 
 
 def test_a_new_threshold_reruns_evaluation_only(finished_run):
     workdir, config, _ = finished_run
     # the exact command line of issue 15: Snakemake passes the nested value as text, the resolver reads YAML
     jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", "infer={threshold: 0.4}"))
-    assert jobs == {"evaluate_chunk": n_test_chunks(workdir, config), "summarise": 1, "experiment_config": 1}
+    # a new experiment folder: its tables, report and model package (whose card states the threshold)
+    assert jobs == {"evaluate_chunk": n_test_chunks(workdir, config), "summarise": 1, "experiment_config": 1,
+                    "report_pages": 1, "export_model": 1}
 
 
 def test_a_variant_writes_beside_the_original_and_leaves_it_complete(finished_run):
@@ -220,8 +225,8 @@ def test_changed_training_parameter_retrains_but_does_not_extract(finished_run):
     changed.write_text(yaml.safe_dump({"train": {"learning_rate": 0.0005}}))
     jobs = scheduled_jobs(snakemake(workdir, "-n", "--configfile", str(workdir / "config.yaml"), str(changed)))
     n_chunks = n_test_chunks(workdir, config)
-    assert jobs == {"train": 1, "predict_chunk": n_chunks, "evaluate_chunk": n_chunks, "summarise": 1,
-                    "experiment_config": 1}
+    assert jobs == {"splits": 1, "train": 1, "predict_chunk": n_chunks, "evaluate_chunk": n_chunks, "summarise": 1,
+                    "experiment_config": 1, "report_pages": 1, "export_model": 1}
 
 
 def test_changed_training_case_reextracts_one_shard(finished_run):
@@ -258,3 +263,64 @@ def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
     (skipped,) = (workdir / "results" / "studies").glob("studies-*/skipped.csv")
     assert pd.read_csv(skipped)["reason"].tolist() == ["not_dicom"]
     assert {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()} == before
+
+
+def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_threshold(finished_run):
+    """evaluate.target_fppi: two folds, the threshold read off their out-of-fold candidates (rule calibrate), then
+    the test images binarised at it and the out-of-fold ones at infer.threshold."""
+    workdir, config, _ = finished_run
+    overrides = ("train={folds: 2}", "evaluate={target_fppi: 1.0}")
+    jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", *overrides))
+    assert jobs["calibrate"] == 1 and jobs["train"] == 2 and jobs["summarise"] == 2
+    done = snakemake(workdir, "--config", *overrides)
+    assert done.returncode == 0, done.stderr[-4000:]
+    where = folders(workdir, keys_of(workdir / "config.yaml", train={"folds": 2}, evaluate={"target_fppi": 1.0}))
+    point = json.loads((where["experiment"] / "operating_point.json").read_text())
+    assert point["source"] == "calibrated" and point["calibration"]["expected_fppi"] <= 1.0
+    thresholds = {image_set: {json.loads(p.read_text())["threshold"]
+                              for p in (where["experiment"] / image_set).glob("chunk-*/*.json")}
+                  for image_set in ("test", "oof")}
+    assert thresholds == {"test": {point["threshold"]}, "oof": {config["infer"]["threshold"]}}
+    # the calibration saw the out-of-fold candidates only: recompute it from the oof per-image records
+    from mammoseg.evaluation.calibrate import calibrate_threshold
+    from mammoseg.evaluation.summary import read_image_records
+
+    records = [r for r in read_image_records(sorted((where["experiment"] / "oof").glob("chunk-*")))
+               if r["status"] == "evaluated"]
+    fp = [c["score"] for r in records for c in r["candidates"] if c["false_positive"]]
+    hits = [les["hit_score"] for r in records for les in r["lesion_hits"]]
+    again = calibrate_threshold(fp, hits, sum(r["n_lesions"] for r in records), len(records), 1.0)
+    assert again["threshold"] == point["threshold"]
+
+
+def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_out_of_fold_false_positives(finished_run):
+    """train.hard_negatives: round 1 is the same run without mining (shared models), its out-of-fold maps give
+    the mined shard (rule mine), round 2 trains on the shards plus it, and the experiment uses round 2."""
+    workdir, config, _ = finished_run
+    mining = {"folds": 2, "hard_negatives": {"per_image": 2}}
+    first, second = keys_of(workdir / "config.yaml", train={"folds": 2}), keys_of(workdir / "config.yaml",
+                                                                                   train=mining)
+    assert first.model != second.model and first.patches == second.patches
+    done = snakemake(workdir, "--config", "train={folds: 2, hard_negatives: {per_image: 2}}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = workdir / "results"
+    round1, round2 = results / "models" / first.model, results / "models" / second.model
+    mined = round2 / "hard_negatives.h5"
+    for fold in (0, 1):
+        assert (round1 / f"fold-{fold}" / "best.keras").is_file()
+        report = json.loads((round2 / f"fold-{fold}" / "report.json").read_text())
+        assert mined.name in report["data"]["shards"], report["data"]
+        assert "hard_negatives.h5" not in json.dumps(json.loads((round1 / f"fold-{fold}" / "report.json").read_text()))
+    import h5py
+
+    from mammoseg.patches.shards import read_table
+
+    with h5py.File(mined) as handle:
+        provenance = read_table(handle, "provenance")
+        assert len(provenance) > 0 and provenance["roi_id"].str.contains("_hard").all()
+        assert handle["masks"].shape[0] == len(provenance) and not handle["masks"][:].any()  # negatives: empty
+    # the mined windows come from round 1's out-of-fold maps, which a plain two-fold run would have made
+    assert any((results / "predictions" / first.model / first.inference / "oof").glob("chunk-*/*.prob.npz"))
+    assert (results / "experiments" / second.experiment / "test" / "summary.csv").is_file()
+    # a plain two-fold run reuses round 1: nothing is trained again
+    assert "train" not in scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2}"))

@@ -121,7 +121,7 @@ def _predict(args, config):
     from mammoseg.evaluation.evaluate import run_studies
 
     run_studies(args.inputs, args.model, args.out, config=config, plan=args.plan,
-                experiment=stage_keys(config).experiment)
+                experiment=stage_keys(config).experiment, operating_point=args.operating_point)
 
 
 def _evaluate(args, config):
@@ -130,7 +130,8 @@ def _evaluate(args, config):
     from mammoseg.config.keys import stage_keys
 
     run_evaluate_chunk(args.predictions, args.manifest, args.out, chunk=args.chunk, config=config,
-                       experiment=stage_keys(config).experiment)
+                       image_set=args.image_set, experiment=stage_keys(config).experiment,
+                       operating_point=args.operating_point)
 
 
 def _summarise(args, config):
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".keras model(s); several (the folds) are averaged")
     p.add_argument("--plan", help="plan.json of the model's patches (default: geometry from the configuration)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--operating-point", help="operating_point.json of a calibrated experiment (needed when "
+                   "evaluate.target_fppi > 0; the exported model folder holds it)")
     p.add_argument("inputs", nargs="+", help="DICOM files or folders of them")
 
     p = add("evaluate", _evaluate, "metrics, masks and overlays of one chunk of predictions")
@@ -223,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="manifest.csv of the collection")
     p.add_argument("--chunk", type=int, required=True, help="chunk index (the images of the manifest in chunks of infer.chunk_size)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-set", default="test", choices=["test", "oof", "studies"],
+                   help="out-of-fold images are binarised at infer.threshold, the others at the calibrated one")
+    p.add_argument("--operating-point", help="operating_point.json of a calibrated experiment (needed when "
+                   "evaluate.target_fppi > 0; the exported model folder holds it)")
 
     p = add("summarise", _summarise, "tables over evaluated chunks: per image, lesions, candidates, summary, FROC")
     p.add_argument("--out", required=True)

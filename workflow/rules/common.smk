@@ -3,6 +3,7 @@
 
 import functools
 import os
+import re
 from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
@@ -10,6 +11,7 @@ from mammoseg.config.keys import stage_keys, stage_settings
 from mammoseg.config.schema import section_hash
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
+from mammoseg.patches.mining import first_round_config
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
 # as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
@@ -40,9 +42,19 @@ FINGERPRINT = f"{DATA}/fingerprint.json"
 PATCHES = f"{R}/patches/{KEYS.patches}"
 PLAN = f"{PATCHES}/plan.json"
 MODELS = f"{R}/models/{KEYS.model}"
-SPLITS = f"{MODELS}/splits.json"
 PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
+# Hard-negative mining (train.hard_negatives.per_image > 0) trains twice: round 1 is the same configuration
+# without mining (its models are a plain run's), its out-of-fold maps give the mined shard, round 2 trains on the
+# shards plus it. Training and prediction rules take the model key as a wildcard; each key has its configuration.
+MINING = config["train"]["hard_negatives"]["per_image"] > 0
+ROUND1 = stage_keys(first_round_config(config)) if MINING else None
+CONFIG_OF_MODEL = {KEYS.model: config, **({ROUND1.model: first_round_config(config)} if MINING else {})}
+INFERENCE_OF_MODEL = {KEYS.model: KEYS.inference, **({ROUND1.model: ROUND1.inference} if MINING else {})}
+MINED = f"{MODELS}/hard_negatives.h5"
 EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
+# evaluate.target_fppi > 0: the threshold calibrated on the out-of-fold candidates (rule calibrate)
+CALIBRATED = config["evaluate"]["target_fppi"] > 0
+OPERATING_POINT = f"{EXPERIMENT}/operating_point.json"
 SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
 # the studies' folder is named after what it reads: another folder is another set of studies
 STUDIES = f"{R}/studies/studies-{section_hash(os.path.abspath(STUDIES_ROOT))[:8]}" if STUDIES_ROOT else ""
@@ -124,10 +136,20 @@ def chunk_files(wildcards):
     return files_of(chunk_rows(wildcards), os.path.dirname(set_manifest(wildcards.image_set)))
 
 
-def chunk_models(wildcards):
+def operating_point_input(wildcards):
+    """The calibrated operating point, for every image set but the out-of-fold one that calibrates it."""
+    return [OPERATING_POINT] if CALIBRATED and wildcards.image_set != "oof" else []
+
+
+def fold_models(model_key):
     """The fold models a chunk is predicted with: all of them (their mean) for the test split; for out-of-fold
     predictions every fold model too, each image then using the one fold model that never saw its patient."""
-    return expand(f"{MODELS}/fold-{{f}}/{config['infer']['checkpoint']}.keras", f=FOLDS)
+    return expand(f"{R}/models/{model_key}/fold-{{f}}/{config['infer']['checkpoint']}.keras", f=FOLDS)
+
+
+def one_of(keys):
+    """A wildcard constraint that matches exactly these keys."""
+    return "|".join(re.escape(key) for key in keys)
 
 
 def print_run_summary():

@@ -7,6 +7,7 @@ rule evaluate_chunk:
         predictions=f"{PREDICTIONS}/{{image_set}}/chunk-{{c}}",
         manifest=lambda wildcards: set_manifest(wildcards.image_set),
         files=chunk_files,
+        operating_point=operating_point_input,
     output:
         report(
             directory(f"{EXPERIMENT}/{{image_set}}/chunk-{{c}}"),
@@ -29,6 +30,22 @@ rule evaluate_chunk:
         benchmark_path("evaluate_chunk", KEYS.experiment, "{image_set}", "chunk-{c}")
     script:
         "../scripts/evaluate_chunk.py"
+
+
+rule calibrate:
+    # evaluate.target_fppi > 0: the operating threshold read off the out-of-fold FROC (never the test images)
+    input:
+        chunks=lambda wildcards: expand(f"{EXPERIMENT}/oof/chunk-{{c}}", c=range(n_chunks("oof"))),
+    output:
+        OPERATING_POINT,
+    conda:
+        "../../envs/evaluate.yaml"
+    log:
+        log_path("calibrate", KEYS.experiment),
+    benchmark:
+        benchmark_path("calibrate", KEYS.experiment)
+    script:
+        "../scripts/calibrate.py"
 
 
 rule summarise:
@@ -93,11 +110,12 @@ rule experiment_config:
 
 rule export_model:
     input:
-        models=lambda wildcards: chunk_models(wildcards),
+        models=fold_models(KEYS.model),
         plan=PLAN,
         fingerprint=FINGERPRINT,
         reports=expand(f"{MODELS}/fold-{{f}}/report.json", f=FOLDS),
         oof=[f"{EXPERIMENT}/oof/summary.csv"] if len(FOLDS) > 1 else [],
+        operating_point=[OPERATING_POINT] if CALIBRATED else [],
     output:
         directory(f"{EXPERIMENT}/model"),
     params:

@@ -5,4 +5,5 @@ from mammoseg.model.export import run_export
 
 with logged_job(snakemake):
     run_export(snakemake.input.models, snakemake.input.plan, snakemake.input.fingerprint, snakemake.input.reports,
-               snakemake.output[0], config=snakemake.config, oof_summary=(snakemake.input.oof or [None])[0])
+               snakemake.output[0], config=snakemake.config, oof_summary=(snakemake.input.oof or [None])[0],
+               operating_point=(snakemake.input.operating_point or [None])[0])

@@ -73,7 +73,36 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
-    return filled
+    problems = _combination_problems(filled)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return _in_schema_order(filled, schema())
+
+
+def _in_schema_order(value: Any, subschema: dict) -> Any:
+    """``value`` with every mapping's keys in the schema's order, however the configuration was written.
+
+    The order is part of what Snakemake compares when it decides whether a rule's params changed: without this,
+    ``--config "train={folds: 2}"`` and the same value from a file would retrain the same model.
+    """
+    if not isinstance(value, dict):
+        return value
+    properties = subschema.get("properties", {}) if isinstance(subschema, dict) else {}
+    ordered = [key for key in properties if key in value] + sorted(key for key in value if key not in properties)
+    return {key: _in_schema_order(value[key], properties.get(key, {})) for key in ordered}
+
+
+def _combination_problems(config: dict[str, Any]) -> list[str]:
+    """Settings that are each valid but not together (what a JSON schema cannot say readably)."""
+    problems = []
+    if config["evaluate"]["target_fppi"] > 0 and config["train"]["folds"] < 2:
+        problems.append(f"'evaluate.target_fppi' = {config['evaluate']['target_fppi']} calibrates on out-of-fold "
+                        f"predictions: it needs 'train.folds' >= 2 (got {config['train']['folds']})")
+    if config["train"]["hard_negatives"]["per_image"] > 0 and config["train"]["folds"] < 2:
+        problems.append(f"'train.hard_negatives.per_image' = {config['train']['hard_negatives']['per_image']} mines "
+                        f"the out-of-fold maps of a first round: it needs 'train.folds' >= 2 "
+                        f"(got {config['train']['folds']})")
+    return problems
 
 
 def load_config(path: str | Path | None) -> dict[str, Any]:

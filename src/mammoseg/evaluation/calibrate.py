@@ -23,14 +23,16 @@ Conventions:
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from mammoseg.evaluation.froc import froc_curve
 
-__all__ = ["calibrate_threshold", "operating_threshold"]
+__all__ = ["calibrate_threshold", "operating_threshold", "run_calibrate", "evaluation_threshold"]
 
 
 def calibrate_threshold(fp_scores: Sequence[float] | np.ndarray, lesion_hit_scores: Sequence[float] | np.ndarray,
@@ -95,3 +97,45 @@ def operating_threshold(infer: Mapping[str, Any], evaluate: Mapping[str, Any],
         raise ValueError(f"evaluate.target_fppi = {target}: even the top-scoring validation candidates give more "
                          f"false positives per image; no threshold in [0, 1] meets it")
     return {"threshold": calibration["threshold"], "source": "calibrated", "calibration": calibration}
+
+
+def run_calibrate(chunk_dirs: Sequence[str | Path], out_path: str | Path, *, config: Mapping[str, Any]) -> dict:
+    """Stage ``calibrate``: the operating threshold of the out-of-fold evaluation's candidates (the per-image JSONs
+    of ``chunk_dirs``), written atomically as JSON to ``out_path`` (:func:`operating_threshold`'s dict).
+
+    Raises
+    ------
+    InputError
+        When no image of the chunks was evaluated, or no threshold meets ``evaluate.target_fppi``.
+    """
+    from mammoseg.errors import InputError
+    from mammoseg.evaluation.summary import candidate_scores, read_image_records
+    from mammoseg.io.atomic import write_text_atomic
+
+    evaluated = [rec for rec in read_image_records(chunk_dirs) if rec["status"] == "evaluated"]
+    if not evaluated:
+        raise InputError(f"{out_path}: no evaluated out-of-fold image to calibrate the operating threshold on")
+    try:
+        point = operating_threshold(config["infer"], config["evaluate"], *candidate_scores(evaluated))
+    except ValueError as exc:
+        raise InputError(f"{out_path}: {exc}") from None
+    write_text_atomic(out_path, json.dumps(point, indent=2, sort_keys=True) + "\n")
+    if point["source"] == "calibrated":
+        c = point["calibration"]
+        print(f"operating threshold {point['threshold']:.4f}: FPPI {c['expected_fppi']:.2f} <= {c['target_fppi']:g}, "
+              f"TPR {c['expected_tpr']:.3f} ({c['detected']}/{c['n_lesions']}) on {c['n_images']} out-of-fold images")
+    return point
+
+
+def evaluation_threshold(config: Mapping[str, Any], image_set: str, operating_point: str | Path | None = None) -> float:
+    """The threshold an image set is binarised at: ``infer.threshold`` for out-of-fold images (they calibrate it)
+    and whenever ``evaluate.target_fppi`` is 0; else the calibrated one read from ``operating_point`` (the JSON of
+    :func:`run_calibrate`)."""
+    if image_set == "oof" or float(config["evaluate"]["target_fppi"]) == 0:
+        return float(config["infer"]["threshold"])
+    if operating_point is None:
+        from mammoseg.errors import ConfigError
+
+        raise ConfigError(f"evaluate.target_fppi = {config['evaluate']['target_fppi']} needs the calibrated "
+                          f"operating point (operating_point.json of the experiment) to binarise {image_set!r} images")
+    return float(json.loads(Path(operating_point).read_text())["threshold"])

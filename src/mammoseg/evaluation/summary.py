@@ -105,11 +105,16 @@ def _candidate_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[
     return rows
 
 
-def _curve(records: Sequence[Mapping]) -> froc.FrocCurve:
+def candidate_scores(records: Sequence[Mapping]) -> tuple[list[float], list[float], int, int]:
+    """``(fp_scores, lesion_hit_scores, n_lesions, n_images)`` of evaluated per-image records, as
+    :func:`mammoseg.evaluation.froc.froc_curve` takes them."""
     fp_scores = [c["score"] for rec in records for c in rec["candidates"] if c["false_positive"]]
     hit_scores = [les["hit_score"] for rec in records for les in rec["lesion_hits"]]
-    n_lesions = sum(rec["n_lesions"] for rec in records)
-    return froc.froc_curve(fp_scores, hit_scores, n_lesions, len(records))
+    return fp_scores, hit_scores, sum(rec["n_lesions"] for rec in records), len(records)
+
+
+def _curve(records: Sequence[Mapping]) -> froc.FrocCurve:
+    return froc.froc_curve(*candidate_scores(records))
 
 
 def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Mapping[str, Mapping],
@@ -196,8 +201,8 @@ def _fmt_ci(values: Mapping[str, float], name: str, digits: int) -> str:
     return value if math.isnan(low) else f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int) -> str:
-    lines = [f"mammoseg evaluation of {label}, {abnormality}"
+def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int, threshold: float) -> str:
+    lines = [f"mammoseg evaluation of {label}, {abnormality}, binarised at probability >= {threshold:.4g}"
              + (f" ({n_failed} image(s) not predicted: see per_image.csv)" if n_failed else "")]
     for min_area, group in summary.groupby("min_area", sort=True):
         v = dict(zip(group["metric"], group["value"]))
@@ -251,7 +256,7 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     label = f"{experiment} [{image_set}]"
     _plot_froc(curve, out_dir / "froc.png", label)
     n_failed = len(records) - len(evaluated)
-    text = _human_summary(summary, label, abnormality, n_failed)
+    text = _human_summary(summary, label, abnormality, n_failed, float(evaluated[0]["threshold"]))
     if abnormality == "mass" and image_set == "test":
         text += "\n  " + PAPER_FIGURES
     write_text_atomic(out_dir / "summary.txt", text + "\n")

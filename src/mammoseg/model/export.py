@@ -410,13 +410,22 @@ def validation_figures(fold_reports: Sequence[str | Path], oof_summary: str | Pa
 
 def run_export(models: Sequence[str | Path], plan: str | Path, fingerprint: str | Path,
                fold_reports: Sequence[str | Path], out_dir: str | Path, *, config: dict[str, Any],
-               oof_summary: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+               oof_summary: str | Path | None = None,
+               operating_point: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage ``export_model``: the fold models of an experiment as SavedModel (+ ONNX with ``export.onnx``) and
-    model card, with the plan, the training data fingerprint and the validation figures."""
+    model card, with the plan, the training data fingerprint and the validation figures.
+
+    ``operating_point``: the calibration's JSON (``evaluate.target_fppi`` > 0); the card then gives its threshold
+    as ``infer.threshold`` (config and sliding-window rules) and the calibration under
+    ``validation.operating_point``."""
     from mammoseg.config.plan import read_plan
 
-    card = export_model(models, out_dir, plan=read_plan(plan), config=config,
-                        validation=validation_figures(fold_reports, oof_summary),
+    validation = validation_figures(fold_reports, oof_summary)
+    if operating_point is not None:
+        point = json.loads(Path(operating_point).read_text())
+        validation["operating_point"] = point
+        config = {**config, "infer": {**config["infer"], "threshold": point["threshold"]}}
+    card = export_model(models, out_dir, plan=read_plan(plan), config=config, validation=validation,
                         fingerprint=json.loads(Path(fingerprint).read_text()), onnx=config["export"]["onnx"])
     print(f"exported {len(models)} fold model(s) -> {out_dir} (ONNX: {card['files']['onnx'].get('written')})")
     return card

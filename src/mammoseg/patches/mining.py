@@ -32,12 +32,23 @@ from mammoseg.evaluation import metrics
 from mammoseg.evaluation.froc import component_max
 from mammoseg.patches.geometry import bbox_centre, crop, place_window, preprocess_window, roi_rng
 
-__all__ = ["MINING_TRIES", "MINING_SHIFT", "fp_components", "mine_windows", "mined_patches", "run_mine"]
+__all__ = ["MINING_TRIES", "MINING_SHIFT", "first_round_config", "fp_components", "mine_windows", "mined_patches",
+           "run_mine"]
 
 #: Shifted centres tried for a component whose centred window holds a lesion pixel or is too dark.
 MINING_TRIES = 16
 #: Largest shift of those centres per axis, as a fraction of the window (as patches.max_shift's default).
 MINING_SHIFT = 0.25
+
+
+def first_round_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration of the first training round: ``config`` without mining (``per_image`` 0), so its model
+    is the one a run without mining trains (same stage key, same folder: trained once, shared)."""
+    import copy
+
+    first = copy.deepcopy(dict(config))
+    first["train"] = {**first["train"], "hard_negatives": {**first["train"]["hard_negatives"], "per_image": 0}}
+    return first
 
 
 def fp_components(prob_u8: np.ndarray, lesion_union: np.ndarray, min_prob: float) -> list[dict[str, Any]]:
