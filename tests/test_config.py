@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from mammoseg.config import ConfigError, load_config, section_hash, validate_config
 

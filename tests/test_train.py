@@ -159,8 +159,8 @@ def test_two_epoch_training_writes_every_output_and_reloads(tmp_path):
 
     shard = write_tiny_shard(tmp_path / "shard-0.h5")
     out = tmp_path / "models" / "tiny"
-    report = train_model([shard], out, model_cfg=MODEL_CFG, train_cfg=_train_cfg(loss="weighted_bce"),
-                         patch_cfg=PATCH_CFG)
+    train_model([shard], out, model_cfg=MODEL_CFG, train_cfg=_train_cfg(loss="weighted_bce"),
+                patch_cfg=PATCH_CFG)
     for name in ("best.keras", "last.keras", "history.csv", "curves.png", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     # Keras' TensorBoard callback wrote the epoch scalars of both epochs (steps count epochs from 0)
