@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from mammoseg.config.schema import schema, validate_config
+from mammoseg.config.schema import read_config_file, schema, validate_config
 from mammoseg.errors import ConfigError
 
 __all__ = ["DEMO_CONFIG", "default_configfiles", "parse_overrides", "merge", "resolve_config", "config_yaml"]
@@ -69,16 +69,6 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def _read_configfile(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
 def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Schema defaults, then each of ``configfiles`` in order, then ``overrides``; validated.
 
@@ -99,7 +89,7 @@ def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[st
     """
     merged: dict[str, Any] = {}
     for path in configfiles:
-        merged = merge(merged, _read_configfile(Path(path)))
+        merged = merge(merged, read_config_file(Path(path)))
     merged = merge(merged, overrides or {})
     try:
         return validate_config(merged)

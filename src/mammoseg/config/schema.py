@@ -105,17 +105,23 @@ def _combination_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, unvalidated; a :class:`ConfigError` naming the file otherwise."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None) -> dict[str, Any]:
     """Read a YAML config (or none, for all defaults) and validate it."""
     if path is None:
         return validate_config({})
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_config_file(path)
     try:
         return validate_config(raw)
     except ConfigError as exc:

@@ -51,6 +51,7 @@ from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
 from mammoseg.config.plan import Plan
 from mammoseg.io.atomic import atomic_directory
+from mammoseg.io.checksum import sha256_of
 
 __all__ = ["MODEL_CARD_FIELDS", "SAVED_MODEL_DIR", "ONNX_FILE", "MODEL_CARD_FILE", "ONNX_OPSET", "export_model"]
 
@@ -246,7 +247,7 @@ def _model_card(paths: list[Path], models: list, side: int, plan: Plan, config: 
         "ensemble": {
             "folds": len(paths),
             "combination": "mean of the folds' probabilities, per pixel" if len(paths) > 1 else "single model",
-            "models": [{"file": name, "sha256": _sha256(p)} for name, p in zip(_distinct_names(paths), paths)],
+            "models": [{"file": name, "sha256": sha256_of(p)} for name, p in zip(_distinct_names(paths), paths)],
         },
         "architecture": {
             "family": "U-Net (Marita et al.); mammoseg.model.unet.build_unet",
@@ -368,14 +369,6 @@ def _distinct_names(paths: list[Path]) -> list[str]:
         return [paths[0].name]
     common = Path(os.path.commonpath([p.resolve().parent for p in paths]))
     return [p.resolve().relative_to(common).as_posix() for p in paths]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_value(value: Any) -> Any:

@@ -53,7 +53,6 @@ on the other folds' patients and validates on fold f's; ``val_fraction`` is not 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -70,6 +69,7 @@ from mammoseg.errors import InputError
 from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
+from mammoseg.io.checksum import sha256_of
 from mammoseg.config.plan import Plan, patch_geometry
 from mammoseg.model.folds import assign_folds
 
@@ -374,14 +374,6 @@ class TrainState:
         write_json_atomic(resume_dir / STATE_FILE, asdict(self))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _backup_files(backup) -> tuple[Path, Path, Path]:
     """(weights, previous weights, metadata) files of a ``keras.callbacks.BackupAndRestore``.
 
@@ -399,8 +391,8 @@ def reconcile_backup(state: TrainState, backup) -> bool:
     one's is; the epoch number is rewritten from ``state``. Returns False if neither file matches (start afresh).
     """
     weights, previous, metadata = _backup_files(backup)
-    if not (weights.is_file() and _sha256(weights) == state.backup_sha256):
-        if not (previous.is_file() and _sha256(previous) == state.backup_sha256):
+    if not (weights.is_file() and sha256_of(weights) == state.backup_sha256):
+        if not (previous.is_file() and sha256_of(previous) == state.backup_sha256):
             return False
         _log(f"the backup of epoch {state.epochs_done + 1} was interrupted: restoring that of epoch "
              f"{state.epochs_done}")
@@ -546,7 +538,7 @@ def make_resume_callback(state: TrainState, resume_dir: Path, callbacks: dict[st
             state.wall_seconds += row["seconds"]
             state.stopped_early = bool(self.model.stop_training)
             state.callbacks = _counters(resumed)
-            state.backup_sha256 = _sha256(weights_file)
+            state.backup_sha256 = sha256_of(weights_file)
             state.save(resume_dir)
             _remove_stale_best_files(resume_dir, state.best_epoch)
             _log(_epoch_line(row, epochs, improved, state.stopped_early))
