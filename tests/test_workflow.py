@@ -324,3 +324,11 @@ def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_out_of_f
     assert (results / "experiments" / second.experiment / "test" / "summary.csv").is_file()
     # a plain two-fold run reuses round 1: nothing is trained again
     assert "train" not in scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2}"))
+    # one changed training image: its shard is cut again, and both rounds (every fold trains on every shard) and
+    # the mining between them run again; nothing is restructured
+    folder = folders(workdir, second)["data"] / "train"
+    manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    with changed_pixel((folder / manifest["image_path"].iloc[0]).resolve()):
+        jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2, hard_negatives: {per_image: 2}}"))
+    assert jobs["extract_shard"] == 1 and jobs["mine"] == 1 and jobs["train"] == 4, jobs
+    assert "restructure" not in jobs and "synth" not in jobs
