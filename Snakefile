@@ -21,7 +21,7 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     split="train|test",
-    image_set="test|oof|studies",
+    image_set=r"test|oof|studies|fit-\d+",
     k=r"\d+",
     c=r"\d+",
     f=r"\d+",

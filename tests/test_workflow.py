@@ -271,7 +271,7 @@ def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_thres
     workdir, config, _ = finished_run
     overrides = ("train={folds: 2}", "evaluate={target_fppi: 1.0}")
     jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", *overrides))
-    assert jobs["calibrate"] == 1 and jobs["train"] == 2 and jobs["summarise"] == 2
+    assert jobs["calibrate"] == 1 and jobs["summarise"] == 2
     done = snakemake(workdir, "--config", *overrides)
     assert done.returncode == 0, done.stderr[-4000:]
     where = folders(workdir, keys_of(workdir / "config.yaml", train={"folds": 2}, evaluate={"target_fppi": 1.0}))
@@ -281,6 +281,13 @@ def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_thres
                               for p in (where["experiment"] / image_set).glob("chunk-*/*.json")}
                   for image_set in ("test", "oof")}
     assert thresholds == {"test": {point["threshold"]}, "oof": {config["infer"]["threshold"]}}
+    # the exported model carries the point and says at which threshold its out-of-fold figures were taken
+    card = json.loads((where["experiment"] / "model" / "model_card.json").read_text())
+    assert json.loads((where["experiment"] / "model" / "operating_point.json").read_text()) == point
+    assert card["validation"]["operating_point"] == point
+    assert card["validation"]["out_of_fold_threshold"] == config["infer"]["threshold"]
+    assert card["config"]["values"]["infer"]["threshold"] == point["threshold"]
+    assert card["sliding_window"]["parameters"]["threshold"] == point["threshold"]
     # the calibration saw the out-of-fold candidates only: recompute it from the oof per-image records
     from mammoseg.evaluation.calibrate import calibrate_threshold
     from mammoseg.evaluation.summary import read_image_records
@@ -293,9 +300,10 @@ def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_thres
     assert again["threshold"] == point["threshold"]
 
 
-def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_out_of_fold_false_positives(finished_run):
-    """train.hard_negatives: round 1 is the same run without mining (shared models), its out-of-fold maps give
-    the mined shard (rule mine), round 2 trains on the shards plus it, and the experiment uses round 2."""
+def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_false_positives(finished_run):
+    """train.hard_negatives: round 1 is the same run without mining (shared models); per fold f, round-1 model f's
+    maps of the images it was fit on give fold f's mined shard (rule mine), round-2 model f trains on the shards
+    plus it, and the experiment uses round 2. No window of a fold's validation patients reaches its training."""
     workdir, config, _ = finished_run
     mining = {"folds": 2, "hard_negatives": {"per_image": 2}}
     first, second = keys_of(workdir / "config.yaml", train={"folds": 2}), keys_of(workdir / "config.yaml",
@@ -305,22 +313,32 @@ def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_out_of_f
     assert done.returncode == 0, done.stderr[-4000:]
     results = workdir / "results"
     round1, round2 = results / "models" / first.model, results / "models" / second.model
-    mined = round2 / "hard_negatives.h5"
-    for fold in (0, 1):
-        assert (round1 / f"fold-{fold}" / "best.keras").is_file()
-        report = json.loads((round2 / f"fold-{fold}" / "report.json").read_text())
-        assert mined.name in report["data"]["shards"], report["data"]
-        assert "hard_negatives.h5" not in json.dumps(json.loads((round1 / f"fold-{fold}" / "report.json").read_text()))
+    fold_of = json.loads((round1 / "splits.json").read_text())["fold_of"]
+    assert json.loads((round2 / "splits.json").read_text())["fold_of"] == fold_of
     import h5py
 
     from mammoseg.patches.shards import read_table
 
-    with h5py.File(mined) as handle:
-        provenance = read_table(handle, "provenance")
-        assert len(provenance) > 0 and provenance["roi_id"].str.contains("_hard").all()
-        assert handle["masks"].shape[0] == len(provenance) and not handle["masks"][:].any()  # negatives: empty
-    # the mined windows come from round 1's out-of-fold maps, which a plain two-fold run would have made
-    assert any((results / "predictions" / first.model / first.inference / "oof").glob("chunk-*/*.prob.npz"))
+    mined_patches = 0
+    for fold in (0, 1):
+        assert (round1 / f"fold-{fold}" / "best.keras").is_file()
+        mined = round2 / f"fold-{fold}" / "hard_negatives.h5"
+        report = json.loads((round2 / f"fold-{fold}" / "report.json").read_text())
+        assert mined.name in report["data"]["shards"], report["data"]
+        assert mined.name not in json.loads((round1 / f"fold-{fold}" / "report.json").read_text())["data"]["shards"]
+        with h5py.File(mined) as handle:
+            provenance = read_table(handle, "provenance")
+            assert handle["masks"].shape[0] == len(provenance) and not handle["masks"][:].any()  # negatives
+        assert provenance["roi_id"].str.contains("_hard").all()
+        # the windows come from the patients fold `fold`'s model was fit on, never from its validation patients
+        assert {fold_of[p] for p in provenance["patient_id"]} <= {1 - fold}
+        # and from round-1 model `fold`'s own maps of exactly those images
+        maps = {p.name.removesuffix(".prob.npz") for p in
+                (results / "predictions" / first.model / first.inference / f"fit-{fold}").glob("chunk-*/*.prob.npz")}
+        train_rows = read_manifest(folders(workdir, second)["data"] / "train" / "manifest.csv")
+        assert maps == {r["image_id"] for r in train_rows if fold_of[r["patient_id"]] != fold}
+        mined_patches += len(provenance)
+    assert mined_patches > 0
     assert (results / "experiments" / second.experiment / "test" / "summary.csv").is_file()
     # a plain two-fold run reuses round 1: nothing is trained again
     assert "train" not in scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2}"))
@@ -330,5 +348,5 @@ def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_out_of_f
     manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
     with changed_pixel((folder / manifest["image_path"].iloc[0]).resolve()):
         jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2, hard_negatives: {per_image: 2}}"))
-    assert jobs["extract_shard"] == 1 and jobs["mine"] == 1 and jobs["train"] == 4, jobs
+    assert jobs["extract_shard"] == 1 and jobs["mine"] == 2 and jobs["train"] == 4, jobs
     assert "restructure" not in jobs and "synth" not in jobs

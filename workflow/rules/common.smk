@@ -44,13 +44,14 @@ PLAN = f"{PATCHES}/plan.json"
 MODELS = f"{R}/models/{KEYS.model}"
 PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
 # Hard-negative mining (train.hard_negatives.per_image > 0) trains twice: round 1 is the same configuration
-# without mining (its models are a plain run's), its out-of-fold maps give the mined shard, round 2 trains on the
-# shards plus it. Training and prediction rules take the model key as a wildcard; each key has its configuration.
+# without mining (its models are a plain run's); per fold f, round-1 model f's maps of the images it was fit on
+# (image set fit-f) give fold f's mined shard, and round-2 model f trains on the shards plus it. Training and
+# prediction rules take the model key as a wildcard; each key has its configuration.
 MINING = config["train"]["hard_negatives"]["per_image"] > 0
 ROUND1 = stage_keys(first_round_config(config)) if MINING else None
 CONFIG_OF_MODEL = {KEYS.model: config, **({ROUND1.model: first_round_config(config)} if MINING else {})}
-INFERENCE_OF_MODEL = {KEYS.model: KEYS.inference, **({ROUND1.model: ROUND1.inference} if MINING else {})}
-MINED = f"{MODELS}/hard_negatives.h5"
+# the prediction folders ({model}/{inference}) there are: the experiment's and, with mining, round 1's
+PREDICTION_RUNS = [f"{KEYS.model}/{KEYS.inference}"] + ([f"{ROUND1.model}/{ROUND1.inference}"] if MINING else [])
 EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
 # evaluate.target_fppi > 0: the threshold calibrated on the out-of-fold candidates (rule calibrate)
 CALIBRATED = config["evaluate"]["target_fppi"] > 0
@@ -97,6 +98,7 @@ def shard_files(wildcards):
 
 
 def set_split(image_set):
+    """test: the test split; oof and fit-<f> (mining): the training split."""
     return "test" if image_set == "test" else "train"
 
 
@@ -118,6 +120,11 @@ def n_chunks(image_set):
 
 def chunk_rows(wildcards):
     return rows_of_bucket(set_rows(wildcards.image_set), int(wildcards.c), n_chunks(wildcards.image_set))
+
+
+def n_train_chunks():
+    """Chunks of the training split (the oof and fit-<f> image sets)."""
+    return chunk_count(manifest_rows("train"), config["infer"]["chunk_size"])
 
 
 def chunk_folders(wildcards):

@@ -29,7 +29,9 @@ rule train:
         plan=PLAN,
         splits=f"{R}/models/{{model}}/splits.json",
         shards=expand(f"{PATCHES}/shard-{{k}}.h5", k=range(N_SHARDS)),
-        mined=lambda wildcards: [MINED] if MINING and wildcards.model == KEYS.model else [],
+        mined=lambda wildcards: (
+            [f"{MODELS}/fold-{wildcards.f}/hard_negatives.h5"] if MINING and wildcards.model == KEYS.model else []
+        ),
     output:
         best=f"{R}/models/{{model}}/fold-{{f}}/best.keras",
         last=f"{R}/models/{{model}}/fold-{{f}}/last.keras",
@@ -60,21 +62,25 @@ rule train:
 
 
 rule mine:
-    # train.hard_negatives: windows on the strongest lesion-free false positives of the first round's
-    # out-of-fold maps of the training images, as one extra shard for the second round
+    # train.hard_negatives, fold f: windows on the strongest lesion-free false positives of round-1 model f's
+    # maps of the training images it was fit on (image set fit-f), as one extra shard for round-2 model f
     input:
         plan=PLAN,
         manifest=f"{DATA}/train/manifest.csv",
+        splits=lambda wildcards: f"{R}/models/{ROUND1.model}/splits.json",
+        training_splits=f"{MODELS}/splits.json",
         predictions=lambda wildcards: expand(
-            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/oof/chunk-{{c}}", c=range(n_chunks("oof"))
+            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/fit-{wildcards.f}/chunk-{{c}}",
+            c=range(n_train_chunks()),
         ),
+        files=lambda wildcards: files_of(manifest_rows("train"), f"{DATA}/train"),
     output:
-        MINED,
+        f"{MODELS}/fold-{{f}}/hard_negatives.h5",
     conda:
         "../../envs/train.yaml"
     log:
-        log_path("mine", KEYS.model),
+        log_path("mine", KEYS.model, "fold-{f}"),
     benchmark:
-        benchmark_path("mine", KEYS.model)
+        benchmark_path("mine", KEYS.model, "fold-{f}")
     script:
         "../scripts/mine.py"

@@ -97,6 +97,7 @@ __all__ = [
     "link_text",
     "normal_identity",
     "plan_normals",
+    "view_position",
     "run_index_studies",
     "load_case_csv",
     "decode_failure",
@@ -589,6 +590,23 @@ def normal_identity(patient_id: str, file_stem: str) -> tuple[str, str, str, str
     return image_id, image_id, "", ""
 
 
+def view_position(path: str | Path, patient_id: str = "") -> str:
+    """The view of a mammogram file, upper case (``CC``, ``MLO``, ...): its DICOM ViewPosition, else the view in
+    ``P_<id>_<SIDE>_<VIEW>`` of ``patient_id`` (its PatientID) or its file name (CBIS-DDSM files carry no
+    ViewPosition); ``""`` when none says, or the header cannot be read (the file is refused with its reason
+    when its pixels are read). The one rule for the manifest's ``view`` column of images without ROI and for
+    files given to ``mammoseg predict``."""
+    from mammoseg.io.dicom import read_header
+
+    try:
+        header = read_header(path)
+        view = str(header.get("ViewPosition", "") or "").strip().upper()
+        patient_id = patient_id or str(header.get("PatientID", "") or "")
+    except Exception:  # noqa: BLE001 - any unreadable header: no view here; reading the pixels says why
+        view = ""
+    return view or normal_identity(patient_id, Path(path).stem)[3]
+
+
 def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: Plan, *, threads: int = 1,
                  pathology: str = "NORMAL", key: str = "data.normals") -> None:  # fmt: skip
     """Add the mammograms without ROI found in ``folders`` to ``plan``: lesion-free (normal) images, or new studies
@@ -623,7 +641,8 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
             error = failures[str(entry)]
             plan.skip(error.reason, str(error), source=str(entry))
             continue
-        image_id, patient_id, side, view = normal_identity(record["PatientID"], entry.stem)
+        image_id, patient_id, side, _ = normal_identity(record["PatientID"], entry.stem)
+        view = view_position(entry, record["PatientID"])
         if image_id in plan.images:
             plan.skip("duplicate", f"another full image for {image_id}; kept {plan.images[image_id]['path']}",
                       source=str(entry), image_id=image_id)  # fmt: skip

@@ -87,13 +87,18 @@ def operating_threshold(infer: Mapping[str, Any], evaluate: Mapping[str, Any],
     ------
     ValueError
         When the target cannot be met by any candidate score (the calibration's threshold is +inf): the model's
-        best-scoring validation candidates already exceed it, and no pixel threshold in [0, 1] would.
+        best-scoring validation candidates already exceed it, and no pixel threshold in [0, 1] would; or there is
+        no candidate at all to calibrate on (said so).
     """
     target = float(evaluate["target_fppi"])
     if target == 0:
         return {"threshold": float(infer["threshold"]), "source": "infer.threshold"}
     calibration = calibrate_threshold(fp_scores, lesion_hit_scores, n_lesions, n_images, target)
     if math.isinf(calibration["threshold"]):
+        if len(fp_scores) == 0 and not np.any(np.asarray(lesion_hit_scores, dtype=float) > 0):
+            raise ValueError(f"evaluate.target_fppi = {target}: the out-of-fold maps hold no candidate at all (no "
+                             f"component at or above evaluate.candidate_threshold), so there is nothing to calibrate "
+                             f"on; the model marks nothing")
         raise ValueError(f"evaluate.target_fppi = {target}: even the top-scoring validation candidates give more "
                          f"false positives per image; no threshold in [0, 1] meets it")
     return {"threshold": calibration["threshold"], "source": "calibrated", "calibration": calibration}
@@ -130,12 +135,34 @@ def run_calibrate(chunk_dirs: Sequence[str | Path], out_path: str | Path, *, con
 def evaluation_threshold(config: Mapping[str, Any], image_set: str, operating_point: str | Path | None = None) -> float:
     """The threshold an image set is binarised at: ``infer.threshold`` for out-of-fold images (they calibrate it)
     and whenever ``evaluate.target_fppi`` is 0; else the calibrated one read from ``operating_point`` (the JSON of
-    :func:`run_calibrate`)."""
-    if image_set == "oof" or float(config["evaluate"]["target_fppi"]) == 0:
+    :func:`run_calibrate`, also in an exported model's folder), which must be calibrated for that target.
+
+    Raises
+    ------
+    ConfigError
+        ``target_fppi`` > 0 without an operating point, or an operating point given while ``target_fppi`` is 0.
+    InputError
+        An operating point that cannot be read, is not a calibration, or was calibrated for another target.
+    """
+    from mammoseg.errors import ConfigError, InputError
+
+    target = float(config["evaluate"]["target_fppi"])
+    if target == 0 and operating_point is not None and image_set != "oof":
+        raise ConfigError(f"{operating_point}: an operating point is given but evaluate.target_fppi is 0 "
+                          f"(set it to the target the point was calibrated for, or leave the point out)")
+    if image_set == "oof" or target == 0:
         return float(config["infer"]["threshold"])
     if operating_point is None:
-        from mammoseg.errors import ConfigError
-
-        raise ConfigError(f"evaluate.target_fppi = {config['evaluate']['target_fppi']} needs the calibrated "
-                          f"operating point (operating_point.json of the experiment) to binarise {image_set!r} images")
-    return float(json.loads(Path(operating_point).read_text())["threshold"])
+        raise ConfigError(f"evaluate.target_fppi = {target:g} needs the calibrated operating point "
+                          f"(operating_point.json of the experiment) to binarise {image_set!r} images")
+    try:
+        point = json.loads(Path(operating_point).read_text())
+        calibrated_for = float(point["calibration"]["target_fppi"])
+        threshold = float(point["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{operating_point}: not an operating point written by calibration: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if point.get("source") != "calibrated" or calibrated_for != target:
+        raise InputError(f"{operating_point}: calibrated for FPPI {calibrated_for:g}, but evaluate.target_fppi is "
+                         f"{target:g}")
+    return threshold

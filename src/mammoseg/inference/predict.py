@@ -35,6 +35,7 @@ from mammoseg.io.atomic import atomic_directory, atomic_path, write_csv_atomic
 __all__ = [
     "PREDICTION_COLUMNS",
     "ImageTask",
+    "fit_set",
     "load_model",
     "check_input_size",
     "make_predictor",
@@ -242,26 +243,22 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
 def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str], *, views: bool = False) -> list[ImageTask]:
     """Every (image_id, path) predicted by the mean of the same ``models`` (files given to ``mammoseg predict``).
 
-    ``views``: read each file's view position (:func:`view_of`), needed only to exclude the pectoral muscle.
+    ``views``: read each file's view (:func:`mammoseg.data.restructure.view_position`, the manifest's rule),
+    needed only to exclude the pectoral muscle.
     """
-    return [ImageTask(image_id, str(path), tuple(str(m) for m in models), view_of(path) if views else "")
+    from mammoseg.data.restructure import view_position
+
+    return [ImageTask(image_id, str(path), tuple(str(m) for m in models), view_position(path) if views else "")
             for image_id, path in images]
 
 
-def view_of(path: str | Path) -> str:
-    """The view position of a DICOM file: its ViewPosition, else ``CC``/``MLO`` in its PatientID or file name
-    (CBIS-DDSM files carry none in ViewPosition but ``..._LEFT_MLO`` in PatientID); ``""`` when neither says,
-    or the file cannot be read (it is refused with its reason when its pixels are read)."""
-    from mammoseg.data.restructure import normal_identity
-    from mammoseg.io.dicom import read_header
-    from mammoseg.io.errors import DicomReadError
+#: The image set of the training images that fold f's model was fit on (``fit-<f>``): hard-negative mining.
+FIT_SET = "fit-"
 
-    try:
-        header = read_header(path)
-    except DicomReadError:
-        return ""
-    view = str(header.get("ViewPosition", "") or "").strip().upper()
-    return view or normal_identity(str(header.get("PatientID", "") or ""), Path(path).stem)[3]
+
+def fit_set(fold: int) -> str:
+    """The name of the image set of the training images fold ``fold``'s model was fit on."""
+    return f"{FIT_SET}{fold}"
 
 
 def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Sequence[str], *, image_set: str,
@@ -271,18 +268,26 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     ``image_set`` ``test`` or ``studies``: every image by the mean of all ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
+    ``fit-<f>`` (:func:`fit_set`): the training images fold f's model was fit on (patients of the other folds),
+    by that model: where hard-negative mining looks for its false positives.
     """
     images: dict[str, Mapping[str, str]] = {}
     for row in rows:
         images.setdefault(row["image_id"], row)
     base = Path(base)
+
+    def task(image_id: str, row: Mapping[str, str], chosen: Sequence[str]) -> ImageTask:
+        return ImageTask(image_id, str(base / row["image_path"]), tuple(map(str, chosen)), row.get("view", "") or "")
+
     if image_set in ("test", "studies"):
-        return [ImageTask(i, str(base / row["image_path"]), tuple(map(str, models)), row.get("view", "") or "")
-                for i, row in sorted(images.items())]
-    if image_set != "oof" or fold_of is None:
-        raise ValueError(f"image set {image_set!r}: out-of-fold predictions need the cross-validation's splits")
-    return [ImageTask(i, str(base / row["image_path"]), (str(models[fold_of[row["patient_id"]]]),),
-                      row.get("view", "") or "") for i, row in sorted(images.items())]
+        return [task(i, row, models) for i, row in sorted(images.items())]
+    if fold_of is None or not (image_set == "oof" or image_set.startswith(FIT_SET)):
+        raise ValueError(f"image set {image_set!r}: out-of-fold and fit predictions need the cross-validation's "
+                         f"splits; known sets: test, studies, oof, {FIT_SET}<fold>")
+    if image_set == "oof":
+        return [task(i, row, [models[fold_of[row["patient_id"]]]]) for i, row in sorted(images.items())]
+    fold = int(image_set[len(FIT_SET):])
+    return [task(i, row, [models[fold]]) for i, row in sorted(images.items()) if fold_of[row["patient_id"]] != fold]
 
 
 def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[str], out_dir: str | Path, *,
@@ -291,7 +296,7 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
     """Stage ``predict_chunk``: predict the images of chunk ``chunk`` of the manifest into the folder ``out_dir``.
 
     ``config`` is the resolved configuration (its ``infer`` section is read); the window geometry comes from
-    ``plan``; ``splits`` (the cross-validation's ``splits.json``) is needed for the ``oof`` image set.
+    ``plan``; ``splits`` (the cross-validation's ``splits.json``) is needed for the ``oof`` and ``fit-<f>`` sets.
     """
     from mammoseg.config.plan import read_plan
     from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
@@ -301,7 +306,7 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
     all_rows = read_manifest(manifest)
     mine = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, infer["chunk_size"]))
     fold_of = None
-    if image_set == "oof":
+    if image_set == "oof" or image_set.startswith(FIT_SET):
         from mammoseg.model.folds import read_splits
 
         fold_of = read_splits(splits).fold_of

@@ -9,6 +9,7 @@ as the workflow predicts test images with the mean of its k fold models) and wri
     model.onnx        the same function as ONNX (input "patch", output "probability"), when tf2onnx is installed
     model_card.json   what the model is, how it was trained and validated, and the exact pre-processing and
                       sliding-window rules needed to reproduce mammoseg's predictions with it (MODEL_CARD_FIELDS)
+    operating_point.json  with ``evaluate.target_fppi``: the threshold calibrated on the out-of-fold candidates
 
 The model sees windows, not mammograms: a full image must go through the sliding-window procedure that the
 model card spells out (reference implementation: :mod:`mammoseg.inference.sliding`).
@@ -53,11 +54,13 @@ from mammoseg.config.plan import Plan
 from mammoseg.io.atomic import atomic_directory
 from mammoseg.io.checksum import sha256_of
 
-__all__ = ["MODEL_CARD_FIELDS", "SAVED_MODEL_DIR", "ONNX_FILE", "MODEL_CARD_FILE", "ONNX_OPSET", "export_model"]
+__all__ = ["MODEL_CARD_FIELDS", "SAVED_MODEL_DIR", "ONNX_FILE", "MODEL_CARD_FILE", "OPERATING_POINT_FILE", "ONNX_OPSET",
+           "export_model"]
 
 SAVED_MODEL_DIR = "saved_model"
 ONNX_FILE = "model.onnx"
 MODEL_CARD_FILE = "model_card.json"
+OPERATING_POINT_FILE = "operating_point.json"
 #: ONNX opset: 17 is run by every onnxruntime since 1.11 and by the converters of the other frameworks
 ONNX_OPSET = 17
 #: an exported model that differs from Keras by more than this on the check batch is a bug, not rounding
@@ -78,7 +81,8 @@ _INTENDED_USE = (
 
 def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan: Plan,
                  config: dict[str, Any], validation: dict[str, Any],
-                 fingerprint: dict[str, Any] | None = None, onnx: bool = True) -> dict[str, Any]:  # fmt: skip
+                 fingerprint: dict[str, Any] | None = None, onnx: bool = True,
+                 operating_point: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Export one model or an ensemble of fold models (see the module docstring for the folder it writes).
 
     Parameters
@@ -93,6 +97,8 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
     fingerprint : the training data fingerprint (``fingerprint.json``: counts and image sizes per split)
     onnx : also write ``model.onnx`` (tf2onnx needs about 50 times the weights in memory: 22.7 GB for the paper's
         U-Net, against 2.2 GB for the export without ONNX)
+    operating_point : the calibrated operating point (``evaluate.target_fppi``), written as
+        ``operating_point.json`` beside the card (``mammoseg predict --operating-point`` reads it)
 
     Returns
     -------
@@ -123,6 +129,8 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
         checks["onnx_max_abs_difference"] = onnx_entry.pop("max_abs_difference", None)
         card = _model_card(paths, models, side, plan, config, validation, fingerprint, onnx_entry, checks)
         (tmp / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False, default=_json_value) + "\n")
+        if operating_point is not None:
+            (tmp / OPERATING_POINT_FILE).write_text(json.dumps(operating_point, indent=2, sort_keys=True) + "\n")
     return json.loads(json.dumps(card, default=_json_value))
 
 
@@ -414,11 +422,15 @@ def run_export(models: Sequence[str | Path], plan: str | Path, fingerprint: str 
     from mammoseg.config.plan import read_plan
 
     validation = validation_figures(fold_reports, oof_summary)
+    point = None
+    if oof_summary is not None:  # the out-of-fold figures are measured where out-of-fold images are binarised
+        validation["out_of_fold_threshold"] = float(config["infer"]["threshold"])
     if operating_point is not None:
         point = json.loads(Path(operating_point).read_text())
         validation["operating_point"] = point
         config = {**config, "infer": {**config["infer"], "threshold": point["threshold"]}}
     card = export_model(models, out_dir, plan=read_plan(plan), config=config, validation=validation,
-                        fingerprint=json.loads(Path(fingerprint).read_text()), onnx=config["export"]["onnx"])
+                        fingerprint=json.loads(Path(fingerprint).read_text()), onnx=config["export"]["onnx"],
+                        operating_point=point)
     print(f"exported {len(models)} fold model(s) -> {out_dir} (ONNX: {card['files']['onnx'].get('written')})")
     return card

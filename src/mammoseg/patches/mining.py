@@ -1,9 +1,12 @@
 """Hard-negative mining (beyond the paper): lesion-free training windows where a first model was wrong.
 
 Issue 13 found paper-mode false positives on round fibroglandular nodules and dense tissue. Random lesion-free
-windows (``patches.n_negative``) rarely land on them; these windows do. The rule chain is: round-1 models ->
-probability maps of the *training* images (out-of-fold where there are folds) -> :func:`run_mine` -> one extra
-shard -> round-2 training on the extraction shards plus it.
+windows (``patches.n_negative``) rarely land on them; these windows do. The rule chain, per fold f: round-1 model
+f -> probability maps of the training images it was fit on (image set ``fit-<f>``) -> :func:`run_mine` -> one
+extra shard -> round-2 model f trains on the extraction shards plus it. Classic in-sample mining: the windows are
+where the model still fires after training on those images. Per fold, so that fold f's validation patients
+influence neither the windows nor the model that chose them, and the second round's out-of-fold figures stay
+out of fold.
 
 A mined window (:func:`mine_windows`) is placed on a false-positive component of the probability map: an
 8-connected component of ``prob_u8 >= ceil(min_prob * 255)`` without a lesion pixel, scored by its maximum.
@@ -42,12 +45,14 @@ MINING_SHIFT = 0.25
 
 
 def first_round_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration of the first training round: ``config`` without mining (``per_image`` 0), so its model
-    is the one a run without mining trains (same stage key, same folder: trained once, shared)."""
+    """The configuration of the first training round: ``config`` with the schema's ``train.hard_negatives`` (off),
+    so its model is the one a run without mining trains (same stage key, same folder: trained once, shared)."""
     import copy
 
+    from mammoseg.config import validate_config
+
     first = copy.deepcopy(dict(config))
-    first["train"] = {**first["train"], "hard_negatives": {**first["train"]["hard_negatives"], "per_image": 0}}
+    first["train"] = {**first["train"], "hard_negatives": validate_config({})["train"]["hard_negatives"]}
     return first
 
 
@@ -223,8 +228,10 @@ def _image_batches(groups: dict[str, list[dict]], base: Path, files: dict[str, P
 
 
 def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path | Sequence[str | Path],
-             out_shard: str | Path, *, config: Mapping[str, Any], log=print) -> dict[str, Any]:  # fmt: skip
-    """Stage ``mine``: hard negatives of every training image of ``manifest`` into one extra shard.
+             out_shard: str | Path, *, config: Mapping[str, Any], fold: int | None = None,
+             splits: str | Path | None = None, training_splits: str | Path | None = None,
+             log=print) -> dict[str, Any]:  # fmt: skip
+    """Stage ``mine``: hard negatives of the training images of ``manifest`` into one extra shard.
 
     Parameters
     ----------
@@ -233,6 +240,12 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
         ``roi_id`` is a normal image, mined with no lesion)
     predictions_dir : a folder, or several (the predict stage's chunk folders), holding ``{image_id}.prob.npz``
         of first-round predictions of those images; an image without one is recorded as skipped
+    fold, splits : with cross-validation, mine only the images fold ``fold``'s model is fit on (patients outside
+        fold ``fold`` in ``splits.json``), from that model's own maps (image set ``fit-<fold>``): the shard then
+        trains fold ``fold`` of the second round, and nothing of its validation patients (not their images, not
+        a model that saw them) decides which windows it gets
+    training_splits : the ``splits.json`` the second round trains by; it must deal the patients as ``splits``
+        does (both follow from the same manifest, ``train.folds`` and ``train.seed``; checked, not assumed)
     out_shard : the shard to write (layout of :mod:`mammoseg.patches.shards`, ``config_hash`` = the plan's
         patches key, plus the root attribute ``hard_negatives`` = the settings as JSON)
     config : the resolved configuration (its ``train.hard_negatives`` and ``patches`` storage filters are read)
@@ -256,6 +269,16 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     manifest = Path(manifest)
     rows = sorted((row for row in read_manifest(manifest) if row["split"] == "train"),
                   key=lambda row: (row["image_id"], row["roi_id"]))
+    if fold is not None:
+        from mammoseg.model.folds import read_splits
+
+        fold_of = read_splits(splits).fold_of
+        if training_splits is not None and read_splits(training_splits).fold_of != fold_of:
+            from mammoseg.errors import InputError
+
+            raise InputError(f"{training_splits}: deals the patients into folds unlike {splits}, whose models chose "
+                             f"the windows; delete both and rerun")
+        rows = [row for row in rows if fold_of[row["patient_id"]] != fold]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["image_id"], []).append(row)
@@ -281,6 +304,7 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     summary = {"path": str(out_shard), "n_images": len(groups), "n_patches": count,
                "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons,
                "seconds": round(time.perf_counter() - started, 3)}
-    print(f"mine: {count} hard negatives from {len(groups)} training images, {summary['n_skipped']} skipped "
+    print(f"mine: {count} hard negatives from {len(groups)} training images"
+          + (f" of fold {fold}'s model" if fold is not None else "") + f", {summary['n_skipped']} skipped "
           f"{reasons} ({summary['seconds']} s) -> {out_shard}")
     return summary
