@@ -86,6 +86,33 @@ def test_thresholded_metrics_match_numpy_over_batches(metric_cls, kind):
     assert float(metric.result()) == pytest.approx(_np_overlap(y, p, kind), rel=1e-6)
 
 
+def test_pooled_dice_counts_pixels_over_all_samples_and_batches():
+    y, p = _arrays()
+    p[3] = 0.1  # empty prediction on the empty patch: adds nothing (the mean Dice would score it 1)
+    metric = losses.PooledDice()
+    metric.update_state(y[:2], p[:2])
+    metric.update_state(y[2:], p[2:])
+    truth, pred = y >= 0.5, p >= 0.5
+    assert float(metric.result()) == pytest.approx(2 * np.sum(truth & pred) / (np.sum(truth) + np.sum(pred)), rel=1e-6)
+
+
+def test_pooled_dice_does_not_reward_predicting_nothing():
+    """Three lesion-free patches and one lesion patch, all predicted empty: mean Dice 0.75, pooled Dice 0."""
+    y = np.zeros(SHAPE, dtype=np.float32)
+    y[0, 4:8, 4:8] = 1
+    p = np.zeros(SHAPE, dtype=np.float32)
+    mean_dice, pooled = losses.DiceCoefficient(), losses.PooledDice()
+    mean_dice.update_state(y, p)
+    pooled.update_state(y, p)
+    assert float(mean_dice.result()) == pytest.approx(0.75)
+    assert float(pooled.result()) == 0.0
+    empty = losses.PooledDice()
+    empty.update_state(np.zeros(SHAPE, np.float32), p)
+    assert float(empty.result()) == 1.0  # nothing to find, nothing found
+    empty.reset_state()
+    assert float(empty.result()) == 1.0
+
+
 def test_accuracy_metric():
     y, p = _arrays()
     accuracy = losses.get_metrics()[0]
@@ -100,7 +127,8 @@ def test_unknown_loss_names_the_allowed_ones():
 
 def test_objects_round_trip_through_keras_serialisation():
     y, p = _arrays()
-    for obj in (losses.get_loss("weighted_bce", 3.0), losses.get_loss("bce_dice"), losses.DiceCoefficient(0.4)):
+    for obj in (losses.get_loss("weighted_bce", 3.0), losses.get_loss("bce_dice"), losses.DiceCoefficient(0.4),
+                losses.PooledDice(0.3)):
         clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(obj), safe_mode=True)
         assert type(clone) is type(obj)
         assert clone.get_config() == obj.get_config()

@@ -25,7 +25,7 @@ from keras import ops
 
 __all__ = [
     "EPSILON", "PixelWeightedBCE", "SoftDiceLoss", "BCEDiceLoss", "DiceCoefficient", "IoUCoefficient",
-    "get_loss", "get_metrics", "pos_weight_from_counts", "custom_objects",
+    "PooledDice", "get_loss", "get_metrics", "pos_weight_from_counts", "custom_objects",
 ]
 
 EPSILON = 1e-7  # probability clip, as Keras' own binary cross-entropy
@@ -173,6 +173,40 @@ class IoUCoefficient(_ThresholdedOverlap):
         return ops.where(union > 0, intersection / ops.maximum(union, 1.0), 1.0)
 
 
+@keras.saving.register_keras_serializable(package="mammoseg")
+class PooledDice(keras.metrics.Metric):
+    """Dice of ``y_pred >= threshold`` vs ``y_true >= 0.5`` over all pixels of all samples seen (1 when both are empty).
+
+    Unlike :class:`DiceCoefficient`, a lesion-free patch predicted empty adds nothing: with many negative patches
+    the mean over samples rewards a model that predicts nothing (each empty answer scores 1), while the pooled Dice
+    counts a missed lesion's pixels as false negatives and a false alarm's as false positives. It is the quantity
+    to select checkpoints by when most patches are negatives (``train.monitor: pooled_dice``).
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "pooled_dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = float(threshold)
+        self.intersection = self.add_variable(shape=(), initializer="zeros", name="intersection", dtype="float32")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true, y_pred = _as_float(y_true, y_pred)
+        truth = ops.cast(y_true >= 0.5, "float32")
+        pred = ops.cast(y_pred >= self.threshold, "float32")
+        self.intersection.assign_add(ops.sum(truth * pred))
+        self.total.assign_add(ops.sum(truth) + ops.sum(pred))
+
+    def result(self):
+        return ops.where(self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0)
+
+    def reset_state(self):
+        self.intersection.assign(0.0)
+        self.total.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}
+
+
 LOSS_NAMES = ("bce", "weighted_bce", "dice", "bce_dice")
 
 
@@ -199,14 +233,17 @@ def get_loss(name: str, pos_weight: float | None = None) -> keras.losses.Loss:
 
 
 def get_metrics(threshold: float = 0.5) -> list[keras.metrics.Metric]:
-    """Accuracy, Dice and IoU at ``threshold``; history keys ``accuracy``, ``dice``, ``iou``."""
+    """Accuracy, Dice, IoU and pooled Dice at ``threshold``; history keys ``accuracy``, ``dice``, ``iou``,
+    ``pooled_dice``."""
     return [
         keras.metrics.BinaryAccuracy(name="accuracy", threshold=threshold),
         DiceCoefficient(threshold),
         IoUCoefficient(threshold),
+        PooledDice(threshold),
     ]
 
 
 def custom_objects() -> dict[str, type]:
     """The classes defined here, for ``keras.saving.load_model(..., custom_objects=...)`` if ever needed."""
-    return {cls.__name__: cls for cls in (PixelWeightedBCE, SoftDiceLoss, BCEDiceLoss, DiceCoefficient, IoUCoefficient)}
+    return {cls.__name__: cls for cls in (PixelWeightedBCE, SoftDiceLoss, BCEDiceLoss, DiceCoefficient, IoUCoefficient,
+                                                PooledDice)}
