@@ -4,11 +4,13 @@
 a JavaScript app with every result embedded as a data URI. The test
 1. runs the tiny workflow and renders the report;
 2. reads the embedded result index (``var results = {...}``) and checks it against the run's own files: training
-   curves, the FROC plot, the summary tables, and one overlay per test image (ids from the test manifest), each
-   under its category and with its labels, each with non-empty embedded data;
-3. opens the file in headless Chromium (Debian's ``chromium``; installed with apt-get when missing and root, else
-   the test skips) and checks that the JavaScript rendered the navigation with the categories (``--dump-dom``)
-   and that a screenshot of the page is not blank.
+   curves, the FROC plot, the table pages (summary with CPM and intervals, FROC points, per image, lesions,
+   candidates, training history, the resolved configuration, the comparison of experiments), the patch grid, and
+   one overlay per test image (ids from the test manifest) with its legend;
+3. opens the report in headless Chromium (Debian's ``chromium``; installed with apt-get when missing and root,
+   else the test skips) and checks that the JavaScript rendered the navigation with the categories
+   (``--dump-dom``) and that a screenshot is not blank; and renders each embedded table page in Chromium and
+   finds its table, with the figures of the run's own CSV files, in the rendered DOM.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny.yaml"
 # The categories the rules give their report() outputs (workflow/rules/*.smk).
-CATEGORIES = ("1. Data", "2. Patches", "3. Training", "4. Metrics", "5. Overlays")
+CATEGORIES = ("0. Tables", "1. Data", "2. Patches", "3. Training", "4. Metrics", "5. Overlays")
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -42,9 +43,8 @@ CHROMIUM_FLAGS = (
 
 
 def job_environment() -> dict[str, str]:
-    """This environment with the venv's bin first on PATH (the rules call `mammoseg`); 2 cores at most."""
+    """This environment, 2 cores at most (the rules' scripts run with Snakemake's own Python: no PATH needed)."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
@@ -114,35 +114,53 @@ def report(tmp_path_factory):
     return workdir, path, path.read_text()
 
 
+def run_folders(workdir: Path) -> dict[str, Path]:
+    from mammoseg.config.keys import stage_keys
+    from mammoseg.config.resolve import resolve_config
+
+    keys = stage_keys(resolve_config([workdir / "config.yaml"]))
+    results = workdir / "results"
+    return {"data": results / "restructured" / keys.data, "models": results / "models" / keys.model,
+            "experiment": results / "experiments" / keys.experiment, "patches": results / "patches" / keys.patches}
+
+
+PAGES = ("test-summary", "test-froc", "test-per_image", "test-lesions", "test-candidates", "training-fold-0",
+         "configuration", "experiments")
+
+
 def test_report_embeds_every_promised_result(report):
     workdir, _, html = report
-    model = yaml.safe_load(TINY.read_text())["model"]["name"]
+    where = run_folders(workdir)
     results = embedded_json(html, "results")
 
-    def entry_for(path_fragment: str) -> dict:
-        (entry,) = [e for p, e in results.items() if p.endswith(path_fragment)]
+    def entry_for(path: Path) -> dict:
+        (entry,) = [e for p, e in results.items() if (workdir / p).resolve() == path.resolve()]
         return entry
 
-    # training curves, FROC plot and the summary tables, each with its label
-    curves = entry_for(f"models/{model}/curves.png")
-    assert curves["labels"].get("figure") == "training curves"
-    froc = entry_for(f"metrics/{model}/froc.png")
-    assert froc["labels"].get("figure") == "FROC"
-    for table in ("summary", "per image"):
-        assert any(e["labels"].get("table") == table and e["filename"].endswith(".csv") for e in results.values()), table
+    # training curves, FROC plot, patch grid and the summary tables, each with its label
+    assert entry_for(where["models"] / "fold-0" / "curves.png")["labels"].get("figure") == "training curves"
+    assert entry_for(where["experiment"] / "test" / "froc.png")["labels"].get("figure") == "FROC"
+    assert entry_for(where["patches"] / "patches.png")["labels"].get("figure") == "patches"
+    pages = {e["labels"].get("page"): e for e in results.values() if "page" in e["labels"]}
+    assert set(PAGES) <= set(pages), sorted(pages)
+    for name in PAGES:
+        assert data_uri_bytes(pages[name]["data_uri"]) == (where["experiment"] / "report" / f"{name}.html").read_bytes()
 
-    # one overlay per test image, each embedded with its own bytes
-    test_ids = set(pd.read_csv(workdir / f"results/restructured/mass/test/manifest.csv")["image_id"])
+    # one overlay per test image, each embedded with its own bytes, each with its legend band
+    test_ids = set(pd.read_csv(where["data"] / "test" / "manifest.csv")["image_id"])
     overlays = {e["labels"].get("image"): e for e in results.values() if "image" in e["labels"]}
     assert set(overlays) == test_ids
+    from io import BytesIO
+
+    from PIL import Image
+
     for image_id, entry in overlays.items():
         png = data_uri_bytes(entry["data_uri"])
-        assert png.startswith(b"\x89PNG"), image_id
-        assert png == (workdir / f"results/overlays/{model}/{image_id}.png").read_bytes(), image_id
-
-    # the summary table embedded is the file on disk
-    summary = entry_for(f"metrics/{model}/summary.csv")
-    assert data_uri_bytes(summary["data_uri"]) == (workdir / f"results/metrics/{model}/summary.csv").read_bytes()
+        (on_disk,) = (where["experiment"] / "test").glob(f"chunk-*/{image_id}.overlay.png")
+        assert png == on_disk.read_bytes(), image_id
+        pixels = np.asarray(Image.open(BytesIO(png)).convert("RGB"))
+        band = pixels[-12:].reshape(-1, 3)
+        assert (band == (0, 255, 0)).all(axis=1).any() and (band == (255, 0, 0)).all(axis=1).any(), image_id
 
 
 def test_report_categories_are_the_rules(report):
@@ -152,7 +170,7 @@ def test_report_categories_are_the_rules(report):
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):
-    _, path, html = report
+    workdir, path, html = report
     binary = find_chromium()
 
     # before JavaScript runs the page says only "Loading ..."; the categories appear once the app has rendered
@@ -174,3 +192,29 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (900, 1280)
     assert pixels.std() > 5.0, "screenshot is (nearly) uniform: nothing rendered"
+
+
+def test_table_pages_render_their_tables_in_headless_chromium(report, tmp_path):
+    """Each table page embedded in the report, rendered by Chromium, holds a table with the run's own figures."""
+    workdir, _, html = report
+    binary = find_chromium()
+    where = run_folders(workdir)
+    pages = {e["labels"]["page"]: e for e in embedded_json(html, "results").values() if "page" in e["labels"]}
+    summary = pd.read_csv(where["experiment"] / "test" / "summary.csv")
+    per_image = pd.read_csv(where["experiment"] / "test" / "per_image.csv")
+    expected = {
+        "test-summary": ["cpm", "tpr_at_1_fppi", "ci_low", *summary["metric"].head(5)],
+        "test-per_image": list(per_image["image_id"]),
+        "training-fold-0": ["val_dice", "learning_rate"],
+        "configuration": ["patches:", "infer:"],
+        "experiments": [where["experiment"].name, "CPM"],
+    }
+    for name, words in expected.items():
+        page = tmp_path / f"{name}.html"
+        page.write_bytes(data_uri_bytes(pages[name]["data_uri"]))
+        dumped = chromium(binary, tmp_path / f"profile-{name}", "--dump-dom", page.as_uri())
+        dom = dumped.stdout.decode(errors="replace")
+        assert dumped.returncode == 0 and ("<table" in dom or "<pre>" in dom), name
+        text = visible_text(dom)
+        for word in words:
+            assert str(word) in text, (name, word)
