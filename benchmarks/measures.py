@@ -103,10 +103,10 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
     a busy moment favours one contender):
 
     * ``decode_s``: ``pydicom.dcmread(path).pixel_array`` for every image and mask file (the floor);
-    * ``stored_s``: :func:`mammoseg.io.dicom.read_raw_pixels` for the same files: the project's own read of the
-      stored values (one header parse, the same decoder without pydicom's copies);
+    * ``stored_s``: :func:`mammoseg.io.dicom.read_stored_pixels` for the same files: the stored values as every
+      reader gets them (pydicom's decode from the open file, after the header checks and the size limits);
     * ``read_s``: the contract's readers, :func:`mammoseg.io.dicom.read_mammogram` per image and
-      :func:`mammoseg.io.dicom.read_mask` per mask (adds the modality-LUT check and the mask binarisation);
+      :func:`mammoseg.io.masks.read_mask` per mask (adds the modality-LUT check and the mask binarisation);
     * ``extract_s``: :func:`extract_shard` end to end (reads + geometry + pre-processing + HDF5 writes + fsync).
 
     The ratio is the median over rounds of extract / decode within the round: a round's contenders run back to
@@ -122,7 +122,8 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
     ``n_images``, ``n_rois``, ``n_patches``, ``n_skipped``, ``shard_bytes``, ``compression``,
     ``image_compression``, ``rounds`` (every round's seconds per contender).
     """
-    from mammoseg.io.dicom import read_mammogram, read_mask, read_raw_pixels
+    from mammoseg.io.dicom import read_mammogram, read_stored_pixels
+    from mammoseg.io.masks import read_mask
 
     rows = read_manifest(manifest_csv)
     base = Path(manifest_csv).resolve().parent
@@ -137,7 +138,7 @@ def benchmark_extraction(manifest_csv: str | Path, out_dir: str | Path, *, n: in
 
     def stored() -> None:
         for path in [*images, *masks]:
-            read_raw_pixels(path)
+            read_stored_pixels(path)
 
     def readers() -> None:
         for path in images:
@@ -195,7 +196,7 @@ def benchmark_extraction_memory(manifest_csv: str | Path, out_path: str | Path, 
         "import json, sys\n"
         "import h5py, pandas, pydicom, numpy\n"
         "from mammoseg.patches.shards import extract_shard\n"
-        "from mammoseg.io import dicom\n"
+        "import mammoseg.io.dicom, mammoseg.io.masks  # noqa: F401 - imported before the baseline, as extraction needs\n"
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key + ':'):\n"

@@ -158,7 +158,7 @@ def _extraction_row(what: str, r: dict, lzf: dict, size: str) -> dict:
 
     measured = (f"{r['n_images']} images {size}, {r['n_rois']} ROIs, {r['n_patches']} patches; best rounds: extract "
                 f"{r['extract_s']:.2f} s vs decode {r['decode_s']:.2f} s (best/best {r['ratio_best']:.2f}x; "
-                f"mammoseg's own read of the stored values {r['stored_s']:.2f} s, contract readers "
+                f"read_stored_pixels {r['stored_s']:.2f} s, contract readers "
                 f"{r['read_s']:.2f} s; shard {mib(r)}). With lzf on the images too: {lzf['ratio']:.2f}x, "
                 f"shard {mib(lzf)}")
     return row(what, measured, r["ratio"], "<= 1.3x", r["ratio"] <= 1.3, {**r, "images_lzf": lzf})
@@ -652,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = dt.date.today().isoformat() + ("-quick" if args.quick else "")
+    if set(args.rows.split(",")) != set(ROWS):
+        stem += "-rows"
+    taken = stem
+    for k in range(2, 1000):  # every run is kept: a later run of the same day gets the next number
+        if not (out_dir / f"{taken}.md").exists():
+            break
+        taken = f"{stem}-{k}"
+    stem = taken
     (out_dir / f"{stem}.md").write_text(table)
     (out_dir / f"{stem}.json").write_text(json.dumps({"machine": machine, "total_s": total, "quick": args.quick,
                                                       "rows": rows}, indent=1, default=str) + "\n")

@@ -170,8 +170,13 @@ def test_stage_keys_change_exactly_with_the_settings_of_their_stage(repo_root):
     assert changed(infer={"threshold": 0.4}) == {"experiment"}
     assert changed(infer={"mode": "blended"}) == {"inference", "experiment"}
     assert changed(infer={"batch_size": 3, "chunk_size": 7}) == set()  # how, not what
+    assert changed(infer={"breast_mask": True}) == {"inference", "experiment"}  # the saved map changes
     assert changed(evaluate={"iou_threshold": 0.2}) == {"experiment"}
+    assert changed(evaluate={"postprocess": {"top_k": 3}}) == {"experiment"}
+    assert changed(evaluate={"target_fppi": 1.0}) == {"experiment"}
     assert changed(train={"epochs": 3}) == {"model", "inference", "experiment"}
+    assert changed(train={"augment": {"flip": True}}) == {"model", "inference", "experiment"}
+    assert changed(train={"hard_negatives": {"per_image": 2}}) == {"model", "inference", "experiment"}
     assert changed(patches={"downscale": 2}) == {"patches", "model", "inference", "experiment"}
     assert changed(patches={"compression": "none"}) == set()
     assert changed(synth={"seed": 5}) == {"synth", "data", "patches", "model", "inference", "experiment"}

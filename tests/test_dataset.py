@@ -90,3 +90,107 @@ def test_bad_rows_raise(shard_set):
         make_dataset(shard_set[:1], prov, batch_size=2)
     with pytest.raises(ValueError, match="missing column"):
         make_dataset(shard_set, prov.drop(columns=["row"]), batch_size=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# augmentation (train.augment): training batches only
+# --------------------------------------------------------------------------------------------------------------
+from mammoseg.config.schema import validate_config  # noqa: E402
+from mammoseg.model.dataset import augment_batch, augments  # noqa: E402
+
+OFF = validate_config({})["train"]["augment"]
+ON = validate_config({"train": {"augment": {"flip": True, "rotate_deg": 20, "scale": 0.2, "contrast": 0.3,
+                                            "gamma": 0.3}}})["train"]["augment"]
+
+
+def _batches(ds) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in ds]
+
+
+def _as_sorted_bytes(batches) -> list[bytes]:
+    """Batches as a sorted list (shuffled pipelines deliver their batches in any order, each batch's content fixed)."""
+    return sorted(x.tobytes() + y.tobytes() for x, y in batches)
+
+
+def lesion_patch(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (side, side, 1) image with a gradient background in [0, 0.4] and a bright square (1.0) off-centre
+    at rows 6..17, cols 5..18 (min 0 and max 1, as extraction normalises patches); its mask, float32 {0, 1}."""
+    rows = np.linspace(0.0, 0.4, side, dtype=np.float32)
+    image = np.repeat(rows[:, None], side, axis=1)
+    mask = np.zeros((side, side), np.float32)
+    mask[6:18, 5:19] = 1.0
+    image[mask == 1] = 1.0
+    return image[..., None], mask[..., None]
+
+
+def test_all_off_means_no_augmentation_step_bit_identical(shard_set):
+    assert not augments(OFF) and augments(ON)
+    plain = _batches(make_dataset(shard_set, None, batch_size=4, shuffle=False))
+    off = _batches(make_dataset(shard_set, None, batch_size=4, shuffle=False, augment=OFF))
+    assert len(plain) == len(off)
+    for (x0, y0), (x1, y1) in zip(plain, off):
+        assert x0.tobytes() == x1.tobytes() and y0.tobytes() == y1.tobytes()
+    shuffled = [_as_sorted_bytes(_batches(make_dataset(shard_set, None, batch_size=4, seed=3, augment=a)))
+                for a in (None, OFF)]
+    assert shuffled[0] == shuffled[1]
+
+
+def test_flips_move_image_and_mask_together_exactly():
+    image, mask = lesion_patch()
+    flips_only = {**OFF, "flip": True}
+    images, masks = augment_batch(tf.constant(np.stack([image] * 16)), tf.constant(np.stack([mask] * 16)),
+                                  tf.constant(11, tf.int64), flips_only)
+    variants = {"none": (image, mask), "lr": (image[:, ::-1], mask[:, ::-1]), "ud": (image[::-1], mask[::-1]),
+                "both": (image[::-1, ::-1], mask[::-1, ::-1])}
+    seen = set()
+    for x, y in zip(images.numpy(), masks.numpy()):
+        name = [k for k, (vx, vy) in variants.items() if np.array_equal(y, vy)]
+        assert len(name) == 1
+        np.testing.assert_array_equal(x, variants[name[0]][0])  # the image took the mask's flip
+        seen.add(name[0])
+    assert len(seen) >= 3  # 16 draws of 4 equally likely flips
+
+
+def test_augmented_masks_stay_binary_and_on_the_bright_square():
+    image, mask = lesion_patch()
+    images, masks = augment_batch(tf.constant(np.stack([image] * 16)), tf.constant(np.stack([mask] * 16)),
+                                  tf.constant(5, tf.int64), ON)
+    images, masks = images.numpy()[..., 0], masks.numpy()[..., 0]
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert len({m.tobytes() for m in masks}) == 16  # every sample drew its own transform
+    for x, y in zip(images, masks):
+        area = y.sum() / mask.sum()
+        assert 0.55 <= area <= 1.6  # zoom 0.8..1.2 (area 0.64..1.44), nearest-neighbour rounding
+        cut = 0.5 * (np.median(x[y == 0]) + np.median(x[y == 1]))
+        bright = x >= cut
+        assert (bright & (y == 1)).sum() / (bright | (y == 1)).sum() >= 0.8  # the mask sits on the square
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_other_batches(shard_set):
+    def epochs(seed, n=1):
+        ds = make_dataset(shard_set, None, batch_size=4, shuffle=True, seed=seed, augment=ON)
+        return [_as_sorted_bytes(_batches(ds)) for _ in range(n)]
+
+    first, second = epochs(7, n=2)
+    assert epochs(7) == [first]
+    assert first != second  # a new epoch draws new transforms
+    assert epochs(8)[0] != first
+
+
+def test_validation_batches_are_never_augmented(shard_set):
+    from mammoseg.model.train import TrainingData, training_datasets
+
+    prov = read_provenance(shard_set)
+    train_rows, val_rows = prov.iloc[: len(prov) // 2], prov.iloc[len(prov) // 2:]
+    data = TrainingData([str(p) for p in shard_set], train_rows, val_rows, 0, 0, "")
+    train_cfg = validate_config({"train": {"batch_size": 4, "augment": dict(ON)}})["train"]
+    train_ds, val_ds = training_datasets(data, train_cfg, epochs_done=0)
+    plain_val = _batches(make_dataset(shard_set, val_rows, batch_size=4, shuffle=False))
+    for (x0, y0), (x1, y1) in zip(plain_val, _batches(val_ds), strict=True):
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(y0, y1)
+    stored = {x.tobytes() for x, _ in _batches(make_dataset(shard_set, train_rows, batch_size=1, shuffle=False))}
+    trained = [x for batch, _ in _batches(train_ds) for x in batch]
+    assert len(trained) == len(train_rows)
+    assert sum(x.tobytes() not in stored for x in trained) >= len(trained) // 2  # training patches were changed

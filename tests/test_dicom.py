@@ -12,15 +12,9 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from mammoseg.io.dicom import (
-    DicomReadError,
-    binary_fraction,
-    header_record,
-    read_header,
-    read_mammogram,
-    read_mask,
-    safe_name,
-)
+from mammoseg.io.dicom import DicomReadError, header_record, read_header, read_mammogram
+from mammoseg.io.masks import binary_fraction, mask_from_pixels, read_mask
+from mammoseg.io.names import safe_name
 from mammoseg.io.dicomwrite import DicomHeader, build_dataset
 
 HEADER = DicomHeader("Mass-Training_P_00001_LEFT_CC", "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6", "full mammogram images",
@@ -132,6 +126,7 @@ def test_truncated_pixel_data(tmp_path, syntax):
     cut.write_bytes(data[: len(data) - 50])
     assert header_record(whole)["readable"]
     assert header_record(cut)["reason"] == "truncated"
+    assert header_record(cut, check_pixels=False)["readable"]  # the header alone is whole
     with pytest.raises(DicomReadError) as info:
         read_mammogram(cut)
     assert info.value.reason == "truncated"
@@ -225,16 +220,46 @@ def test_binary_fraction_tells_mask_from_crop():
     assert binary_fraction(ramp(50, 50)) < 0.5
 
 
-def test_raster_files_read(tmp_path):
+def _png_and_jpeg(tmp_path):
+    """A two-valued mask as PNG and a smooth ramp as JPEG (the Kaggle copy's formats)."""
     from PIL import Image
 
-    pixels = np.zeros((30, 20), np.uint8)
-    pixels[10:20, 5:15] = 255
-    Image.fromarray(pixels).save(tmp_path / "m.png")
-    np.testing.assert_array_equal(read_mask(tmp_path / "m.png").mask, pixels > 0)
-    assert header_record(tmp_path / "m.png")["Rows"] == 30
+    mask = np.zeros((30, 20), np.uint8)
+    mask[10:20, 5:15] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    r, c = np.mgrid[0:32, 0:24]
+    Image.fromarray((r * 4 + c * 2).astype(np.uint8)).save(tmp_path / "x.jpg", quality=95)
+    return mask, tmp_path / "m.png", tmp_path / "x.jpg"
+
+
+def test_raster_files_read_where_allowed(tmp_path):
+    mask, png, jpeg = _png_and_jpeg(tmp_path)
+    np.testing.assert_array_equal(read_mask(png, allow_raster=True).mask, mask > 0)
+    assert read_mammogram(jpeg, allow_raster=True).shape == (32, 24)
+    record = header_record(png, allow_raster=True)
+    assert record["readable"] and (record["Rows"], record["Columns"], record["BitsStored"]) == (30, 20, 8)
     (tmp_path / "bad.jpg").write_text("not an image")
-    assert header_record(tmp_path / "bad.jpg")["reason"] == "not_dicom"
+    assert header_record(tmp_path / "bad.jpg", allow_raster=True)["reason"] == "not_dicom"
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(tmp_path / "bad.jpg", allow_raster=True)
+    assert info.value.reason == "undecodable" and "bad.jpg" in str(info.value)
+
+
+@pytest.mark.parametrize("reader", ["read_mammogram", "read_mask", "header_record", "check_decodable"])
+def test_raster_files_are_not_dicom_unless_allowed(tmp_path, reader):
+    """A PNG chart or a JPEG handed to a reader that did not ask for raster input is refused, naming the file."""
+    from mammoseg.io import dicom, masks
+
+    function = getattr(dicom, reader, None) or getattr(masks, reader)
+    _, png, jpeg = _png_and_jpeg(tmp_path)
+    for path in (png, jpeg):
+        if reader == "header_record":
+            record = function(path)
+            assert not record["readable"] and record["reason"] == "not_dicom" and "JPEG/PNG" in record["error"]
+            continue
+        with pytest.raises(DicomReadError) as info:
+            function(path)
+        assert info.value.reason == "not_dicom" and path.name in str(info.value) and "JPEG/PNG" in info.value.detail
 
 
 # --- hostile header values ---------------------------------------------------------------------------------
@@ -276,12 +301,13 @@ def test_corrupt_dimension_element_is_a_bad_header(tmp_path):
     assert info.value.reason == "bad_header" and "x.dcm" in str(info.value)
 
 
-# --- the direct decoder: read once, decode without pydicom's runner, same pixels ----------------------------
+# --- every kind of file: the same pixels as pydicom's own pixel_array -----------------------------------------
 
 
-def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stored=None, signed=False):
+def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stored=None, signed=False,
+          deflated=False):  # fmt: skip
     """A file holding ``pixels``; ``stored`` replaces the pixel bytes after the header is built (garbage high bits)."""
-    from pydicom.uid import ImplicitVRLittleEndian
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     ds = build_dataset(pixels, HEADER, bits_stored=bits_stored)
     if signed:
@@ -292,12 +318,14 @@ def _file(tmp_path, name, pixels, *, rle, bits_stored=None, implicit=False, stor
         ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     elif implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path = tmp_path / name
     ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
     return path
 
 
-def _direct_cases():
+def _cases():
     image = ramp(37, 23, top=4000)  # odd sizes: 8-bit native data are padded to an even length
     mask = np.zeros((37, 23), np.uint8)
     mask[5:20, 3:11] = 255
@@ -308,42 +336,43 @@ def _direct_cases():
         "native16": dict(pixels=image, rle=False),
         "native8_odd": dict(pixels=mask, rle=False),
         "implicit16": dict(pixels=image, rle=False, implicit=True),
+        "deflated16": dict(pixels=image, rle=False, deflated=True),
         "native12_high_bits": dict(pixels=image, rle=False, bits_stored=12, stored=garbage),
         "rle12_high_bits": dict(pixels=image, rle=True, bits_stored=12, stored=garbage),
     }
 
 
-@pytest.mark.parametrize("case", sorted(_direct_cases()))
-def test_direct_decode_equals_pydicom(tmp_path, monkeypatch, case):
-    from mammoseg.io import dicom
+@pytest.mark.parametrize("case", sorted(_cases()))
+def test_stored_pixels_equal_pydicom(tmp_path, case):
+    from mammoseg.io.dicom import read_stored_pixels
 
-    path = _file(tmp_path, f"{case}.dcm", **_direct_cases()[case])
-    expected = pydicom.dcmread(path).pixel_array  # pydicom's own decoders are the reference
-    # the direct path must serve these files: pydicom's decode path is disabled for the read
-    monkeypatch.setattr(dicom, "_decode", lambda *a: pytest.fail("fell back to pydicom's pixel_array"))
-    raw, photometric, bits = dicom.read_raw_pixels(path)
-    assert raw.dtype == expected.dtype and raw.shape == expected.shape and photometric == "MONOCHROME2"
+    path = _file(tmp_path, f"{case}.dcm", **_cases()[case])
+    expected = pydicom.dcmread(path).pixel_array  # pydicom's own decode of the whole dataset is the reference
+    stored = read_stored_pixels(path)
+    raw = stored.pixels
+    assert raw.dtype == expected.dtype and raw.shape == expected.shape and stored.photometric == "MONOCHROME2"
     np.testing.assert_array_equal(raw, expected)
     if case.endswith("high_bits"):
-        assert bits == 12 and int(raw.max()) < 4096  # the garbage bits are cleared, as pydicom does
+        assert stored.bits_stored == 12 and int(raw.max()) < 4096  # the garbage bits are cleared
+        np.testing.assert_array_equal(raw, _cases()[case]["pixels"])
     if expected.dtype == np.uint16:
         np.testing.assert_array_equal(read_mammogram(path), expected)  # no LUT: the stored values as they are
 
 
-def test_signed_pixels_go_through_pydicom(tmp_path, monkeypatch):
-    from mammoseg.io import dicom
+def test_signed_pixels(tmp_path):
+    from mammoseg.io.dicom import read_stored_pixels
 
     pixels = ramp(20, 16, top=300)
     path = _file(tmp_path, "signed.dcm", pixels, rle=True, signed=True)
-    calls = []
-    original = dicom._decode
-    monkeypatch.setattr(dicom, "_decode", lambda *a: calls.append(1) or original(*a))
-    raw, _, _ = dicom.read_raw_pixels(path)
-    assert calls and raw.dtype == np.int16
+    raw = read_stored_pixels(path).pixels
+    assert raw.dtype == np.int16
     np.testing.assert_array_equal(raw, pydicom.dcmread(path).pixel_array)
+    values = read_mammogram(path)  # not unsigned: through the modality LUT (identity here) as float32
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, pixels.astype(np.float32))
 
 
-def test_corrupt_rle_stream_is_undecodable(tmp_path):
+def _corrupt_rle(tmp_path):
     path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)
     data = bytearray(path.read_bytes())
     # Pixel Data (12 bytes), the offset table item (8 + 4), the fragment item (8), its 64-byte RLE header: then
@@ -351,11 +380,85 @@ def test_corrupt_rle_stream_is_undecodable(tmp_path):
     segments = data.find(b"\xe0\x7f\x10\x00") + 12 + 12 + 8 + 64
     data[segments:len(data) - 8] = b"\x80" * (len(data) - 8 - segments)
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_rle_stream_is_undecodable(tmp_path):
+    path = _corrupt_rle(tmp_path)
     with pytest.raises(DicomReadError) as info:
         read_mammogram(path)
     assert info.value.reason == "undecodable" and "rle.dcm" in str(info.value)
+    assert header_record(path)["readable"]  # the header and the item structure are intact: only decoding tells
     with pytest.raises(Exception):  # pydicom agrees that the stream is corrupt
         pydicom.dcmread(path).pixel_array  # noqa: B018
+
+
+def test_dimensions_are_checked_before_decoding(tmp_path, monkeypatch):
+    """A header claiming a 60,000-pixel side is refused before any decoder allocates for it."""
+    from mammoseg.io import dicom
+
+    path = _file(tmp_path, "x.dcm", ramp(), rle=True)
+    ds = pydicom.dcmread(path)
+    ds.Rows = 60000
+    ds.save_as(path, enforce_file_format=True)
+    for decoder_entry in ("get_decoder", "pixel_array"):
+        monkeypatch.setattr(dicom, decoder_entry, lambda *a, **k: pytest.fail("a decoder was called"))
+    with pytest.raises(DicomReadError) as info:
+        read_mammogram(path)
+    assert info.value.reason == "bad_header" and "60000" in info.value.detail
+    assert header_record(path)["reason"] == "bad_header"  # the index applies the same limits
+
+
+# --- check_decodable: restructuring's check of every full image, from several threads ------------------------
+
+
+def test_check_decodable_reasons(tmp_path):
+    from mammoseg.io.dicom import check_decodable
+
+    good = _file(tmp_path, "good.dcm", ramp(40, 30), rle=True)
+    assert check_decodable(good) is None
+    with pytest.raises(DicomReadError) as info:
+        check_decodable(_corrupt_rle(tmp_path))
+    assert info.value.reason == "undecodable" and "rle.dcm" in str(info.value)
+    assert "cannot decode pixel data (RLE Lossless)" in info.value.detail  # with the decoder's own message after it
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(good.read_bytes()[:-50])
+    with pytest.raises(DicomReadError) as info:
+        check_decodable(cut)
+    assert info.value.reason == "truncated"
+
+
+def test_check_decodable_is_thread_safe(tmp_path):
+    """Many files checked from 4 threads at once give exactly the outcomes of checking them one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mammoseg.io.dicom import check_decodable
+
+    paths = []
+    for k in range(12):
+        path = _file(tmp_path, f"f{k}.dcm", ramp(200 + k, 150, top=4000), rle=k % 3 != 2)
+        if k % 4 == 1:  # every fourth file corrupt: its RLE segments become no-ops
+            data = bytearray(path.read_bytes())
+            if k % 3 != 2:
+                start = data.find(b"\xe0\x7f\x10\x00") + 12 + 12 + 8 + 64
+                data[start:len(data) - 8] = b"\x80" * (len(data) - 8 - start)
+            else:  # uncompressed: cut short
+                data = data[:-100]
+            path.write_bytes(bytes(data))
+        paths.append(path)
+
+    def outcome(path):
+        try:
+            check_decodable(path)
+        except DicomReadError as exc:
+            return exc.reason
+        return "ok"
+
+    sequential = [outcome(p) for p in paths]
+    assert sequential.count("ok") == 9 and set(sequential) == {"ok", "undecodable", "truncated"}, sequential
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            assert list(pool.map(outcome, paths)) == sequential
 
 
 # --- mask binarisation and the binary fraction against plain definitions -----------------------------------
@@ -375,7 +478,6 @@ def _reference_mask(pixels):
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_mask_from_pixels_matches_reference(data):
-    from mammoseg.io.dicom import mask_from_pixels
 
     dtype = data.draw(st.sampled_from([np.uint8, np.uint16]))
     top = np.iinfo(dtype).max
@@ -410,7 +512,6 @@ def test_binary_fraction_matches_float_definition(data):
 @given(st.data())
 def test_mask_read_bbox_is_the_foreground_box(data):
     """The box found while binarising equals a box computed from the finished mask (None when empty)."""
-    from mammoseg.io.dicom import mask_from_pixels
     from mammoseg.patches.geometry import mask_bbox
 
     rows, cols = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
@@ -427,14 +528,14 @@ def test_mask_read_bbox_is_the_foreground_box(data):
 
 
 @pytest.mark.parametrize("rle", [False, True], ids=["native", "rle"])
-def test_header_longer_than_the_prefix_is_parsed_from_the_file(tmp_path, rle):
-    """Headers are parsed from the first HEADER_PREFIX bytes; a longer one (a big private element before the
-    pixels) must give the same record and pixels as any other file."""
-    from mammoseg.io.dicom import HEADER_PREFIX, read_raw_pixels
+def test_long_header_element(tmp_path, rle):
+    """A 70 KiB private element before the pixels gives the same record and pixels as any other file; the file
+    cut inside that element is truncated, not read."""
+    from mammoseg.io.dicom import read_stored_pixels
 
     pixels = ramp(30, 20, top=3000)
     ds = build_dataset(pixels, HEADER)
-    ds.add_new(0x00091010, "OB", bytes(range(256)) * (HEADER_PREFIX // 256 + 7))  # private, past the prefix
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * 280)  # private, 71,680 bytes
     if rle:
         ds.compress(RLELossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
     path = tmp_path / "long.dcm"
@@ -442,14 +543,29 @@ def test_header_longer_than_the_prefix_is_parsed_from_the_file(tmp_path, rle):
     record = header_record(path)
     assert record["readable"] and (record["Rows"], record["Columns"]) == (30, 20), record
     assert record["PatientID"] == HEADER.patient_id
-    np.testing.assert_array_equal(read_raw_pixels(path)[0], pixels)
-    # the same file cut inside that element is truncated, not read
+    np.testing.assert_array_equal(read_stored_pixels(path).pixels, pixels)
     data = path.read_bytes()
-    (tmp_path / "cut.dcm").write_bytes(data[: HEADER_PREFIX + 100])
+    (tmp_path / "cut.dcm").write_bytes(data[: data.find(bytes(range(256))) + 1000])
     assert header_record(tmp_path / "cut.dcm")["reason"] == "truncated"
 
 
-# --- the direct path never reads what pydicom would not, and never escapes with another exception ----------
+# --- odd and hostile files: a reason code, never another exception -----------------------------------------
+
+
+def test_corrupt_identity_value_leaves_the_file_readable_everywhere(tmp_path):
+    """Found by the slow fuzz test on a real mammogram: one flipped bit made SeriesDescription's VR 'MO'. pydicom
+    cannot convert it; the pixel readers never look at it, so the index must not refuse the file either: the value
+    is recorded empty (the case is then named by its folder)."""
+    path = write(tmp_path / "x.dcm", ramp())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\x08\x00\x3e\x10LO")  # (0008,103E) SeriesDescription, explicit VR
+    data[at + 4:at + 6] = b"MO"
+    path.write_bytes(bytes(data))
+    with pytest.raises(NotImplementedError):  # pydicom's own verdict on the value
+        pydicom.dcmread(path).SeriesDescription  # noqa: B018
+    record = header_record(path)
+    assert record["readable"] and record["SeriesDescription"] == "" and record["PatientID"] == HEADER.patient_id
+    np.testing.assert_array_equal(read_mammogram(path), ramp())
 
 
 def test_encapsulated_data_under_a_native_syntax_is_refused_cleanly(tmp_path):
@@ -478,8 +594,8 @@ def test_unreadable_rescale_slope_is_a_bad_header(tmp_path):
 
 
 def test_rle_stream_the_rust_decoder_rejects_gets_pydicoms_decoder(tmp_path):
-    """pylibjpeg-rle refuses an RLE header with a stray offset in an unused slot; pydicom's own decoder reads it,
-    and so must we (through the same fallback pydicom uses)."""
+    """pylibjpeg-rle refuses an RLE header with a stray offset in an unused slot; pydicom falls back to its own
+    decoder, which reads it, and so must we."""
     path = _file(tmp_path, "rle.dcm", ramp(40, 30), rle=True)
     data = bytearray(path.read_bytes())
     header = data.find(b"\xe0\x7f\x10\x00") + 12 + 12 + 8  # Pixel Data, offset table item, fragment item

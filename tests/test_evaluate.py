@@ -66,7 +66,8 @@ def build_case(tmp_path: Path):
 
 
 EVALUATE = {"match": "iou", "iou_threshold": 0.3, "min_area": 10, "candidate_threshold": 0.1, "seg": "binary",
-            "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0}
+            "overlay_max_side": 64, "bootstrap": 200, "bootstrap_seed": 0,
+            "postprocess": {"min_area": 0, "top_k": 0}}
 CONFIG = {"infer": {"threshold": 0.5, "chunk_size": 100}, "evaluate": EVALUATE, "data": {"abnormality": "mass"}}
 
 

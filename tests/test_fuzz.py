@@ -3,7 +3,7 @@
 DICOM ingestion must either read a file or record why not; nothing else may happen:
 
 * :func:`mammoseg.io.dicom.header_record` never raises; a record is readable or carries a reason code;
-* :func:`mammoseg.io.dicom.read_mammogram` and :func:`~mammoseg.io.dicom.read_mask` return an array of the header's size
+* :func:`mammoseg.io.dicom.read_mammogram` and :func:`~mammoseg.io.masks.read_mask` return an array of the header's size
   or raise :class:`~mammoseg.io.dicom.DicomReadError` (a ``ValueError`` naming the file and a reason code);
 * restructuring a one-case tree whose image or mask was mutated finishes, and every file found is either kept or
   in ``skipped.csv`` with a reason (found = kept + skipped);
@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mammoseg.config import ConfigError, validate_config
-from mammoseg.io.dicom import DicomReadError, header_record, read_mammogram, read_mask
+from mammoseg.io.dicom import DicomReadError, header_record, read_mammogram
+from mammoseg.io.masks import read_mask
 
 EXAMPLE_TIMEOUT_S = 20  # a real mammogram decodes in < 1 s; anything near this is a hang
 REASONS = {"zero_byte", "not_dicom", "truncated", "no_pixel_data", "bad_header", "undecodable", "unreadable"}

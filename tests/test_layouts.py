@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mammoseg.errors import InputError
+
 from mammoseg.data.layouts import (
     INDEX_COLUMNS,
     LAYOUTS,
@@ -51,10 +53,10 @@ def test_detect_layout(tree):
 
 
 def test_detect_layout_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="no such folder"):
         detect_layout(tmp_path / "absent")
     (tmp_path / "random").mkdir()
-    with pytest.raises(ValueError, match="no CBIS-DDSM case folder found"):
+    with pytest.raises(InputError, match="no CBIS-DDSM case folder found"):
         detect_layout(tmp_path)
 
 
@@ -65,14 +67,14 @@ def test_no_case_folder_error_names_what_it_saw_and_the_pattern(tmp_path):
                  "scan_004", "scan_005", "scan_006", "scan_007"]:
         (inner / name).mkdir(parents=True)
     (inner / "notes.txt").write_text("x")
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(InputError) as caught:
         detect_layout(root)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{root}: no CBIS-DDSM case folder found")
     assert "Mass-Training_P_1.5_LEFT_CC/, Mass_P_00001_LEFT_CC/, notes.txt, scan_001/" in message
     assert "and 2 more" in message  # 10 entries, 8 shown
     assert "<Mass|Calc>-<Training|Test>_P_<id>_<LEFT|RIGHT>_<CC|MLO>[_<abnormality id>]" in message
-    with pytest.raises(ValueError, match="Mass-Training_P_1.5_LEFT_CC/"):
+    with pytest.raises(InputError, match="Mass-Training_P_1.5_LEFT_CC/"):
         index_tree(root, layout="doi")
 
 
@@ -166,6 +168,21 @@ def test_collection_filter_reads_no_other_headers(tmp_path):
     assert test.loc[test["path"].str.endswith("broken.dcm"), "reason"].tolist() == ["zero_byte"]
     with pytest.raises(ValueError):
         index_tree(tmp_path, collection_prefix="Mass-Somewhere")
+
+
+def test_raster_files_outside_the_kaggle_layout_are_not_dicom(tmp_path):
+    """A PNG chart or a JPEG left in a DICOM download is indexed as not_dicom, never read as an image."""
+    from PIL import Image
+
+    synth.generate_dataset(tmp_path, n_train=2, n_test=1, seed=5, layout="doi", **SIZE)
+    case = next((tmp_path / "CBIS-DDSM").glob("Mass-Training_*"))
+    Image.new("L", (64, 48), 200).save(case / "chart.png")
+    Image.new("L", (64, 48), 100).save(case / "photo.jpg")
+    index = index_tree(tmp_path)
+    strays = index[index["path"].str.endswith(("chart.png", "photo.jpg"))]
+    assert len(strays) == 2 and not strays["readable"].any()
+    assert set(strays["reason"]) == {"not_dicom"} and strays["error"].str.contains("JPEG/PNG").all()
+    assert index.loc[~index["path"].isin(strays["path"]), "readable"].all()
 
 
 def test_kaggle_missing_file_is_recorded(tmp_path):

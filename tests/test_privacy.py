@@ -30,7 +30,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mammoseg.io.dicom import safe_name
+from mammoseg.io.names import safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "mammoseg"

@@ -11,7 +11,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mammoseg.io.dicom import header_record, read_mammogram, read_raw_pixels
+from mammoseg.io.dicom import header_record, read_mammogram, read_stored_pixels
 from mammoseg.data.layouts import index_tree, parse_case_name
 from mammoseg.data.restructure import restructure_collection
 
@@ -66,10 +66,12 @@ def test_real_headers_match_csv_rows(real_files, mass_test_csv):
 def test_real_files_decode(real_files):
     for path in real_files[:3]:  # ~0.5 s each: three are enough to show RLE 16-bit decoding works
         record = header_record(path)
-        raw, photometric, bits = read_raw_pixels(path)
+        stored = read_stored_pixels(path)
+        raw = stored.pixels
         assert raw.dtype == np.uint16 and raw.shape == (record["Rows"], record["Columns"])
-        assert 4000 < raw.shape[0] < 5000 and 2500 < raw.shape[1] < 3000 and photometric == "MONOCHROME2"
-        # the file is read once and decoded straight by pylibjpeg-rle: exactly what pydicom's pixel_array gives
+        assert 4000 < raw.shape[0] < 5000 and 2500 < raw.shape[1] < 3000 and stored.photometric == "MONOCHROME2"
+        assert stored.bits_stored == 16
+        # decoded from the open file by pydicom: exactly what pixel_array of the whole dataset gives
         np.testing.assert_array_equal(raw, pydicom.dcmread(path).pixel_array)
         image = read_mammogram(path)
         # no rescale, MONOCHROME2 (as in all of CBIS-DDSM): the stored values themselves, no float copy

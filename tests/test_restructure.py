@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.masks import read_mask
 from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
 from mammoseg.config import validate_config
 from mammoseg.data.layouts import LAYOUTS

@@ -16,7 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from mammoseg.errors import InputError
 from mammoseg.patches import shards
-from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.masks import read_mask
 from mammoseg.patches.geometry import downscale_mask, preprocess_window
 from mammoseg.patches.shards import (
     PROVENANCE_COLUMNS,
@@ -496,3 +497,18 @@ def test_normal_images_give_only_lesion_free_windows(tmp_path):
     plan = build_plan(patches, "k", read_manifest(manifest))
     assert (plan.train_rois, plan.train_images, plan.train_normal_images) == (1, 2, 1)
     assert plan.expected_patches == 1 * 2 + 1 * 1 + 1 * 3 == len(prov)
+
+
+def test_kaggle_set_is_extracted_from_its_jpeg_files(tmp_path):
+    """A restructured Kaggle set lists JPEG images and masks: extraction reads them (and only extraction and
+    restructuring ask for raster input; see test_dicom.py for the readers that refuse it)."""
+    from mammoseg.data.restructure import restructure_collection
+    from mammoseg.data.synth import generate_dataset
+
+    generate_dataset(tmp_path / "tree", n_train=3, n_test=1, rows=256, cols=160, seed=4, layout="kaggle")
+    restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="train", progress=False)
+    manifest = pd.read_csv(tmp_path / "out" / "manifest.csv", dtype=str)
+    assert len(manifest) > 0 and manifest["image_path"].str.endswith(".jpg").all()
+    info = extract_shard(tmp_path / "out" / "manifest.csv", tmp_path / "shard.h5", shard_index=0, n_shards=1, n=4,
+                         downscale=2, n_shifted=2, max_shift=0.25, seed=0)  # fmt: skip
+    assert info["n_skipped"] == 0 and info["n_rois"] == len(manifest) and info["n_patches"] == 3 * len(manifest)

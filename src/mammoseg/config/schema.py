@@ -111,14 +111,16 @@ def config_reference_markdown() -> str:
         bounds = [f"{symbol} {spec[key]}" for key, symbol in symbols.items() if key in spec]
         return " ".join([spec.get("type", ""), *bounds])
 
-    for name, spec in spec_tree["properties"].items():
-        children = spec.get("properties")
-        if not children:
-            lines.append(f"| `{name}` | {allowed(spec)} | `{spec.get('default')}` | {spec.get('description', '')} |")
-            continue
-        for key, child in children.items():
-            meaning = str(child.get("description", "")).replace("|", "\\|")
-            lines.append(f"| `{name}.{key}` | {allowed(child)} | `{child.get('default')}` | {meaning} |")
+    def rows(prefix: str, properties: dict) -> None:
+        for key, spec in properties.items():
+            name = f"{prefix}{key}"
+            if "properties" in spec:  # a section, or a group of keys inside one (train.augment, ...)
+                rows(f"{name}.", spec["properties"])
+                continue
+            meaning = str(spec.get("description", "")).replace("|", "\\|")
+            lines.append(f"| `{name}` | {allowed(spec)} | `{spec.get('default')}` | {meaning} |")
+
+    rows("", spec_tree["properties"])
     return "\n".join(lines)
 
 

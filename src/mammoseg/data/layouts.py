@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mammoseg.errors import InputError
 from mammoseg.io.dicom import header_record
 
 __all__ = [
@@ -247,19 +248,19 @@ def detect_layout(root: str | Path) -> str:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected a CBIS-DDSM download)")
+        raise InputError(f"{root}: no such folder (expected a CBIS-DDSM download)")
     case_root = find_case_root(root)
     if case_root is None:
         if find_kaggle_table(root) is not None:
             return "kaggle"
-        raise ValueError(no_case_folders_message(root))
+        raise InputError(no_case_folders_message(root))
     votes: dict[str, int] = {}
     for name in _case_dirs(case_root)[:_SAMPLE_CASES]:
         layout = _classify_case_folder(case_root / name)
         if layout is not None:
             votes[layout] = votes.get(layout, 0) + 1
     if not votes:
-        raise ValueError(f"{case_root}: case folders found, but their study folders match no known layout "
+        raise InputError(f"{case_root}: case folders found, but their study folders match no known layout "
                          "(UID, MM-DD-YYYY-DDSM-NNNNN or MM-DD-YYYY-DDSM-NA-NNNNN)")
     if "nbia" in votes and "nbia-no-na" in votes:
         return "nbia"
@@ -395,11 +396,13 @@ def _progress(items, enabled: bool, desc: str):
 def _index_dicom_tree(root: Path, prefix: str | None, progress: bool) -> pd.DataFrame:
     case_root = find_case_root(root)
     if case_root is None:
-        raise ValueError(no_case_folders_message(root))
+        raise InputError(no_case_folders_message(root))
     listing = list_entries(case_root, prefix)
     rows = []
     for path, top in _progress(listing.files, progress, "index"):
-        record = header_record(path)
+        # headers only: restructuring decodes every full image and reads every ROI file, and a truncated or
+        # broken file is a skip there, with the same reason; checking pixel data here too cost 10 % of indexing
+        record = header_record(path, check_pixels=False)
         record["top_folder"] = top
         rows.append(record)
     return pd.DataFrame(rows + listing.set_aside, columns=INDEX_COLUMNS)
@@ -418,11 +421,11 @@ def _kaggle_path(image_path: str, bases: list[Path]) -> Path:
 def _index_kaggle(root: Path, prefix: str | None, progress: bool) -> pd.DataFrame:
     table_path = find_kaggle_table(root)
     if table_path is None:
-        raise ValueError(f"{root}: layout 'kaggle' needs csv/dicom_info.csv, which is not there")
+        raise InputError(f"{root}: layout 'kaggle' needs csv/dicom_info.csv, which is not there")
     table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
     missing = {"image_path", "PatientID", "SeriesInstanceUID"} - set(table.columns)
     if missing:
-        raise ValueError(f"{table_path}: missing columns {sorted(missing)}")
+        raise InputError(f"{table_path}: missing columns {sorted(missing)}")
     if prefix is not None:
         table = table[table["PatientID"].str.startswith(prefix + "_")]
     bases = [table_path.parent.parent, table_path.parent.parent.parent]
@@ -430,7 +433,7 @@ def _index_kaggle(root: Path, prefix: str | None, progress: bool) -> pd.DataFram
     for entry in _progress(list(table.itertuples(index=False)), progress, "index"):
         path = _kaggle_path(entry.image_path, bases)
         if path.exists():
-            record = header_record(path)
+            record = header_record(path, allow_raster=True)  # the Kaggle copy is JPEG
         else:
             record = {"path": str(path), "readable": False, "reason": "missing_file",
                       "error": f"listed in {table_path.name} but not on disk"}  # fmt: skip

@@ -57,11 +57,12 @@ See :data:`SKIP_REASONS`; the lead copies the table into the README.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,16 +72,10 @@ import pandas as pd
 
 from mammoseg.errors import InputError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
-from mammoseg.io.dicom import (
-    header_record,
-    RASTER_SUFFIXES,
-    DicomReadError,
-    binary_fraction,
-    mask_from_pixels,
-    read_mammogram,
-    read_raw_pixels,
-    safe_name,
-)
+from mammoseg.io.dicom import DicomReadError, check_decodable, header_record, read_stored_pixels
+from mammoseg.io.masks import binary_fraction, mask_from_pixels
+from mammoseg.io.names import safe_name
+from mammoseg.io.raster import RASTER_SUFFIXES
 from mammoseg.data.layouts import (
     CASE_NAME_PATTERN,
     CaseName,
@@ -175,7 +170,7 @@ def find_case_csv(source_root: str | Path, csv_dir: str | Path | None, abnormali
     if csv_dir:
         path = Path(csv_dir) / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
+            raise InputError(f"{path}: case CSV not found (data.csv_dir = {csv_dir})")
         return path
     for folder in case_csv_folders(source_root):
         if (folder / name).is_file():
@@ -224,7 +219,7 @@ def load_case_csv(path: str | Path, abnormality: str) -> CaseTable:
     frame.columns = [c.strip() for c in frame.columns]
     needed = {"image file path", "ROI mask file path", "cropped image file path", "pathology"}
     if needed - set(frame.columns):
-        raise ValueError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
+        raise InputError(f"{path}: not a CBIS-DDSM case CSV (missing {sorted(needed - set(frame.columns))})")
     columns = {**_CSV_COLUMNS["both"], **_CSV_COLUMNS[abnormality]}
     table = CaseTable(path=str(path))
     for record in frame.to_dict("records"):
@@ -353,13 +348,13 @@ def _plan_images(rows: list[tuple[Any, CaseName]], table: CaseTable | None, plan
 def decode_failure(path: str) -> DicomReadError | None:
     """Why the full image at ``path`` cannot be used, or None when its pixels decode.
 
-    The one place restructuring decodes a full image (to become ``mammoseg.io.dicom.check_decodable`` once that
-    exists). Indexing checked the header and that the pixel data are complete; only a decode finds a broken
-    stream, such as a JPEG 2000 codestream whose own header is damaged, which extraction and prediction would
-    otherwise be the first to meet.
+    The one place restructuring decodes a full image (:func:`mammoseg.io.dicom.check_decodable`; the Kaggle
+    layout's JPEGs are allowed). Indexing checked the header and that the pixel data are complete; only a decode
+    finds a broken stream, such as a JPEG 2000 codestream whose own header is damaged, which extraction and
+    prediction would otherwise be the first to meet.
     """
     try:
-        read_mammogram(path)
+        check_decodable(path, allow_raster=True)
     except DicomReadError as exc:
         return exc
     return None
@@ -368,15 +363,19 @@ def decode_failure(path: str) -> DicomReadError | None:
 def decode_failures(paths: list[str], *, threads: int = 1, progress: bool = False) -> dict[str, DicomReadError]:
     """Decode every file of ``paths`` (full images) and return ``{path: error}`` for those that fail.
 
-    ``threads`` decodes run at once (a thread pool: the decoders and file reads release the GIL); each holds one
-    decoded image, about 25 MB for a 4.6k x 2.8k 16-bit mammogram, which is dropped as soon as it has decoded.
+    ``threads`` decodes run at once in a pool of processes, not threads: the RLE decoder holds the GIL (measured:
+    two threads decode no faster than one). Each holds one decoded image, about 25 MB for a 4.6k x 2.8k 16-bit
+    mammogram, dropped as soon as it has decoded.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     bar = _bar(len(paths), "decode full images", progress)
     failures: dict[str, DicomReadError] = {}
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for path, error in zip(paths, pool.map(decode_failure, paths)):
+    # forkserver: workers start from a clean process, never from a copy of a caller that holds threads (TensorFlow)
+    pool = (ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("forkserver"))
+            if threads > 1 and len(paths) > 1 else ThreadPoolExecutor(1))
+    with pool:
+        for path, error in zip(paths, pool.map(decode_failure, paths, chunksize=max(1, len(paths) // (8 * threads)))):
             if error is not None:
                 failures[path] = error
             if bar is not None:
@@ -412,11 +411,13 @@ def _drop_undecodable(rows: list[tuple[Any, CaseName]], plan: Plan, threads: int
 def _read_roi_file(row: Any, case: CaseName, plan: Plan, ids: dict) -> RoiFile | None:
     """Read one ROI-folder file's pixels and measure them; None (recorded) when unreadable."""
     try:
-        pixels, photometric, bits = read_raw_pixels(row.path)
+        # the index already refused JPEG/PNG files outside the Kaggle layout: what reaches here is to be read
+        stored = read_stored_pixels(row.path, allow_raster=True)
     except DicomReadError as exc:
         plan.skip(exc.reason, exc.detail, source=row.path, **ids)
         return None
-    read = mask_from_pixels(pixels, photometric, bits)
+    pixels = stored.pixels
+    read = mask_from_pixels(pixels, stored.photometric, stored.bits_stored)
     return RoiFile(
         row.path, row.SeriesUID, row.SOPUID, (int(pixels.shape[0]), int(pixels.shape[1])), role="crop",
         note=read.note, foreground=int(np.count_nonzero(read.mask)), binary=binary_fraction(pixels),

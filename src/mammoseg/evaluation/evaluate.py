@@ -27,9 +27,11 @@ from mammoseg.data.manifest import has_truth, is_normal, lesion_rows
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import FINDINGS_LEGEND, add_legend, make_overlay, write_overlay
+from mammoseg.evaluation.postprocess import postprocess
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
-from mammoseg.io.dicom import read_mammogram, read_mask
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.masks import read_mask
 
 __all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "findings_image", "evaluate_chunk", "write_mask_png"]
 
@@ -289,17 +291,20 @@ def evaluate_chunk(prediction_dir: str | Path, manifest_rows: Sequence[Mapping[s
                            "normal": all(is_normal(row) for row in by_image[image_id])}
                 write_json_atomic(tmp / f"{image_id}.json", payload)
                 log(f"{image_id}: not evaluated, its prediction failed ({record['reason']})")
-            elif not has_truth(by_image[image_id]):  # a new study: what the model finds, no metrics
-                prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
-                payload = findings_image(prob, meta, by_image[image_id][0], base, tmp, threshold=threshold,
-                                         evaluate=evaluate, experiment=experiment)
-                log(f"{image_id}: {len(payload['marks'])} marks at threshold {threshold}")
             else:
                 prob, meta = load_prediction(prediction_dir / f"{image_id}.prob.npz")
-                payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
-                                         evaluate=evaluate, experiment=experiment)
-                log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
-                    f"{payload['results'][0]['false_positives']} false positives")
+                # before anything is measured, so masks, candidates, FROC, overlays and SEG see one map
+                prob = postprocess(prob, candidate_threshold=float(evaluate["candidate_threshold"]),
+                                   **evaluate["postprocess"])
+                if not has_truth(by_image[image_id]):  # a new study: what the model finds, no metrics
+                    payload = findings_image(prob, meta, by_image[image_id][0], base, tmp, threshold=threshold,
+                                             evaluate=evaluate, experiment=experiment)
+                    log(f"{image_id}: {len(payload['marks'])} marks at threshold {threshold}")
+                else:
+                    payload = evaluate_image(prob, meta, by_image[image_id], base, tmp, threshold=threshold,
+                                             evaluate=evaluate, experiment=experiment)
+                    log(f"{image_id}: {payload['results'][0]['detected']}/{payload['n_lesions']} lesions, "
+                        f"{payload['results'][0]['false_positives']} false positives")
             payloads.append(payload)
     return payloads
 

@@ -57,6 +57,7 @@ __all__ = [
     "FPPI_POINTS",
     "ImageCandidates",
     "image_candidates",
+    "component_max",
     "FrocCurve",
     "froc_curve",
     "sensitivity_at_fppi",
@@ -133,7 +134,7 @@ def _active_box(candidate_mask: np.ndarray, lesions: Sequence[np.ndarray]) -> tu
             max(e[3] for e in extents))
 
 
-def _component_max(prob_u8: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
+def component_max(prob_u8: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
     """Maximum uint8 probability of components 1..count, int64 (count,).
 
     ``np.maximum.at`` over the foreground pixels: several times faster than ``scipy.ndimage.maximum``, which
@@ -188,7 +189,7 @@ def image_candidates(
         return ImageCandidates(candidates=[], lesions=[], box=(row0, col0, row1, col1))
     crop = (slice(row0, row1), slice(col0, col1))
     labels, count = metrics.label_components(candidate_mask[crop])
-    score_u8 = _component_max(prob_u8[crop], labels, count)
+    score_u8 = component_max(prob_u8[crop], labels, count)
     matched = metrics.match_labels(labels, count, [np.asarray(les, dtype=bool)[crop] for les in lesions],
                                    rule=match, iou_threshold=iou_threshold, details=True)
     lesion_rows = _lesion_rows(matched.lesions, score_u8, row0, col0)

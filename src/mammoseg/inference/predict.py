@@ -290,7 +290,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
     The image id is the path relative to the folder given (or the file's stem), made safe as a file name.
     Non-DICOM files are kept here and refused, with a reason, when they are read.
     """
-    from mammoseg.io.dicom import safe_name
+    from mammoseg.io.names import safe_name
 
     found: dict[str, str] = {}
     for entry in map(Path, inputs):

@@ -9,18 +9,24 @@ Reading: h5py serialises every HDF5 call behind one global lock, so parallel rea
 threads; open file handles are cached per shard (opening a file costs far more than reading one chunk) and
 the lzf decompression of a chunk (masks by default; images too with ``patches.image_compression: lzf``) happens
 inside that lock. Its read rate is measured in benchmarks/measures.py.
+
+Augmentation (``train.augment``, beyond the paper; training batches only, see :func:`augment_batch`): each batch
+gets one random key from ``tf.data.Dataset.random(seed)`` (a new stream every epoch, the same streams for the
+same seed), drawn *before* the parallel reads, so a batch's transforms depend only on the seed, the epoch and its
+place in the epoch, never on which thread read it. With every ``train.augment`` setting off no augmentation step
+is added at all: the batches are bit-identical to those of a pipeline without augmentation.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from mammoseg.errors import InputError
-__all__ = ["read_provenance", "make_dataset", "ShardReader"]
+__all__ = ["read_provenance", "make_dataset", "ShardReader", "augments", "augment_batch"]
 
 
 def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  # noqa: F821
@@ -140,6 +146,7 @@ def make_dataset(
     seed: int = 0,
     repeat: bool = False,
     drop_remainder: bool = False,
+    augment: Mapping[str, Any] | None = None,
 ):
     """A ``tf.data.Dataset`` of (images, masks) batches read lazily from the shards.
 
@@ -152,6 +159,8 @@ def make_dataset(
     seed : shuffle seed
     repeat : repeat forever (one epoch otherwise)
     drop_remainder : drop a last, smaller batch
+    augment : the validated ``train.augment`` section, for training batches (:func:`augment_batch`, seeded by
+        ``seed``); None (validation, prediction) or every setting off = the patches as stored
 
     Returns
     -------
@@ -188,5 +197,114 @@ def make_dataset(
     # batch the indices, then read a whole batch per call: one Python call per batch instead of per patch, and
     # several batches are read in parallel (h5py serialises the HDF5 calls themselves behind its global lock)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(tf_load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if augment is not None and augments(augment):
+        # one key per batch, zipped in before the parallel reads: a batch's transforms depend on its position only
+        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, keys).map(
+            lambda index, key: augment_batch(*tf_load_batch(*index), key, augment),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    else:
+        ds = ds.map(tf_load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# augmentation (train.augment)
+# --------------------------------------------------------------------------------------------------------------
+def augments(augment: Mapping[str, Any]) -> bool:
+    """Whether a validated ``train.augment`` section changes anything (False: every setting is 0 / false)."""
+    return bool(augment["flip"]) or any(float(augment[k]) > 0 for k in ("rotate_deg", "scale", "contrast", "gamma"))
+
+
+def _affine(rotation_rad, zoom, side: int):
+    """ImageProjectiveTransform rows float32 (B, 8): each output pixel samples the input at the centre plus the
+    offset rotated by ``rotation_rad`` and divided by ``zoom`` (zoom > 1 magnifies)."""
+    import tensorflow as tf
+
+    centre = (side - 1) / 2.0
+    cos, sin = tf.cos(rotation_rad) / zoom, tf.sin(rotation_rad) / zoom
+    zeros = tf.zeros_like(cos)
+    # x = column, y = row; input = c + [[cos, -sin], [sin, cos]] @ (output - c)
+    return tf.stack([cos, -sin, centre - cos * centre + sin * centre,
+                     sin, cos, centre - sin * centre - cos * centre, zeros, zeros], axis=1)
+
+
+def _warp(images, transforms, interpolation: str):
+    import tensorflow as tf
+
+    side = tf.shape(images)[1:3]
+    # reflect for image and mask alike, so the pair stays aligned without an artificial black border
+    return tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=side,
+                                                 fill_value=0.0, interpolation=interpolation, fill_mode="REFLECT")
+
+
+def _minmax(images):
+    """Per-patch min-max normalisation of float32 (B, s, s, 1), as :func:`mammoseg.patches.geometry.normalise_patch`
+    (a flat patch becomes zeros): what inference feeds the network."""
+    import tensorflow as tf
+
+    low = tf.reduce_min(images, axis=[1, 2, 3], keepdims=True)
+    high = tf.reduce_max(images, axis=[1, 2, 3], keepdims=True)
+    return tf.where(high > low, (images - low) / tf.maximum(high - low, 1e-12), tf.zeros_like(images))
+
+
+def augment_batch(images, masks, key, augment: Mapping[str, Any]):
+    """Random flips, rotation, zoom, contrast and gamma of one batch, the same geometry for images and masks.
+
+    Parameters
+    ----------
+    images : float32 (B, s, s, 1) in [0, 1], min-max normalised patches
+    masks : float32 (B, s, s, 1) in {0, 1}
+    key : int64 scalar, the batch's random key (all draws are stateless functions of it)
+    augment : the validated ``train.augment`` section: ``flip`` (bool: horizontal and vertical flips, each with
+        probability 1/2), ``rotate_deg`` (rotation uniform in ±degrees), ``scale`` (zoom uniform in
+        [1 - scale, 1 + scale]), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
+        ``tf.image.adjust_contrast``), ``gamma`` (exponent uniform in [1 - gamma, 1 + gamma],
+        ``tf.image.adjust_gamma``); 0 / false = that transform off
+
+    Returns
+    -------
+    (images float32 (B, s, s, 1) in [0, 1], masks float32 (B, s, s, 1) in {0, 1}): each sample has its own draws.
+    Rotation and zoom resample about the patch centre (images bilinear, masks nearest neighbour, so they stay
+    binary; both reflect at the border). Photometric changes are clipped to [0, 1], and every augmented image is
+    min-max normalised again, as inference normalises every window: so a contrast factor below 1 alone changes
+    nothing the network sees, while one above 1 saturates the darkest and brightest pixels.
+    """
+    import math
+
+    import tensorflow as tf
+
+    shape = images.shape  # static (B or None, s, s, 1): the warp and map_fn below lose it
+    batch = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(tf.stack([key, tf.constant(0, tf.int64)]), num=6)
+
+    def uniform(k, low, high):
+        return tf.random.stateless_uniform([batch], seed=seeds[k], minval=low, maxval=high)
+
+    if augment["flip"]:
+        flips = uniform(0, 0.0, 1.0) < 0.5, uniform(1, 0.0, 1.0) < 0.5
+        for axis, chosen in zip((2, 1), flips):  # columns (horizontal flip), rows (vertical flip)
+            chosen = chosen[:, None, None, None]
+            images = tf.where(chosen, tf.reverse(images, [axis]), images)
+            masks = tf.where(chosen, tf.reverse(masks, [axis]), masks)
+    rotate, scale = float(augment["rotate_deg"]), float(augment["scale"])
+    if rotate > 0 or scale > 0:
+        angle = uniform(2, -rotate, rotate) * (math.pi / 180.0)
+        transforms = _affine(angle, uniform(3, 1.0 - scale, 1.0 + scale), int(images.shape[1]))
+        images = _warp(images, transforms, "BILINEAR")
+        masks = _warp(masks, transforms, "NEAREST")
+    contrast, gamma = float(augment["contrast"]), float(augment["gamma"])
+    if contrast > 0 or gamma > 0:
+        factors = uniform(4, 1.0 - contrast, 1.0 + contrast)
+        exponents = uniform(5, 1.0 - gamma, 1.0 + gamma)
+
+        def photometric(args):
+            image, factor, exponent = args
+            image = tf.clip_by_value(tf.image.adjust_contrast(image, factor), 0.0, 1.0)
+            return tf.image.adjust_gamma(image, exponent)
+
+        images = tf.map_fn(photometric, (images, factors, exponents), fn_output_signature=tf.float32)
+    images, masks = _minmax(images), masks
+    images.set_shape(shape)
+    masks.set_shape(shape)
+    return images, masks

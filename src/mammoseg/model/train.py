@@ -691,6 +691,20 @@ def _compiled_model(model_cfg: dict[str, Any], train_cfg: dict[str, Any], side: 
         return build_model(model_cfg, side, loss, train_cfg["learning_rate"])
 
 
+def training_datasets(data: TrainingData, train_cfg: dict[str, Any], epochs_done: int):
+    """(training batches, validation batches or None) of one run; only training batches are shuffled and
+    augmented (``train.augment``), both seeded by ``train.seed`` plus the epochs already done (a resumed run does
+    not replay the first run's batch order)."""
+    from mammoseg.model.dataset import make_dataset
+
+    batch_size = train_cfg["batch_size"]
+    train_ds = make_dataset(data.shard_paths, data.train_rows, batch_size, shuffle=True,
+                            seed=train_cfg["seed"] + epochs_done, repeat=False, augment=train_cfg["augment"])
+    val_ds = (make_dataset(data.shard_paths, data.val_rows, batch_size, shuffle=False, seed=0, repeat=False)
+              if len(data.val_rows) else None)
+    return train_ds, val_ds
+
+
 def fit(model, data: TrainingData, state: TrainState, callbacks: dict[str, Any], train_cfg: dict[str, Any],
         resume_dir: Path) -> None:
     """``model.fit`` from the epoch after ``state.epochs_done`` to the last planned epoch, updating ``state``.
@@ -698,16 +712,11 @@ def fit(model, data: TrainingData, state: TrainState, callbacks: dict[str, Any],
     With early stopping already decided, no epoch runs and only ``on_train_end`` (which writes ``last.keras``)
     does.
     """
-    from mammoseg.model.dataset import make_dataset
     from mammoseg.model.unet import parameter_counts
 
     state.parameters = parameter_counts(model)
     epochs, batch_size = train_cfg["epochs"], train_cfg["batch_size"]
-    # seeded by the resume point too, so a resumed run does not replay the first run's batch order
-    train_ds = make_dataset(data.shard_paths, data.train_rows, batch_size, shuffle=True,
-                            seed=train_cfg["seed"] + state.epochs_done, repeat=False)
-    val_ds = (make_dataset(data.shard_paths, data.val_rows, batch_size, shuffle=False, seed=0, repeat=False)
-              if len(data.val_rows) else None)
+    train_ds, val_ds = training_datasets(data, train_cfg, state.epochs_done)
     fit_until = state.epochs_done if state.stopped_early else epochs
     _log(f"training epochs {state.epochs_done + 1}..{fit_until}, batch size {batch_size}, "
          f"monitor {callbacks['best_checkpoint'].monitor}")

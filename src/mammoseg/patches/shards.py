@@ -57,6 +57,7 @@ __all__ = [
     "shard_of",
     "shard_input_files",
     "extract_shard",
+    "write_shard",
     "read_table",
     "read_shard_attributes",
     "write_patch_manifest",
@@ -221,7 +222,7 @@ def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions:
 def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequence[dict], base: Path,
                    tables: _Tables) -> tuple[list[_Lesion], np.ndarray]:  # fmt: skip
     """Read the masks of one image: the usable lesions and their union (bool, the image's shape); skips recorded."""
-    from mammoseg.io.dicom import read_mask
+    from mammoseg.io.masks import read_mask
 
     image_id = rois[0]["image_id"]
     union = np.zeros(image_shape, dtype=bool)
@@ -229,7 +230,7 @@ def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequenc
     for roi in lesion_rows(rois):  # a normal image's row has no mask
         mask_path = base / roi["mask_path"]
         try:
-            read = read_mask(mask_path)
+            read = read_mask(mask_path, allow_raster=True)  # the Kaggle layout's masks are PNG/JPEG
         except Exception as exc:
             tables.skip(roi["roi_id"], image_id, "unreadable_mask", f"{mask_path}: {_describe_error(exc)}")
             continue
@@ -253,7 +254,8 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
 
     image_id = rois[0]["image_id"]
     try:
-        image = read_mammogram(image_path)
+        # a restructured Kaggle set holds the JPEG/PNG files that restructuring indexed and vetted
+        image = read_mammogram(image_path, allow_raster=True)
     except Exception as exc:  # any decode failure of one file must not stop the shard: record it
         for roi in rois:
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
@@ -355,6 +357,83 @@ def _filter(name: str | None, key: str) -> str | None:
     return value
 
 
+def _collection_batches(groups: dict[str, list[dict]], base: Path, params: PatchParams, tables: _Tables,
+                        manifest_csv: Path):  # fmt: skip
+    """Per image of ``groups`` (image_id -> its ROI rows), the list of its patches (provenance row, image patch,
+    mask patch); images that cannot be used are recorded in ``tables`` and give an empty list."""
+    for image_id, rois in groups.items():
+        image_paths = {r["image_path"] for r in rois}
+        if len(image_paths) > 1:
+            for roi in rois:
+                tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
+                            f"{manifest_csv}: image {image_id} has several image_path values")
+            yield []
+            continue
+        yield list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
+
+
+def write_shard(out_path: str | Path, image_batches: Iterable[list[tuple[dict, np.ndarray, np.ndarray]]], *,
+                max_patches: int, patch_size: int, compression: str | None, image_compression: str | None,
+                tables: _Tables, attrs: dict[str, Any], extra_attrs: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Write patches into one HDF5 shard (layout in the module docstring), atomically; the one shard writer.
+
+    Parameters
+    ----------
+    out_path : the shard (written under a temporary name and renamed when complete)
+    image_batches : per image, a list of (provenance row with every :data:`PROVENANCE_COLUMNS` key, image patch
+        float32 (s, s) in [0, 1], mask patch uint8 (s, s) in {0, 1}); pulled one image at a time, and not pulled
+        any further once the disk is full. Skips found while they are made go into ``tables``.
+    max_patches : an upper bound on the patches (the datasets are allocated for it and cut to the count)
+    patch_size : s, pixels
+    compression, image_compression : HDF5 filters of ``masks`` and ``images`` (``"lzf"``, ``"gzip"`` or None)
+    tables : provenance and skipped rows; the skipped ones collected beforehand are written too
+    attrs : every key of :data:`ROOT_ATTRIBUTES`; extra_attrs : further root attributes (after them)
+
+    Returns
+    -------
+    int, the number of patches written.
+    """
+    missing = [key for key in ROOT_ATTRIBUTES if key not in attrs]
+    if missing:
+        raise ValueError(f"{out_path}: root attribute(s) {missing} not given")
+    s = int(patch_size)
+    _check_free_space(out_path, max_patches, s)
+    with atomic_path(out_path) as tmp, hdf5_writer(tmp, track_order=False) as (h5, disk):
+        chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
+        # sized for every patch the shard can hold and cut to the patches written at the end: one resize
+        # instead of two per image (chunks are allocated on write, so the unused rows cost nothing)
+        images = h5.create_dataset("images", shape=(max_patches, s, s), dtype=np.float32,
+                                   compression=image_compression, **chunk)  # fmt: skip
+        masks = h5.create_dataset("masks", shape=(max_patches, s, s), dtype=np.uint8, compression=compression,
+                                  **chunk)  # fmt: skip
+        count = 0
+        batches = iter(image_batches)
+        # One slice write per dataset and image (its 5 x ROIs patches), not per patch: HDF5 calls
+        # dominated extraction time. Not across images either: patches kept while the next full-size
+        # image decodes fragment the heap, and extraction of real mammograms got 20 % slower (measured).
+        while disk.error is None:  # the disk is full: stop, hdf5_writer raises the error naming the shard
+            batch = next(batches, None)
+            if batch is None:
+                break
+            if not batch:
+                continue
+            images[count:count + len(batch)] = np.stack([image_patch for _, image_patch, _ in batch])
+            masks[count:count + len(batch)] = np.stack([mask_patch for _, _, mask_patch in batch])
+            for row, _, _ in batch:
+                for key in PROVENANCE_COLUMNS:
+                    tables.provenance[key].append(row[key])
+            count += len(batch)
+        images.resize(count, axis=0)
+        masks.resize(count, axis=0)
+        _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
+        _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
+        for key in ROOT_ATTRIBUTES:
+            h5.attrs[key] = attrs[key]
+        for key, value in (extra_attrs or {}).items():
+            h5.attrs[key] = value
+    return count
+
+
 def extract_shard(
     manifest_csv: str | Path,
     out_path: str | Path,
@@ -426,58 +505,22 @@ def extract_shard(
     for roi in records:
         groups.setdefault(roi["image_id"], []).append(roi)
     tables = _Tables()
-    s = params.patch_size
     lesion_records = lesion_rows(records)
     normal_images = len(groups) - len({row["image_id"] for row in lesion_records})
     max_patches = (len(lesion_records) * (1 + params.n_shifted) + (len(groups) - normal_images) * params.n_negative
                    + normal_images * params.n_normal)
-    _check_free_space(out_path, max_patches, s)
-    with atomic_path(out_path) as tmp, hdf5_writer(tmp, track_order=False) as (h5, disk):
-        chunk = {"chunks": (1, s, s), "maxshape": (None, s, s), "track_times": False}
-        # sized for every patch the shard can hold and cut to the patches written at the end: one resize
-        # instead of two per image (chunks are allocated on write, so the unused rows cost nothing)
-        images = h5.create_dataset("images", shape=(max_patches, s, s), dtype=np.float32,
-                                   compression=image_compression, **chunk)  # fmt: skip
-        masks = h5.create_dataset("masks", shape=(max_patches, s, s), dtype=np.uint8, compression=compression,
-                                  **chunk)  # fmt: skip
-        count = 0
-        for image_id, rois in groups.items():
-            if disk.error is not None:  # the disk is full: stop, hdf5_writer raises the error naming the shard
-                break
-            image_paths = {r["image_path"] for r in rois}
-            if len(image_paths) > 1:
-                for roi in rois:
-                    tables.skip(roi["roi_id"], image_id, "inconsistent_image_path",
-                                f"{manifest_csv}: image {image_id} has several image_path values")
-                continue
-            # One slice write per dataset and image (its 5 x ROIs patches), not per patch: HDF5 calls
-            # dominated extraction time. Not across images either: patches kept while the next full-size
-            # image decodes fragment the heap, and extraction of real mammograms got 20 % slower (measured).
-            batch = list(_image_patches(base / rois[0]["image_path"], rois, base, params, tables))
-            if not batch:
-                continue
-            images[count:count + len(batch)] = np.stack([image_patch for _, image_patch, _ in batch])
-            masks[count:count + len(batch)] = np.stack([mask_patch for _, _, mask_patch in batch])
-            for row, _, _ in batch:
-                for key in PROVENANCE_COLUMNS:
-                    tables.provenance[key].append(row[key])
-            count += len(batch)
-        images.resize(count, axis=0)
-        masks.resize(count, axis=0)
-        _write_table(h5.create_group("provenance"), PROVENANCE_COLUMNS, tables.provenance)
-        _write_table(h5.create_group("skipped"), SKIPPED_COLUMNS, tables.skipped)
-        attrs = {
-            "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
-            "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
-            "window_size": params.window_size, "patch_size": s, "downscale": params.downscale,
-            "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
-            "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
-            "n_normal": params.n_normal,
-            "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
-            "image_compression": image_compression or "none",
-        }
-        for key in ROOT_ATTRIBUTES:
-            h5.attrs[key] = attrs[key]
+    attrs = {
+        "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
+        "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
+        "window_size": params.window_size, "patch_size": params.patch_size, "downscale": params.downscale,
+        "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
+        "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean, "n_normal": params.n_normal,
+        "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
+        "image_compression": image_compression or "none",
+    }
+    count = write_shard(out_path, _collection_batches(groups, base, params, tables, manifest_csv),
+                        max_patches=max_patches, patch_size=params.patch_size, compression=compression,
+                        image_compression=image_compression, tables=tables, attrs=attrs)
     reasons: dict[str, int] = {}
     for reason in tables.skipped["reason"]:
         reasons[reason] = reasons.get(reason, 0) + 1

@@ -265,7 +265,7 @@ def tree_with_real_images(image_paths: Iterable[str | Path], out_dir: str | Path
     -------
     dict : ``images``, ``rois`` (counts) and ``root`` (the ``CBIS-DDSM`` folder)
     """
-    from mammoseg.io.dicom import header_record, read_raw_pixels
+    from mammoseg.io.dicom import header_record, read_stored_pixels
     from mammoseg.data.layouts import parse_case_name
 
     root = Path(out_dir) / "CBIS-DDSM"
@@ -280,7 +280,7 @@ def tree_with_real_images(image_paths: Iterable[str | Path], out_dir: str | Path
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(path.resolve())
-        image, _, _ = read_raw_pixels(path)
+        image = read_stored_pixels(path).pixels
         rng = np.random.default_rng([seed, k])
         date = STUDY_DATES[(case.abnormality, case.split, "roi")]
         for abnormality_id in range(1, 2 + k % max(1, max_rois)):

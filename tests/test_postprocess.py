@@ -1,0 +1,128 @@
+"""Candidate post-processing (mammoseg.evaluation.postprocess) on hand-built probability maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mammoseg.evaluation import froc
+from mammoseg.evaluation.postprocess import kept_candidates, postprocess
+
+THRESHOLD = 0.1  # level ceil(25.5) = 26
+
+
+def blob_map() -> np.ndarray:
+    """uint8 (20, 30) with four candidates at level 26, in raster order of their first pixel:
+
+    0: rows 1-2, cols 1-3 (6 px), peak 200
+    1: rows 1-3, cols 10-12 (9 px), peak 120, with a rim of 20 (below the level) around it
+    2: rows 10-11, cols 1-2 (4 px), peak 200 (ties with candidate 0)
+    3: one pixel at (15, 20), peak 250
+    """
+    prob = np.zeros((20, 30), dtype=np.uint8)
+    prob[1:3, 1:4] = 60
+    prob[2, 2] = 200
+    prob[0:5, 9:14] = 20
+    prob[1:4, 10:13] = 120
+    prob[10:12, 1:3] = 200
+    prob[15, 20] = 250
+    return prob
+
+
+def scores_and_areas(prob: np.ndarray):
+    found = froc.image_candidates(prob, [], candidate_threshold=THRESHOLD, match="iou", iou_threshold=0.1)
+    return [(c["score_u8"], c["area"]) for c in found.candidates]
+
+
+def test_the_hand_built_map_has_the_candidates_described():
+    assert scores_and_areas(blob_map()) == [(200, 6), (120, 9), (200, 4), (250, 1)]
+
+
+def test_defaults_return_the_map_itself():
+    prob = blob_map()
+    assert postprocess(prob, candidate_threshold=THRESHOLD, min_area=0, top_k=0) is prob
+    assert postprocess(prob, candidate_threshold=THRESHOLD, min_area=1, top_k=0) is prob
+
+
+def test_min_area_keeps_a_candidate_of_exactly_min_area():
+    out = postprocess(blob_map(), candidate_threshold=THRESHOLD, min_area=4, top_k=0)
+    assert scores_and_areas(out) == [(200, 6), (120, 9), (200, 4)]  # the 1-pixel candidate went, the 4-pixel stayed
+    assert out[15, 20] == 0
+    out = postprocess(blob_map(), candidate_threshold=THRESHOLD, min_area=5, top_k=0)
+    assert scores_and_areas(out) == [(200, 6), (120, 9)]
+
+
+def test_removed_pixels_are_exactly_the_candidate_pixels():
+    prob = blob_map()
+    out = postprocess(prob, candidate_threshold=THRESHOLD, min_area=0, top_k=3)  # drops candidate 1 (lowest)
+    expected = prob.copy()
+    expected[1:4, 10:13] = 0  # the candidate ...
+    np.testing.assert_array_equal(out, expected)  # ... while its rim of 20, below the level, stays
+    assert prob[2, 11] == 120  # the input is not modified
+
+
+def test_top_k_ties_go_to_the_first_candidate_in_raster_order():
+    out = postprocess(blob_map(), candidate_threshold=THRESHOLD, min_area=0, top_k=2)
+    assert scores_and_areas(out) == [(200, 6), (250, 1)]  # 250, then the earlier of the two 200s
+    out = postprocess(blob_map(), candidate_threshold=THRESHOLD, min_area=0, top_k=1)
+    assert scores_and_areas(out) == [(250, 1)]
+
+
+def test_min_area_applies_before_top_k():
+    out = postprocess(blob_map(), candidate_threshold=THRESHOLD, min_area=2, top_k=1)
+    assert scores_and_areas(out) == [(200, 6)]  # the 250 single pixel is gone first; 200 beats 120, earlier 200 wins
+
+
+def test_top_k_larger_than_the_count_keeps_everything():
+    prob = blob_map()
+    out = postprocess(prob, candidate_threshold=THRESHOLD, min_area=0, top_k=10)
+    np.testing.assert_array_equal(out, prob)
+
+
+def test_empty_map():
+    prob = np.zeros((8, 8), dtype=np.uint8)
+    np.testing.assert_array_equal(postprocess(prob, candidate_threshold=THRESHOLD, min_area=5, top_k=1), prob)
+
+
+def test_candidates_are_8_connected():
+    prob = np.zeros((6, 6), dtype=np.uint8)
+    prob[1, 1] = prob[2, 2] = prob[3, 3] = 100  # one diagonal candidate of 3 pixels
+    np.testing.assert_array_equal(postprocess(prob, candidate_threshold=THRESHOLD, min_area=3, top_k=0), prob)
+    assert not postprocess(prob, candidate_threshold=THRESHOLD, min_area=4, top_k=0).any()
+
+
+def test_kept_candidates_directly():
+    areas, scores = np.array([5, 1, 5, 9]), np.array([0.5, 0.9, 0.5, 0.1])
+    assert kept_candidates(areas, scores, min_area=0, top_k=0).tolist() == [True, True, True, True]
+    assert kept_candidates(areas, scores, min_area=5, top_k=0).tolist() == [True, False, True, True]
+    assert kept_candidates(areas, scores, min_area=5, top_k=1).tolist() == [True, False, False, False]
+    assert kept_candidates(np.array([], int), np.array([]), min_area=3, top_k=2).tolist() == []
+    with pytest.raises(ValueError):
+        kept_candidates(areas, scores, min_area=-1, top_k=0)
+
+
+def test_a_zero_candidate_threshold_is_refused():
+    with pytest.raises(ValueError, match="above probability 0"):
+        postprocess(blob_map(), candidate_threshold=0.0, min_area=2, top_k=0)
+
+
+def test_the_evaluate_stage_measures_the_post_processed_map(tmp_path):
+    """The hand-built case of test_evaluate: with top_k = 1 only the best candidate of each image is left, so
+    image A keeps its hit (A1) and loses its two false positives and the low-scoring candidate on A2."""
+    import json
+
+    from PIL import Image
+
+    from mammoseg.evaluation import evaluate
+    from test_evaluate import CONFIG, HIT, build_case
+
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    config = {**CONFIG, "evaluate": {**CONFIG["evaluate"], "postprocess": {"min_area": 0, "top_k": 1}}}
+    out = tmp_path / "evaluated"
+    evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=config)
+    a = json.loads((out / "P_1_LEFT_CC.json").read_text())
+    assert (a["results"][0]["detected"], a["results"][0]["false_positives"]) == (1, 0)
+    assert [c["score_u8"] for c in a["candidates"]] == [HIT]
+    assert [les["hit"] for les in a["lesion_hits"]] == [True, False]
+    mask = np.asarray(Image.open(out / "P_1_LEFT_CC.mask.png")) == 255
+    np.testing.assert_array_equal(mask, probs["P_1_LEFT_CC"] == HIT)
