@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 
-.PHONY: demo test test-quick test-slow lint bench report clean install
+.PHONY: demo test test-quick test-slow lint bench bench-real report clean install
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -35,6 +35,11 @@ lint: install
 
 bench: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
+
+# The workflow on real mammograms (config/mias-dev.yaml; data: $$MAMMOSEG_MIAS_DEV or ../shared/data/mias-dev,
+# skipped with a message when absent): out-of-fold FROC, CPM, Dice, false positives per normal image, wall time.
+bench-real: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/real.py $(BENCH_REAL_ARGS)
 
 report: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --configfile config/config.yaml --report report.html

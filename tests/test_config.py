@@ -46,7 +46,7 @@ def test_violations_name_key_and_allowed_values(bad, must_mention):
 
 
 def test_shipped_configs_are_valid(repo_root):
-    for name in ("config.yaml", "paper.yaml"):
+    for name in ("config.yaml", "paper.yaml", "mias-dev.yaml"):
         path = repo_root / "config" / name
         config = load_config(path)
         assert config["model"]["name"]

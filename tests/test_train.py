@@ -269,6 +269,31 @@ def test_best_and_last_reproduce_their_epochs_and_the_rate_follows_the_cosine(tm
     np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-6)
 
 
+def test_monitor_of_names_the_quantity_and_its_direction():
+    from mammoseg.model.train import monitor_of
+
+    assert monitor_of({"monitor": "dice"}, True) == ("val_dice", "max")
+    assert monitor_of({"monitor": "pooled_dice"}, True) == ("val_pooled_dice", "max")
+    assert monitor_of({"monitor": "loss"}, True) == ("val_loss", "min")
+    assert monitor_of({"monitor": "pooled_dice"}, False) == ("pooled_dice", "max")
+    assert monitor_of({}, True) == ("val_dice", "max")
+
+
+@pytest.mark.parametrize("monitor,key,pick", [("pooled_dice", "val_pooled_dice", "idxmax"), ("loss", "val_loss", "idxmin")])
+def test_best_checkpoint_follows_train_monitor(tmp_path, monitor, key, pick):
+    pytest.importorskip("tensorflow")
+    from mammoseg.model.train import train_model
+
+    shard = write_tiny_shard(tmp_path / "shard-0.h5")
+    out = tmp_path / "model"
+    cfg = _train_cfg(epochs=3, learning_rate=0.03, lr_schedule="cosine", deterministic=True, monitor=monitor)
+    report = train_model([shard], out, model_cfg=MODEL_CFG, train_cfg=cfg, patch_cfg=PATCH_CFG)
+    history = pd.read_csv(out / "history.csv")
+    best_row = history.loc[getattr(history[key], pick)()]
+    assert report["monitor"] == key
+    assert report["best_epoch"] == best_row["epoch"] and report["best_value"] == pytest.approx(best_row[key])
+
+
 def test_plateau_halves_the_rate_early_stopping_stops_and_both_resume(tmp_path, monkeypatch):
     """A rate too small to change any weight: the validation Dice never improves after epoch 1. The plateau
     patience is 2 (half of 4), so the rate halves after epochs 3 and 5; early stopping (patience 4) stops after

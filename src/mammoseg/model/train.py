@@ -9,8 +9,12 @@ Outputs in ``out_dir`` (``results/models/<name>/``, one folder per fold), each w
 Training is ``model.fit`` with stock Keras callbacks, built in :func:`make_callbacks`: ``LearningRateScheduler``
 over ``keras.optimizers.schedules.CosineDecay`` (``lr_schedule: cosine``: the rate of epoch e, counted from 1, is
 ``lr * (1 + cos(pi * (e - 1) / epochs)) / 2``), ``ReduceLROnPlateau`` (``lr_schedule: plateau``), ``EarlyStopping``,
-``ModelCheckpoint(save_best_only=True)``, ``TensorBoard`` and ``BackupAndRestore``; the monitored quantity is
-the validation Dice (``val_dice``, maximised), or the training Dice when there is no validation set.
+``ModelCheckpoint(save_best_only=True)``, ``TensorBoard`` and ``BackupAndRestore``; the monitored quantity
+(:func:`monitor_of`, ``train.monitor``) is the validation Dice (``val_dice``, the mean over patches, maximised),
+the pooled validation Dice (``val_pooled_dice``, over all pixels of all patches, maximised) or the validation
+loss (``val_loss``, minimised); the training quantity when there is no validation set. With many lesion-free
+patches the mean Dice rewards a model that predicts nothing (an empty answer on an empty patch scores 1), so
+its best epoch can be an early, under-confident one; the pooled Dice does not.
 
 Resume
 ------
@@ -83,6 +87,7 @@ __all__ = [
     "prepare_data",
     "build_model",
     "make_callbacks",
+    "monitor_of",
     "make_resume_callback",
     "open_resume_state",
     "fit",
@@ -100,8 +105,8 @@ TENSORBOARD_DIR = "tensorboard"
 LAST_FILE = "last.keras"
 BEST_TEMPLATE = "best-{epoch:03d}.keras"  # ModelCheckpoint's file name pattern; epoch counted from 1
 BEST_GLOB = "best-*.keras"  # every file BEST_TEMPLATE names
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "dice", "iou", "val_loss", "val_accuracy", "val_dice", "val_iou",
-                   "learning_rate", "seconds")
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "dice", "iou", "pooled_dice", "val_loss", "val_accuracy", "val_dice",
+                   "val_iou", "val_pooled_dice", "learning_rate", "seconds")
 PLATEAU_FACTOR = 0.5  # learning rate multiplier when the monitored Dice stalls
 MIN_LEARNING_RATE = 1e-6
 
@@ -431,7 +436,18 @@ def plateau_patience(early_stopping_patience: int) -> int:
     return max(2, early_stopping_patience // 2) if early_stopping_patience else 5
 
 
-def make_callbacks(train_cfg: dict[str, Any], monitor: str, resume_dir: Path) -> dict[str, Any]:
+#: ``train.monitor`` -> (history key, Keras mode) of the quantity that selects the best epoch.
+MONITORS = {"dice": ("dice", "max"), "pooled_dice": ("pooled_dice", "max"), "loss": ("loss", "min")}
+
+
+def monitor_of(train_cfg: dict[str, Any], has_validation: bool) -> tuple[str, str]:
+    """(quantity, mode) watched by checkpointing, early stopping and the plateau schedule: ``train.monitor`` on
+    the validation patches (``val_`` prefix), on the training patches when there is no validation set."""
+    key, mode = MONITORS[train_cfg.get("monitor", "dice")]
+    return ("val_" + key if has_validation else key), mode
+
+
+def make_callbacks(train_cfg: dict[str, Any], monitor: str, resume_dir: Path, mode: str = "max") -> dict[str, Any]:
     """The stock Keras callbacks of a training run, by name, in the order ``fit`` must call them.
 
     Order matters at the end of an epoch: ``TensorBoard`` logs the rate the epoch used before
@@ -454,13 +470,13 @@ def make_callbacks(train_cfg: dict[str, Any], monitor: str, resume_dir: Path) ->
             lambda epoch, _rate: float(cosine(epoch)))
     callbacks["tensorboard"] = keras.callbacks.TensorBoard(resume_dir / TENSORBOARD_DIR, write_graph=False)
     if patience:
-        callbacks["early_stopping"] = keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)
+        callbacks["early_stopping"] = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience)
     if train_cfg["lr_schedule"] == "plateau":
         callbacks["plateau"] = keras.callbacks.ReduceLROnPlateau(
-            monitor=monitor, mode="max", factor=PLATEAU_FACTOR, patience=plateau_patience(patience),
+            monitor=monitor, mode=mode, factor=PLATEAU_FACTOR, patience=plateau_patience(patience),
             min_delta=0.0, min_lr=MIN_LEARNING_RATE)
     callbacks["best_checkpoint"] = keras.callbacks.ModelCheckpoint(
-        resume_dir / BEST_TEMPLATE, monitor=monitor, mode="max", save_best_only=True)
+        resume_dir / BEST_TEMPLATE, monitor=monitor, mode=mode, save_best_only=True)
     callbacks["backup"] = keras.callbacks.BackupAndRestore(
         resume_dir / BACKUP_DIR, double_checkpoint=True, delete_checkpoint=False)
     return callbacks
@@ -731,7 +747,7 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
     data = prepare_data(shard_paths, train_cfg, fold, fold_of)
     config_hash = run_identity(model_cfg, train_cfg, patch_cfg, data.fingerprint, fold)
     side = (plan.geometry if plan is not None else patch_geometry(patch_cfg)).input_px
-    monitor = "val_dice" if len(data.val_rows) else "dice"
+    monitor, mode = monitor_of(train_cfg, bool(len(data.val_rows)))
     runtime = configure_runtime(train_cfg)
     _log(f"device: {runtime.device}; CUDA_VISIBLE_DEVICES={runtime.cuda_visible_devices!r}; "
          f"mixed precision: {runtime.mixed_precision}; replicas: {runtime.strategy.num_replicas_in_sync}")
@@ -741,7 +757,7 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
          + (f" (pos_weight = n_black/n_white = {data.pos_weight:.3f})" if train_cfg["loss"] == "weighted_bce"
             else ""))
     try:
-        callbacks = make_callbacks(train_cfg, monitor, resume_dir)
+        callbacks = make_callbacks(train_cfg, monitor, resume_dir, mode)
         state = open_resume_state(resume_dir, config_hash, callbacks["backup"])
         if not state.finished:
             model = _compiled_model(model_cfg, train_cfg, side, data, runtime)

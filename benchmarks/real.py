@@ -1,0 +1,330 @@
+"""``make bench-real``: the workflow on real mammograms (mias-dev), out-of-fold figures in one table.
+
+Runs the whole workflow (``config/mias-dev.yaml``: restructure, patches, k-fold training, out-of-fold and test
+prediction, evaluation) on a CBIS-DDSM-like tree of real mammograms in a scratch folder, then reads the
+out-of-fold results (``results/experiments/<E>/oof/``: ``summary.csv``, ``froc.csv``, ``candidates.csv``,
+``per_image.csv``) and prints:
+
+* the FROC: TPR at 1/8 … 8 false positives per image (FPPI) and the CPM (their mean), with its 95 % interval;
+* TPR and FPPI at the configured operating point (``infer.threshold``) and the pooled Dice there;
+* the **screening operating point**: the highest candidate-score threshold at which the lesion TPR is at least
+  ``--target-tpr`` (0.9), and there the FPPI, the false positives per normal (lesion-free) image and the fraction
+  of normal images without a mark; "not reached" when no threshold gives that TPR (then the figures at the most
+  permissive threshold are shown, with the TPR it reaches);
+* the wall time of the workflow run.
+
+The table goes to stdout and to ``benchmarks/results/real-YYYY-MM-DD.md`` (between the markers
+``<!-- bench-real -->`` … ``<!-- /bench-real -->``, so text around them, such as an ablation table, is kept) and
+``real-YYYY-MM-DD.json`` (every number). Test-split figures are never printed unless ``--with-test`` is given:
+settings are chosen on the out-of-fold figures only.
+
+Data: ``--data``, else ``$MAMMOSEG_MIAS_DEV``, else ``../shared/data/mias-dev`` beside the repository. Without
+it the benchmark is skipped with a message (exit status 0). ``--parse EXPERIMENT_DIR`` only reads an existing
+experiment folder (no run). ``--set KEY=VALUE`` passes configuration overrides to the workflow (as
+``snakemake --config``), for ablations in one ``--work`` folder, which then reuses every stage the variants share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CONFIG = REPO / "config" / "mias-dev.yaml"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mias-dev"
+ENV_DATA = "MAMMOSEG_MIAS_DEV"
+FPPI_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MARK_BEGIN, MARK_END = "<!-- bench-real -->", "<!-- /bench-real -->"
+CASE_CSV = "mass_case_description_train_set.csv"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and configuration
+# ----------------------------------------------------------------------------------------------------------
+def data_root(explicit: str | None = None) -> Path:
+    """``--data``, else ``$MAMMOSEG_MIAS_DEV``, else ``../shared/data/mias-dev`` beside the repository."""
+    return Path(explicit or os.environ.get(ENV_DATA) or DEFAULT_DATA).expanduser().resolve()
+
+
+def missing_data_reason(root: Path) -> str:
+    """Why ``root`` is not a usable mias-dev tree ('' when it is)."""
+    if not root.is_dir():
+        return f"no folder {root}"
+    if not (root / CASE_CSV).is_file():
+        return f"{root} holds no {CASE_CSV} (not a CBIS-DDSM-like tree)"
+    return ""
+
+
+def bench_config(config_file: Path, root: Path) -> dict[str, Any]:
+    """``config_file`` with ``data.root`` and every ``data.normals`` folder moved to ``root``.
+
+    The shipped config names the data relative to the repository (``../shared/data/mias-dev``); paths inside
+    that folder keep their place inside ``root`` (``normals/train`` stays ``root/normals/train``).
+    """
+    import yaml
+
+    config = yaml.safe_load(config_file.read_text()) or {}
+    data = config.setdefault("data", {})
+    old_root = (REPO / data.get("root", str(DEFAULT_DATA))).resolve()
+
+    def moved(path: str) -> str:
+        absolute = (REPO / path).resolve()
+        try:
+            return str(root / absolute.relative_to(old_root))
+        except ValueError:
+            return str(absolute)
+
+    data["root"] = str(root)
+    normals = data.get("normals") or {}
+    for split, folders in normals.items():
+        normals[split] = [moved(folder) for folder in folders]
+    return config
+
+
+def experiment_dir(workdir: Path, config_file: Path, overrides: Sequence[str] = ()) -> Path:
+    """``results/experiments/<E>`` of the resolved configuration (the workflow's own keys)."""
+    from mammoseg.config.keys import stage_keys
+    from mammoseg.config.resolve import parse_overrides, resolve_config
+
+    config = resolve_config([config_file], parse_overrides(list(overrides)))
+    return workdir / config["results"] / "experiments" / stage_keys(config).experiment
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading an experiment
+# ----------------------------------------------------------------------------------------------------------
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _true(value: str) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _float(value: str | None) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    return float(value)
+
+
+def read_summary(path: Path, min_area: int = 0) -> dict[str, dict[str, float | None]]:
+    """{metric: {value, ci_low, ci_high}} of ``summary.csv`` at ``min_area`` (0: components as predicted)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for row in _rows(path):
+        if int(float(row["min_area"])) != min_area:
+            continue
+        out[row["metric"]] = {"value": _float(row["value"]), "ci_low": _float(row.get("ci_low")),
+                              "ci_high": _float(row.get("ci_high"))}
+    return out
+
+
+def screening_point(froc_rows: list[dict[str, str]], candidates: list[dict[str, str]],
+                    per_image: list[dict[str, str]], target_tpr: float = 0.9) -> dict[str, Any]:
+    """The highest candidate-score threshold whose lesion TPR reaches ``target_tpr``, and the false positives
+    there (all images, and per normal image), from the FROC curve and the candidate table.
+
+    A candidate marks its image at threshold ``s`` when its score is >= ``s``. When no threshold reaches the
+    target, the most permissive one (the lowest score, where the TPR is highest) is reported with
+    ``reached: False``.
+    """
+    points = [(float(r["score_threshold"]), float(r["tpr"]), float(r["fppi"])) for r in froc_rows
+              if math.isfinite(float(r["score_threshold"]))]
+    normal_ids = {r["image_id"] for r in per_image if _true(r["normal"]) and r["status"] == "evaluated"}
+    if not points:
+        return {"reached": False, "target_tpr": target_tpr, "threshold": None, "tpr": 0.0, "fppi": 0.0,
+                "fp_per_normal_image": 0.0, "normal_images_without_mark": 1.0 if normal_ids else None,
+                "n_normal_images": len(normal_ids)}
+    reaching = [p for p in points if p[1] >= target_tpr - 1e-12]
+    reached = bool(reaching)
+    threshold, tpr, fppi = max(reaching) if reached else min(points)
+    marked: dict[str, int] = {}
+    for cand in candidates:
+        if cand["image_id"] in normal_ids and float(cand["score"]) >= threshold - 1e-9:
+            marked[cand["image_id"]] = marked.get(cand["image_id"], 0) + (1 if _true(cand["false_positive"]) else 0)
+    n_normal = len(normal_ids)
+    return {
+        "reached": reached, "target_tpr": target_tpr, "threshold": threshold, "tpr": tpr, "fppi": fppi,
+        "fp_per_normal_image": (sum(marked.values()) / n_normal) if n_normal else None,
+        "normal_images_without_mark": ((n_normal - len(marked)) / n_normal) if n_normal else None,
+        "n_normal_images": n_normal,
+    }
+
+
+def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0.9) -> dict[str, Any]:
+    """Every figure of the table for one image set of an experiment folder."""
+    folder = Path(exp_dir) / image_set
+    summary = read_summary(folder / "summary.csv")
+
+    def value(metric: str) -> float | None:
+        return (summary.get(metric) or {}).get("value")
+
+    cpm = summary.get("cpm", {})
+    dice = summary.get("pooled_dice", {})
+    tpr1 = summary.get("tpr_at_1_fppi", {})
+    return {
+        "experiment": Path(exp_dir).name, "image_set": image_set,
+        "n_images": value("n_images"), "n_lesions": value("n_lesions"), "n_normal_images": value("n_normal_images"),
+        "froc": {str(x): value(f"tpr_at_{x:g}_fppi") for x in FPPI_POINTS},
+        "cpm": cpm.get("value"), "cpm_ci": [cpm.get("ci_low"), cpm.get("ci_high")],
+        "tpr_at_1_fppi": tpr1.get("value"), "tpr_at_1_fppi_ci": [tpr1.get("ci_low"), tpr1.get("ci_high")],
+        "operating": {"tpr": value("tpr"), "fppi": value("fppi"), "fp_per_normal_image": value("fp_per_normal_image"),
+                      "normal_images_without_mark": value("normal_images_without_mark")},
+        "pooled_dice": dice.get("value"), "pooled_dice_ci": [dice.get("ci_low"), dice.get("ci_high")],
+        "screening": screening_point(_rows(folder / "froc.csv"), _rows(folder / "candidates.csv"),
+                                     _rows(folder / "per_image.csv"), target_tpr),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------
+def _f(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(pair: Sequence[float | None]) -> str:
+    return "" if not pair or pair[0] is None else f" [{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
+    """The benchmark's Markdown table of one image set."""
+    s = result["screening"]
+    point = (f"TPR ≥ {s['target_tpr']:g} at score ≥ {_f(s['threshold'])}" if s["reached"] else
+             f"not reached: TPR at most {_f(s['tpr'])} (score ≥ {_f(s['threshold'])})")
+    op = result["operating"]
+    lines = [
+        f"| figure ({result['image_set']}: {result['n_images']:.0f} images, {result['n_lesions']:.0f} lesions, "
+        f"{(result['n_normal_images'] or 0):.0f} normal) | value |",
+        "|---|---|",
+        "| FROC: TPR at 1/8, 1/4, 1/2, 1, 2, 4, 8 FPPI | "
+        + ", ".join(_f(result["froc"][str(x)], 2) for x in FPPI_POINTS) + " |",
+        f"| CPM | {_f(result['cpm'])}{_ci(result['cpm_ci'])} |",
+        f"| TPR at 1 FPPI | {_f(result['tpr_at_1_fppi'])}{_ci(result['tpr_at_1_fppi_ci'])} |",
+        f"| operating point (infer.threshold): TPR / FPPI | {_f(op['tpr'])} / {_f(op['fppi'], 2)} |",
+        f"| operating point: FP per normal image / normals without a mark | {_f(op['fp_per_normal_image'], 2)} / "
+        f"{_f(op['normal_images_without_mark'], 2)} |",
+        f"| pooled Dice (operating point) | {_f(result['pooled_dice'])}{_ci(result['pooled_dice_ci'])} |",
+        f"| screening point ({point}): FPPI | {_f(s['fppi'], 2)} |",
+        f"| screening point: FP per normal image / normals without a mark | {_f(s['fp_per_normal_image'], 2)} / "
+        f"{_f(s['normal_images_without_mark'], 2)} |",
+    ]
+    if wall_seconds is not None:
+        lines.append(f"| wall time of the workflow run | {wall_seconds / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def write_results(text: str, record: dict[str, Any], results_dir: Path, date: str) -> tuple[Path, Path]:
+    """``real-<date>.md`` (the marked section replaced, or the file created) and ``real-<date>.json``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    md, js = results_dir / f"real-{date}.md", results_dir / f"real-{date}.json"
+    section = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
+    if md.is_file() and MARK_BEGIN in md.read_text() and MARK_END in md.read_text():
+        old = md.read_text()
+        head, rest = old.split(MARK_BEGIN, 1)
+        tail = rest.split(MARK_END, 1)[1]
+        md.write_text(head + section + tail)
+    else:
+        md.write_text(f"# Real mammograms (mias-dev): `make bench-real`, {date}\n\n{section}\n")
+    js.write_text(json.dumps(record, indent=2) + "\n")
+    return md, js
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------
+def run_workflow(workdir: Path, config_file: Path, cores: int, overrides: Sequence[str], log: Path) -> float:
+    """``snakemake`` of this repository's Snakefile in ``workdir``; returns the wall time in seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(config_file), "--cores", str(cores), "--resources", "gpu=1"]
+    if overrides:
+        command += ["--config", *overrides]
+    print(f"[bench-real] running the workflow in {workdir} (log: {log})", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        tail = log.read_text().splitlines()[-30:]
+        raise SystemExit(f"[bench-real] the workflow failed (exit {done.returncode}); end of {log}:\n"
+                         + "\n".join(tail))
+    return seconds
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help=f"the mias-dev tree (default: ${ENV_DATA} or {DEFAULT_DATA})")
+    parser.add_argument("--config", default=str(CONFIG), help="configuration file (default: config/mias-dev.yaml)")
+    parser.add_argument("--work", help="scratch folder for the run (default: a new temporary folder)")
+    parser.add_argument("--cores", type=int, default=int(os.environ.get("MAMMOSEG_BENCH_CORES", "2")))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="configuration override, as snakemake --config (repeatable)")
+    parser.add_argument("--target-tpr", type=float, default=0.9)
+    parser.add_argument("--with-test", action="store_true", help="also report the test split (once, at the end)")
+    parser.add_argument("--parse", metavar="EXPERIMENT_DIR", help="only read this experiment folder")
+    parser.add_argument("--no-write", action="store_true", help="print only; write nothing to benchmarks/results")
+    parser.add_argument("--json", metavar="FILE", help="also append the record as one JSON line to FILE")
+    args = parser.parse_args(argv)
+
+    wall = None
+    record: dict[str, Any] = {"date": dt.date.today().isoformat(), "machine": _machine(), "overrides": args.overrides}
+    if args.parse:
+        exp = Path(args.parse)
+    else:
+        root = data_root(args.data)
+        reason = missing_data_reason(root)
+        if reason:
+            print(f"[bench-real] skipped: {reason}. Point {ENV_DATA} (or --data) at a mias-dev tree to run it.")
+            return 0
+        sys.path.insert(0, str(REPO / "src"))
+        import yaml
+
+        workdir = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mammoseg-bench-real-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_file = workdir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(bench_config(Path(args.config), root), sort_keys=False))
+        wall = run_workflow(workdir, config_file, args.cores, args.overrides, workdir / "bench-real.log")
+        exp = experiment_dir(workdir, config_file, args.overrides)
+        record.update({"data": str(root), "work": str(workdir), "config": str(args.config), "cores": args.cores,
+                       "wall_seconds": round(wall, 1)})
+    sets = ["oof"] + (["test"] if args.with_test else [])
+    texts = []
+    for image_set in sets:
+        result = read_experiment(exp, image_set, args.target_tpr)
+        record[image_set] = result
+        texts.append(f"**{image_set}** — experiment `{result['experiment']}`"
+                     + (f", overrides {' '.join(args.overrides)}" if args.overrides else "") + "\n\n"
+                     + table(result, wall if image_set == "oof" else None))
+    text = "\n\n".join(texts)
+    print(text)
+    if args.json:
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if not args.no_write and not args.parse:
+        md, js = write_results(text, record, RESULTS, record["date"])
+        print(f"[bench-real] written: {md.relative_to(REPO)}, {js.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
