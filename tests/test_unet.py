@@ -64,7 +64,7 @@ def test_input_not_divisible_by_the_depth_is_refused():
 @pytest.mark.slow
 def test_cli_model_summary_prints_the_counts(repo_root):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run([sys.executable, "-m", "mammoseg.cli", "model", "summary", "--config",
+    done = subprocess.run([sys.executable, "-m", "mammoseg.cli", "model", "summary", "--configfile",
                            str(repo_root / "config" / "paper.yaml")], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
