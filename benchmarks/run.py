@@ -228,7 +228,7 @@ def bench_inference(work: Path, quick: bool) -> list[dict]:
 
     from mammoseg.io.dicom import read_mammogram
     from measures import benchmark_inference
-    from mammoseg.inference.sliding import load_model
+    from mammoseg.inference.predict import load_model
 
     images = real_mammograms()
     if images:
@@ -320,7 +320,9 @@ def _stage_workdir(work: Path, n_test: int, **overrides: Any) -> Path:
     config = merge(demo, {"synth": {"n_train": 8, "n_test": n_test}, "train": {"epochs": 1},
                           "evaluate": {"bootstrap": 0}, "export": {"onnx": False}, **overrides})
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    done, _ = _snakemake(workdir, "--until", "train", timeout=1800)
+    # the test split's restructure too: it is a checkpoint, and until it has run no predict_chunk job exists for
+    # a later `--until predict_chunk`
+    done, _ = _snakemake(workdir, "--until", "train", "restructure", timeout=1800)
     if done.returncode:
         raise RuntimeError(f"preparing {workdir} failed:\n{done.stderr[-3000:]}")
     return workdir
@@ -414,7 +416,8 @@ def bench_chunk_caching(work: Path, quick: bool) -> list[dict]:
         jobs[parts[0]] = int(parts[1])
     jobs.pop("total", None)
     jobs.pop("all", None)
-    expected = {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1}
+    # the report pages read the summary, so they follow it; nothing upstream of the chunk, no other chunk
+    expected = {"predict_chunk": 1, "evaluate_chunk": 1, "summarise": 1, "report_pages": 1}
     return [row("dry run after one test image changed (chunks of a quarter of the test images)",
                 f"{n_test} test images in 4 chunks; scheduled: {jobs}", jobs.get("predict_chunk"),
                 "1 predict_chunk job", jobs == expected, {"jobs": jobs, "dry_run_s": seconds})]
