@@ -286,8 +286,11 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
                          f"splits; known sets: test, studies, oof, {FIT_SET}<fold>")
     if image_set == "oof":
         return [task(i, row, [models[fold_of[row["patient_id"]]]]) for i, row in sorted(images.items())]
+    from mammoseg.model.folds import fit_on
+
     fold = int(image_set[len(FIT_SET):])
-    return [task(i, row, [models[fold]]) for i, row in sorted(images.items()) if fold_of[row["patient_id"]] != fold]
+    return [task(i, row, [models[fold]]) for i, row in sorted(images.items())
+            if fit_on(fold_of, row["patient_id"], fold)]
 
 
 def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[str], out_dir: str | Path, *,

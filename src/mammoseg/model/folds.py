@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
-__all__ = ["assign_folds", "Splits", "build_splits", "read_splits", "run_splits"]
+__all__ = ["assign_folds", "fit_on", "Splits", "build_splits", "read_splits", "run_splits"]
 
 
 def _shuffle_key(seed: int, patient_id: str) -> str:
@@ -76,6 +76,13 @@ class Splits:
 
         write_json_atomic(path, {"folds": self.folds, "seed": self.seed, "fold_of": self.fold_of,
                                  "patients_per_fold": [len(self.patients_of(f)) for f in range(self.folds)]})
+
+
+def fit_on(fold_of: Mapping[str, int], patient_id: str, fold: int) -> bool:
+    """Whether fold ``fold``'s model is fit on ``patient_id`` (a patient of another fold; ``fold_of``:
+    :attr:`Splits.fold_of`). Hard-negative mining looks for false positives on those images (image set
+    ``fit-<fold>``). A patient outside the splits is a ``KeyError``: the splits are not those of this manifest."""
+    return fold_of[patient_id] != fold
 
 
 def build_splits(patient_ids: Iterable[str], folds: int, seed: int) -> Splits:

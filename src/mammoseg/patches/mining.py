@@ -270,7 +270,7 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     rows = sorted((row for row in read_manifest(manifest) if row["split"] == "train"),
                   key=lambda row: (row["image_id"], row["roi_id"]))
     if fold is not None:
-        from mammoseg.model.folds import read_splits
+        from mammoseg.model.folds import fit_on, read_splits
 
         fold_of = read_splits(splits).fold_of
         if training_splits is not None and read_splits(training_splits).fold_of != fold_of:
@@ -278,7 +278,7 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
 
             raise InputError(f"{training_splits}: deals the patients into folds unlike {splits}, whose models chose "
                              f"the windows; delete both and rerun")
-        rows = [row for row in rows if fold_of[row["patient_id"]] != fold]
+        rows = [row for row in rows if fit_on(fold_of, row["patient_id"], fold)]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["image_id"], []).append(row)
