@@ -48,8 +48,9 @@ PREDICTIONS = f"{R}/predictions/{KEYS.model}/{KEYS.inference}"
 # (image set fit-f) give fold f's mined shard, and round-2 model f trains on the shards plus it. Training and
 # prediction rules take the model key as a wildcard; each key has its configuration.
 MINING = config["train"]["hard_negatives"]["per_image"] > 0
-ROUND1 = stage_keys(first_round_config(config)) if MINING else None
-CONFIG_OF_MODEL = {KEYS.model: config, **({ROUND1.model: first_round_config(config)} if MINING else {})}
+FIRST_ROUND = first_round_config(config) if MINING else None
+ROUND1 = stage_keys(FIRST_ROUND) if MINING else None
+CONFIG_OF_MODEL = {KEYS.model: config, **({ROUND1.model: FIRST_ROUND} if MINING else {})}
 # the prediction folders ({model}/{inference}) there are: the experiment's and, with mining, round 1's
 PREDICTION_RUNS = [f"{KEYS.model}/{KEYS.inference}"] + ([f"{ROUND1.model}/{ROUND1.inference}"] if MINING else [])
 EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
@@ -120,11 +121,6 @@ def n_chunks(image_set):
 
 def chunk_rows(wildcards):
     return rows_of_bucket(set_rows(wildcards.image_set), int(wildcards.c), n_chunks(wildcards.image_set))
-
-
-def n_train_chunks():
-    """Chunks of the training split (the oof and fit-<f> image sets)."""
-    return chunk_count(manifest_rows("train"), config["infer"]["chunk_size"])
 
 
 def chunk_folders(wildcards):

@@ -71,7 +71,7 @@ rule mine:
         training_splits=f"{MODELS}/splits.json",
         predictions=lambda wildcards: expand(
             f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/fit-{wildcards.f}/chunk-{{c}}",
-            c=range(n_train_chunks()),
+            c=range(n_chunks(f"fit-{wildcards.f}")),
         ),
         files=lambda wildcards: files_of(manifest_rows("train"), f"{DATA}/train"),
     output:
