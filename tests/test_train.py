@@ -276,7 +276,9 @@ def test_monitor_of_names_the_quantity_and_its_direction():
     assert monitor_of({"monitor": "pooled_dice"}, True) == ("val_pooled_dice", "max")
     assert monitor_of({"monitor": "loss"}, True) == ("val_loss", "min")
     assert monitor_of({"monitor": "pooled_dice"}, False) == ("pooled_dice", "max")
-    assert monitor_of({}, True) == ("val_dice", "max")
+    from mammoseg.config import validate_config
+
+    assert monitor_of(validate_config({})["train"], True) == ("val_dice", "max")  # the schema's default
 
 
 @pytest.mark.parametrize("monitor,key,pick", [("pooled_dice", "val_pooled_dice", "idxmax"), ("loss", "val_loss", "idxmin")])

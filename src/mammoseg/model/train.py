@@ -442,8 +442,9 @@ MONITORS = {"dice": ("dice", "max"), "pooled_dice": ("pooled_dice", "max"), "los
 
 def monitor_of(train_cfg: dict[str, Any], has_validation: bool) -> tuple[str, str]:
     """(quantity, mode) watched by checkpointing, early stopping and the plateau schedule: ``train.monitor`` on
-    the validation patches (``val_`` prefix), on the training patches when there is no validation set."""
-    key, mode = MONITORS[train_cfg.get("monitor", "dice")]
+    the validation patches (``val_`` prefix), on the training patches when there is no validation set.
+    ``train_cfg``: the validated ``train`` section (its default ``monitor`` is the schema's)."""
+    key, mode = MONITORS[train_cfg["monitor"]]
     return ("val_" + key if has_validation else key), mode
 
 
