@@ -40,12 +40,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from mammoseg.evaluation.froc import FPPI_POINTS  # the points summary.csv reports
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CONFIG = REPO / "config" / "mias-dev.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mias-dev"
 ENV_DATA = "MAMMOSEG_MIAS_DEV"
-FPPI_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 MARK_BEGIN, MARK_END = "<!-- bench-real -->", "<!-- /bench-real -->"
 CASE_CSV = "mass_case_description_train_set.csv"
 
