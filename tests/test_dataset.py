@@ -139,7 +139,7 @@ def test_flips_move_image_and_mask_together_exactly():
     image, mask = lesion_patch()
     flips_only = {**OFF, "flip": True}
     images, masks = augment_batch(tf.constant(np.stack([image] * 16)), tf.constant(np.stack([mask] * 16)),
-                                  tf.constant(11, tf.int64), flips_only)
+                                  tf.constant(11, tf.int64), flips_only, "window")
     variants = {"none": (image, mask), "lr": (image[:, ::-1], mask[:, ::-1]), "ud": (image[::-1], mask[::-1]),
                 "both": (image[::-1, ::-1], mask[::-1, ::-1])}
     seen = set()
@@ -154,7 +154,7 @@ def test_flips_move_image_and_mask_together_exactly():
 def test_augmented_masks_stay_binary_and_on_the_bright_square():
     image, mask = lesion_patch()
     images, masks = augment_batch(tf.constant(np.stack([image] * 16)), tf.constant(np.stack([mask] * 16)),
-                                  tf.constant(5, tf.int64), ON)
+                                  tf.constant(5, tf.int64), ON, "window")
     images, masks = images.numpy()[..., 0], masks.numpy()[..., 0]
     assert set(np.unique(masks)) <= {0.0, 1.0}
     assert images.min() >= 0.0 and images.max() <= 1.0
@@ -169,7 +169,7 @@ def test_augmented_masks_stay_binary_and_on_the_bright_square():
 
 def test_same_seed_same_batches_other_seed_or_epoch_other_batches(shard_set):
     def epochs(seed, n=1):
-        ds = make_dataset(shard_set, None, batch_size=4, shuffle=True, seed=seed, augment=ON)
+        ds = make_dataset(shard_set, None, batch_size=4, shuffle=True, seed=seed, augment=ON, normalise="window")
         return [_as_sorted_bytes(_batches(ds)) for _ in range(n)]
 
     first, second = epochs(7, n=2)
@@ -183,7 +183,7 @@ def test_validation_batches_are_never_augmented(shard_set):
 
     prov = read_provenance(shard_set)
     train_rows, val_rows = prov.iloc[: len(prov) // 2], prov.iloc[len(prov) // 2:]
-    data = TrainingData([str(p) for p in shard_set], train_rows, val_rows, 0, 0, "")
+    data = TrainingData([str(p) for p in shard_set], train_rows, val_rows, 0, 0, "", "window")
     train_cfg = validate_config({"train": {"batch_size": 4, "augment": dict(ON)}})["train"]
     train_ds, val_ds = training_datasets(data, train_cfg, epochs_done=0)
     plain_val = _batches(make_dataset(shard_set, val_rows, batch_size=4, shuffle=False))
@@ -194,3 +194,38 @@ def test_validation_batches_are_never_augmented(shard_set):
     trained = [x for batch, _ in _batches(train_ds) for x in batch]
     assert len(trained) == len(train_rows)
     assert sum(x.tobytes() not in stored for x in trained) >= len(trained) // 2  # training patches were changed
+
+
+def test_image_normalised_patches_are_clipped_not_stretched_again():
+    # a patch in the middle of its mammogram's range: under "window" augmentation stretches it to [0, 1] again
+    # (as inference min-maxes every window); under "image" it must keep its place in the range
+    image, mask = lesion_patch()
+    dim = 0.2 + 0.4 * image  # values in [0.2, 0.6]
+    flips_only = {**OFF, "flip": True}
+    batch = tf.constant(np.stack([dim] * 8)), tf.constant(np.stack([mask] * 8))
+    kept, _ = augment_batch(*batch, tf.constant(3, tf.int64), flips_only, "image")
+    stretched, _ = augment_batch(*batch, tf.constant(3, tf.int64), flips_only, "window")
+    assert np.isclose(kept.numpy().min(), 0.2) and np.isclose(kept.numpy().max(), 0.6)
+    assert np.isclose(stretched.numpy().min(), 0.0) and np.isclose(stretched.numpy().max(), 1.0)
+    bright, _ = augment_batch(*batch, tf.constant(3, tf.int64), {**OFF, "contrast": 0.9}, "image")
+    assert bright.numpy().min() >= 0.0 and bright.numpy().max() <= 1.0  # photometric changes are clipped
+
+
+def test_augmenting_needs_the_shards_normalisation(shard_set):
+    from mammoseg.model.dataset import shards_normalisation
+
+    assert shards_normalisation(shard_set) == "window"  # the fixture's shards: the paper's normalisation
+    with pytest.raises(ValueError, match="normalisation"):
+        make_dataset(shard_set, None, batch_size=4, augment=ON)
+
+
+def test_shards_normalised_differently_are_refused(tmp_path):
+    from mammoseg.errors import InputError
+    from mammoseg.model.dataset import shards_normalisation
+
+    manifest = random_collection(tmp_path, 4, seed=2)
+    (window,) = extract_all(manifest, tmp_path / "w")
+    (image,) = extract_all(manifest, tmp_path / "i", normalise="image")
+    assert shards_normalisation([image]) == "image"
+    with pytest.raises(InputError, match="normalised differently"):
+        shards_normalisation([window, image])

@@ -196,6 +196,28 @@ def test_model_card_preprocessing_describes_preprocess_window(exports):
     assert by_hand.shape == (prep["network_input_px"],) * 2
 
 
+def test_model_card_describes_image_normalisation(folds, tmp_path):
+    """The card of a model trained on image-normalised patches says so, and its words by hand give what mammoseg
+    feeds the network: the whole image's percentiles, not the window's min and max."""
+    import dataclasses
+    import re
+
+    from mammoseg.patches.geometry import intensity_range_for, preprocess_window
+
+    image_plan = dataclasses.replace(plan(), normalise="image")
+    prep = export_model(folds[:1], tmp_path / "out", plan=image_plan, config=CONFIG, validation={})["preprocessing"]
+    assert prep["normalise"] == "image"
+    low_p, high_p = (float(v) for v in re.search(r"the ([0-9.]+)th and ([0-9.]+)th percentiles", prep["steps"][2])
+                     .groups())
+    image = np.random.default_rng(4).integers(0, 65535, (512, 384)).astype(np.uint16)
+    low, high = np.percentile(image[::4, ::4].astype(np.float64), [low_p, high_p])
+    d, w = prep["downscale_factor"], prep["window_side_px"]
+    window = image[100 : 100 + w, 60 : 60 + w].astype(np.float64)
+    blocks = window.reshape(w // d, d, w // d, d).mean(axis=(1, 3))
+    by_hand = np.clip((blocks - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(preprocess_window(image[100 : 100 + w, 60 : 60 + w], d,
+                                                 intensity_range_for(image, "image")), by_hand, atol=1e-5)
+
 def test_model_card_keeps_no_local_paths(exports):
     folder, card = exports["single"]
     text = (folder / "model_card.json").read_text()

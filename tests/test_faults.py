@@ -313,11 +313,11 @@ def test_enospc_during_extraction_cli_clear_error_no_shard(collection, tmp_path,
     calls = {"n": 0}
     real = shards.preprocess_window
 
-    def filling_disk(window, factor):  # the disk fills after a few patches have been written
+    def filling_disk(window, factor, intensity_range):  # the disk fills after a few patches have been written
         calls["n"] += 1
         if calls["n"] > 6:
             enospc()
-        return real(window, factor)
+        return real(window, factor, intensity_range)
 
     monkeypatch.setattr(shards, "preprocess_window", filling_disk)
     out = tmp_path / "patches" / "shard-0.h5"

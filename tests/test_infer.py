@@ -18,7 +18,7 @@ from dicom_helpers import write_test_dicom
 from mammoseg.inference.sliding import BreastSide
 
 WINDOW, DOWNSCALE = 32, 4  # model input s = 8
-GEOMETRY = PatchGeometry(WINDOW, DOWNSCALE, WINDOW // DOWNSCALE)
+GEOMETRY = PatchGeometry(WINDOW, DOWNSCALE, WINDOW // DOWNSCALE, "window")
 
 
 def mask(result) -> np.ndarray:
@@ -168,6 +168,38 @@ def test_saved_map_round_trips_and_is_the_window_probabilities(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+
+@pytest.mark.parametrize("mode", ["paper", "blended"])
+def test_image_normalisation_reaches_every_window(mode):
+    """With patches.normalise: image, every window the network sees is mapped through the whole image's range,
+    as its training patches were, never min-maxed on its own."""
+    import dataclasses
+
+    from mammoseg.config.schema import validate_config
+    from mammoseg.patches.geometry import image_intensity_range
+
+    rng = np.random.default_rng(5)
+    image = rng.uniform(1000, 3000, size=(96, 64)).astype(np.float32)
+    image[10:30, 10:30] += 4000  # a dense region: the windows differ in brightness
+    seen = []
+
+    def recording(batch):
+        seen.append(np.array(batch))
+        return np.zeros_like(batch)
+
+    infer_cfg = {**validate_config({})["infer"], "mode": mode, "min_mean": 0.0, "tta": False}
+    result = predict.predict_image(image, recording, dataclasses.replace(GEOMETRY, normalise="image"), infer_cfg,
+                                   batch_size=4)
+    low, high = image_intensity_range(image)
+    assert result.meta["intensity_range"] == [low, high]
+    windows = np.concatenate(seen)
+    assert len(windows) >= 2 and windows.min() >= 0.0 and windows.max() <= 1.0
+    assert sum(w.max() < 0.99 for w in windows) >= 1  # a window without the dense region does not reach 1
+    for r, c in [(0, 0), (64, 32)] if mode == "blended" else []:
+        blocks = image[r : r + WINDOW, c : c + WINDOW].reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        expected = np.clip((blocks - low) / (high - low), 0, 1)
+        assert any(np.allclose(w, expected, atol=1e-5) for w in windows)
+
 # ----------------------------------------------------------------------------------------------- blended mode
 def blended_image(corner: str):
     """Uniform breast (100) with a 16×12 bright square touching a corner (exercises the edge windows)."""
@@ -246,7 +278,7 @@ def test_oracle_keras_model_end_to_end_alignment(oracle_model_path, side, mode):
 def test_model_input_mismatch_is_a_clear_error(oracle_model_path):
     model = predict.load_model(oracle_model_path)
     with pytest.raises(InputError, match="does not match"):
-        predict.check_input_size(model, PatchGeometry(64, 4, 16))
+        predict.check_input_size(model, PatchGeometry(64, 4, 16, "window"))
     with pytest.raises(InputError, match="model file not found"):
         predict.load_model(oracle_model_path.parent / "missing.keras")
 

@@ -199,6 +199,26 @@ def test_run_mine_writes_extraction_layout_with_named_zero_mask_patches(mined):
         assert row.crop_col <= blob[1].start and blob[1].stop <= row.crop_col + 64
 
 
+
+def test_mined_patches_are_normalised_as_the_plan_says():
+    from mammoseg.config.plan import PatchGeometry
+    from mammoseg.patches.geometry import image_intensity_range
+    from mammoseg.patches.mining import mined_patches
+
+    image = np.random.default_rng(6).uniform(100, 200, (128, 96)).astype(np.float32)
+    image[:32, :32] += 300
+    roi = {"image_id": "P_1_LEFT_CC", "patient_id": "P_1", "split": "train"}
+    corners = [(0, 0), (64, 32)]
+    plain = mined_patches(image, corners, roi, PatchGeometry(64, 4, 16, "window"))
+    ranged = mined_patches(image, corners, roi, PatchGeometry(64, 4, 16, "image"))
+    low, high = image_intensity_range(image)
+    for (r, c), (_, window_patch, _), (_, image_patch, _) in zip(corners, plain, ranged):
+        window = image[r : r + 64, c : c + 64]
+        np.testing.assert_array_equal(window_patch, preprocess_window(window, 4))
+        np.testing.assert_array_equal(image_patch, preprocess_window(window, 4, (low, high)))
+    assert ranged[1][1].max() < 0.9 <= plain[1][1].max()  # the darker window stays darker than the dense corner
+
+
 def test_the_mined_shard_trains_beside_the_extraction_shards(mined):
     from mammoseg.model.dataset import read_provenance
 

@@ -13,6 +13,8 @@ from mammoseg.patches.geometry import (
     bbox_centre,
     crop,
     downscale_image,
+    image_intensity_range,
+    intensity_range_for,
     downscale_mask,
     mask_bbox,
     normalise_patch,
@@ -52,6 +54,29 @@ def test_normalise_and_preprocess():
     with pytest.raises(ValueError, match="not divisible"):
         downscale_image(np.zeros((10, 8)), 4)
 
+
+
+def test_image_intensity_range_is_the_percentiles_of_every_fourth_pixel():
+    # every 4th pixel of this image (each value repeated in a 4 x 4 block) is 0, 1, ..., 9999
+    image = np.kron(np.arange(10_000, dtype=np.uint16).reshape(100, 100), np.ones((4, 4), np.uint16))
+    low, high = image_intensity_range(image)
+    assert low == pytest.approx(0.005 * 9999) and high == pytest.approx(0.995 * 9999)  # linear interpolation
+    assert intensity_range_for(image, "window") is None
+    assert intensity_range_for(image, "image") == (low, high)
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        intensity_range_for(image, "breast")
+
+
+def test_image_normalisation_keeps_windows_comparable_and_clips():
+    dark, bright = np.full((8, 8), 100.0), np.full((8, 8), 300.0)
+    dark[0, 0], bright[0, 0] = 0.0, 500.0  # one outlier each: below and above the range
+    rng = (100.0, 400.0)
+    # by hand: block means of 4 x 4 blocks, then (mean - 100) / 300, clipped to [0, 1]
+    np.testing.assert_allclose(preprocess_window(dark, 4, rng), [[0.0, 0.0], [0.0, 0.0]])  # 93.75 -> clipped
+    np.testing.assert_allclose(preprocess_window(bright, 4, rng), [[(312.5 - 100) / 300, 2 / 3], [2 / 3, 2 / 3]])
+    # the paper's min-max would make both flat-but-one windows look alike (0 or 1 everywhere but one block)
+    assert preprocess_window(bright, 4).max() == 1.0 and preprocess_window(dark, 4).max() == 1.0
+    assert not normalise_patch(np.ones((2, 2)), (5.0, 5.0)).any()  # a flat image: zeros, no division by 0
 
 # ---------------------------------------------------------------------------------------------- geometry
 

@@ -269,6 +269,24 @@ def test_provenance_recrops_the_exact_stored_pixels(tmp_path):
         np.testing.assert_array_equal(masks[i], downscale_mask(mask[window], row.downscale))
 
 
+def test_image_normalisation_maps_every_patch_through_its_images_range(tmp_path):
+    from mammoseg.patches.geometry import image_intensity_range
+
+    manifest = random_collection(tmp_path, 6, shape=(256, 192), seed=3)
+    (path,) = extract_all(manifest, tmp_path / "out", n_negative=2, normalise="image")
+    images, _, prov, _, attrs = load_shard(path)
+    assert attrs["normalise"] == "image"
+    frame = pd.read_csv(manifest).drop_duplicates("image_id").set_index("image_id")
+    stretched = 0
+    for i, row in prov.iterrows():
+        image = read_mammogram(tmp_path / frame.loc[row.image_id, "image_path"])
+        low, high = image_intensity_range(image)  # the whole image's range, not the window's
+        window = image[row.crop_row : row.crop_row + row.crop_size, row.crop_col : row.crop_col + row.crop_size]
+        blocks = window.reshape(row.crop_size // row.downscale, row.downscale, -1, row.downscale).mean(axis=(1, 3))
+        np.testing.assert_allclose(images[i], np.clip((blocks - low) / (high - low), 0, 1), atol=1e-5)
+        stretched += images[i].min() == 0 and images[i].max() == 1
+    assert stretched < len(prov)  # not every patch spans [0, 1], as min-max would make it
+
 def test_same_seed_byte_identical_different_seed_differs(tmp_path):
     manifest = random_collection(tmp_path, 8)
     (a,) = extract_all(manifest, tmp_path / "a")
@@ -348,11 +366,11 @@ def test_killed_write_leaves_no_shard(tmp_path, monkeypatch, error):
     calls = {"n": 0}
     original = shards.preprocess_window
 
-    def failing(window, factor):
+    def failing(window, factor, intensity_range):
         calls["n"] += 1
         if calls["n"] == 3:
             raise error("simulated kill")
-        return original(window, factor)
+        return original(window, factor, intensity_range)
 
     monkeypatch.setattr(shards, "preprocess_window", failing)
     with pytest.raises(error, match="simulated kill"):

@@ -56,6 +56,7 @@ def write_tiny_shard(path: Path, n_patients: int = 6, lesions: int = 2, copies: 
                 for column, kind in PROVENANCE_COLUMNS.items():
                     prov[column].append(values.get(column, 0 if kind == "int" else ""))
     with h5py.File(path, "w") as h5:
+        h5.attrs["normalise"] = "window"  # patches in [0, 1] as the paper's min-max leaves them
         h5.create_dataset("images", data=np.stack(images))
         h5.create_dataset("masks", data=np.stack(masks))
         group = h5.create_group("provenance")

@@ -30,21 +30,26 @@ class PatchGeometry:
     window_px : side of a training patch / inference window in full-resolution pixels, ``2**n``
     downscale : integer block-mean factor between the window and the network input
     input_px : side of the network input, ``window_px // downscale``
+    normalise : ``patches.normalise``, how a window becomes the network's input
+        (:func:`mammoseg.patches.geometry.intensity_range_for`): ``"window"`` (the paper) or ``"image"``
     """
 
     window_px: int
     downscale: int
     input_px: int
+    normalise: str
 
 
 def patch_geometry(patches: Mapping[str, Any]) -> PatchGeometry:
-    """The geometry of the ``patches`` config section: the one place ``2**n // downscale`` is computed."""
+    """What the network sees under the ``patches`` config section: the one place ``2**n // downscale`` is
+    computed."""
     window = 2 ** int(patches["n"])
     downscale = int(patches["downscale"])
     if window % downscale:
         raise InputError(f"patches.downscale = {downscale} does not divide the window side 2**{patches['n']} = "
                          f"{window} px")
-    return PatchGeometry(window_px=window, downscale=downscale, input_px=window // downscale)
+    return PatchGeometry(window_px=window, downscale=downscale, input_px=window // downscale,
+                         normalise=str(patches["normalise"]))
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class Plan:
     ----------
     patches_key : the stage key the plan belongs to (``results/patches/<key>/``)
     n : the window's exponent, ``window_px = 2**n``
-    window_px, downscale, input_px : see :class:`PatchGeometry`
+    window_px, downscale, input_px, normalise : see :class:`PatchGeometry`
     n_shifted, max_shift, n_negative, n_normal, negative_min_mean, seed, n_shards : the ``patches`` settings
     train_images, train_normal_images, train_rois, train_patients : counts of the restructured training manifest
         (images include the normal ones)
@@ -71,6 +76,7 @@ class Plan:
     window_px: int
     downscale: int
     input_px: int
+    normalise: str
     n_shifted: int
     max_shift: float
     n_negative: int
@@ -89,7 +95,7 @@ class Plan:
 
     @property
     def geometry(self) -> PatchGeometry:
-        return PatchGeometry(self.window_px, self.downscale, self.input_px)
+        return PatchGeometry(self.window_px, self.downscale, self.input_px, self.normalise)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,6 +31,7 @@ from mammoseg.errors import InputError
 from mammoseg.inference.anatomy import apply_anatomy
 from mammoseg.inference.sliding import Prediction, Predictor, predict_blended, predict_paper, quantise
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_csv_atomic
+from mammoseg.patches.geometry import intensity_range_for
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -116,12 +117,13 @@ def make_predictor(models: Sequence[Any], batch_size: int = 16) -> Predictor:
 # --------------------------------------------------------------------------------------------------------------
 def predict_image(image: np.ndarray, predictor: Predictor, geometry: PatchGeometry, infer: Mapping[str, Any],
                   batch_size: int) -> Prediction:  # fmt: skip
-    """The configured inference mode on one image (rows, cols), raw intensities, bright = dense.
+    """The configured inference mode on one image (rows, cols), raw intensities, bright = dense, its windows
+    normalised as the training patches were (``geometry.normalise``).
 
     ``infer`` is the ``infer`` config section (mode, strip_fraction, min_mean, stride_fraction, tta).
     """
     common = dict(strip_fraction=float(infer["strip_fraction"]), min_mean=float(infer["min_mean"]),
-                  batch_size=int(batch_size))
+                  batch_size=int(batch_size), intensity_range=intensity_range_for(image, geometry.normalise))
     if infer["mode"] == "paper":
         return predict_paper(image, predictor, geometry.window_px, geometry.downscale, **common)
     if infer["mode"] == "blended":

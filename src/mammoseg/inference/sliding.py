@@ -13,8 +13,9 @@ Paper mode (Marita et al.)
        ``min_mean × image max`` (background) or when its max equals its min (flat: per-window min-max
        normalisation is undefined).
     4. Kept windows go through :func:`mammoseg.patches.geometry.preprocess_window` (block mean by ``downscale`` then
-       min-max), are predicted in batches by one compiled ``tf.function``, and the probabilities are brought back
-       to full resolution with ``np.repeat`` by ``downscale`` (the inverse footprint of the block mean).
+       min-max, or the image's ``intensity_range`` under ``patches.normalise: image``), are predicted in batches
+       by one compiled ``tf.function``, and the probabilities are brought back to full resolution with
+       ``np.repeat`` by ``downscale`` (the inverse footprint of the block mean).
     5. The saved probability map holds these per-window probabilities (0 in skipped windows and in the cropped
        margins), so thresholds can be swept later without the model. The paper's binary mask, each window's
        prediction binarised and OR-combined, equals the map binarised at the threshold because windows do not
@@ -229,11 +230,12 @@ def _batched(items: list, size: int) -> Iterator[list]:
 
 def _predict_windows(
     image: np.ndarray, corners: list[tuple[int, int]], window: int, downscale: int, predictor: Predictor,
-    batch_size: int, tta: bool = False,
+    batch_size: int, intensity_range: tuple[float, float] | None, tta: bool = False,
 ) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     """Yield ((row, col), float32 probabilities at model resolution (s, s)) per window, predicted in batches."""
     for chunk in _batched(corners, batch_size):
-        batch = np.stack([preprocess_window(image[r : r + window, c : c + window], downscale) for r, c in chunk])
+        batch = np.stack([preprocess_window(image[r : r + window, c : c + window], downscale, intensity_range)
+                          for r, c in chunk])
         probs = np.asarray(predictor(batch), dtype=np.float32).reshape(batch.shape)
         if tta:
             flipped = np.asarray(predictor(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float32)
@@ -256,6 +258,7 @@ def predict_paper(
     strip_fraction: float = 0.1,
     min_mean: float = 0.1,
     batch_size: int = 16,
+    intensity_range: tuple[float, float] | None = None,
 ) -> Prediction:
     """The paper's inference: crop, non-overlapping windows, skip rules, batch prediction, reassembly.
 
@@ -266,6 +269,9 @@ def predict_paper(
     window : window side in full-resolution pixels (2**n)
     downscale : integer factor (block mean), as in training
     strip_fraction, min_mean, batch_size : see the module docstring and the ``infer`` config
+    intensity_range : None = each window min-max normalised (the paper); (low, high) = every window mapped
+        through the image's range, as its training patches were (``patches.normalise: image``,
+        :func:`mammoseg.patches.geometry.intensity_range_for`)
 
     Returns
     -------
@@ -285,7 +291,7 @@ def predict_paper(
         else:
             corners.append((r, c))
     prob = np.zeros(work.shape, dtype=np.uint8)  # cropped margins and skipped windows stay 0 (background)
-    for (r, c), p in _predict_windows(work, corners, window, downscale, predictor, batch_size):
+    for (r, c), p in _predict_windows(work, corners, window, downscale, predictor, batch_size, intensity_range):
         prob[r : r + window, c : c + window] = _upsample(quantise(p), downscale)
     prob = _unpad(prob, pads)
     meta = {
@@ -294,6 +300,7 @@ def predict_paper(
         "windows_predicted": len(corners), "windows_skipped_dark": skipped["dark"],
         "windows_skipped_flat": skipped["flat"], "min_mean": min_mean,
         "strip_fraction": strip_fraction, "shape": list(image.shape),
+        "intensity_range": None if intensity_range is None else [float(v) for v in intensity_range],
     }
     return Prediction(prob=prob, meta=meta)
 
@@ -308,6 +315,7 @@ def predict_blended(
     strip_fraction: float = 0.1,
     min_mean: float = 0.1,
     batch_size: int = 16,
+    intensity_range: tuple[float, float] | None = None,
 ) -> Prediction:
     """Overlapping windows with Gaussian-weighted blending (see the module docstring).
 
@@ -331,7 +339,8 @@ def predict_blended(
     weights = _upsample(gaussian_importance(s), downscale)
     numerator = np.zeros(work.shape, dtype=np.float32)
     denominator = np.zeros(work.shape, dtype=np.float32)
-    for (r, c), p in _predict_windows(work, corners, window, downscale, predictor, batch_size, tta=tta):
+    for (r, c), p in _predict_windows(work, corners, window, downscale, predictor, batch_size, intensity_range,
+                                      tta=tta):
         numerator[r : r + window, c : c + window] += weights * _upsample(p, downscale)
         denominator[r : r + window, c : c + window] += weights
     np.divide(numerator, denominator, out=numerator, where=denominator > 0)
@@ -346,5 +355,6 @@ def predict_blended(
         "windows_predicted": len(corners), "windows_skipped_dark": skipped["dark"],
         "windows_skipped_flat": skipped["flat"], "min_mean": min_mean,
         "strip_fraction": strip_fraction, "shape": list(image.shape),
+        "intensity_range": None if intensity_range is None else [float(v) for v in intensity_range],
     }
     return Prediction(prob=prob, meta=meta)

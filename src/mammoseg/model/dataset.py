@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mammoseg.errors import InputError
-__all__ = ["read_provenance", "make_dataset", "ShardReader", "augments", "augment_batch"]
+from mammoseg.patches.geometry import NORMALISE_MODES
+__all__ = ["read_provenance", "shards_normalisation", "make_dataset", "ShardReader", "augments", "augment_batch"]
 
 
 def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  # noqa: F821
@@ -137,6 +138,27 @@ def _indices(shard_paths: Sequence[str | Path], rows) -> tuple[np.ndarray, np.nd
     return shard_index, row_index, side
 
 
+def shards_normalisation(shard_paths: Sequence[str | Path]) -> str:
+    """The ``patches.normalise`` mode every shard was written with (its ``normalise`` root attribute).
+
+    Raises
+    ------
+    InputError
+        If a shard lacks the attribute (written by an older mammoseg: re-run extraction) or shards disagree.
+    """
+    from mammoseg.patches.shards import read_shard_attributes
+
+    modes = {str(path): read_shard_attributes(path).get("normalise") for path in shard_paths}
+    missing = [path for path, mode in modes.items() if mode is None]
+    if missing:
+        raise InputError(f"{missing[0]}: shard has no 'normalise' attribute (written by an older mammoseg); "
+                         "re-run extraction")
+    found = set(modes.values())
+    if len(found) != 1:
+        raise InputError(f"shards were normalised differently ({modes}); re-run extraction")
+    return found.pop()
+
+
 def make_dataset(
     shard_paths: Sequence[str | Path],
     rows: "pandas.DataFrame | None" = None,  # noqa: F821
@@ -147,6 +169,7 @@ def make_dataset(
     repeat: bool = False,
     drop_remainder: bool = False,
     augment: Mapping[str, Any] | None = None,
+    normalise: str | None = None,
 ):
     """A ``tf.data.Dataset`` of (images, masks) batches read lazily from the shards.
 
@@ -161,6 +184,9 @@ def make_dataset(
     drop_remainder : drop a last, smaller batch
     augment : the validated ``train.augment`` section, for training batches (:func:`augment_batch`, seeded by
         ``seed``); None (validation, prediction) or every setting off = the patches as stored
+    normalise : how the shards normalised their patches (:func:`shards_normalisation`), which augmentation
+        keeps: ``"window"`` = each augmented patch min-max again, ``"image"`` = clipped to [0, 1] only; needed
+        only with ``augment``
 
     Returns
     -------
@@ -198,10 +224,13 @@ def make_dataset(
     # several batches are read in parallel (h5py serialises the HDF5 calls themselves behind its global lock)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if augment is not None and augments(augment):
+        if normalise not in NORMALISE_MODES:
+            raise ValueError(f"augmentation needs the patches' normalisation, one of {NORMALISE_MODES}; "
+                             f"got {normalise!r}")
         # one key per batch, zipped in before the parallel reads: a batch's transforms depend on its position only
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, keys).map(
-            lambda index, key: augment_batch(*tf_load_batch(*index), key, augment),
+            lambda index, key: augment_batch(*tf_load_batch(*index), key, augment, normalise),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     else:
         ds = ds.map(tf_load_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
@@ -248,7 +277,7 @@ def _minmax(images):
     return tf.where(high > low, (images - low) / tf.maximum(high - low, 1e-12), tf.zeros_like(images))
 
 
-def augment_batch(images, masks, key, augment: Mapping[str, Any]):
+def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str):
     """Random flips, rotation, zoom, contrast and gamma of one batch, the same geometry for images and masks.
 
     Parameters
@@ -261,14 +290,17 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any]):
         [1 - scale, 1 + scale]), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
         ``tf.image.adjust_contrast``), ``gamma`` (exponent uniform in [1 - gamma, 1 + gamma],
         ``tf.image.adjust_gamma``); 0 / false = that transform off
+    normalise : the patches' ``patches.normalise`` mode: ``"window"`` or ``"image"`` (see Returns)
 
     Returns
     -------
     (images float32 (B, s, s, 1) in [0, 1], masks float32 (B, s, s, 1) in {0, 1}): each sample has its own draws.
     Rotation and zoom resample about the patch centre (images bilinear, masks nearest neighbour, so they stay
-    binary; both reflect at the border). Photometric changes are clipped to [0, 1], and every augmented image is
-    min-max normalised again, as inference normalises every window: so a contrast factor below 1 alone changes
-    nothing the network sees, while one above 1 saturates the darkest and brightest pixels.
+    binary; both reflect at the border). Photometric changes are clipped to [0, 1]. With ``normalise="window"``
+    every augmented image is min-max normalised again, as inference normalises every window: so a contrast factor
+    below 1 alone changes nothing the network sees, while one above 1 saturates the darkest and brightest pixels.
+    With ``"image"`` the patch keeps its place in its mammogram's intensity range (inference does not re-normalise
+    a window), so it is only clipped to [0, 1].
     """
     import math
 
@@ -304,7 +336,7 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any]):
             return tf.image.adjust_gamma(image, exponent)
 
         images = tf.map_fn(photometric, (images, factors, exponents), fn_output_signature=tf.float32)
-    images, masks = _minmax(images), masks
+    images = _minmax(images) if normalise == "window" else tf.clip_by_value(images, 0.0, 1.0)
     images.set_shape(shape)
     masks.set_shape(shape)
     return images, masks

@@ -50,7 +50,8 @@ import numpy as np
 
 from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
-from mammoseg.config.plan import Plan
+from mammoseg.config.plan import PatchGeometry, Plan
+from mammoseg.patches.geometry import IMAGE_RANGE_PERCENTILES
 from mammoseg.io.atomic import atomic_directory
 from mammoseg.io.checksum import sha256_of
 
@@ -265,7 +266,7 @@ def _model_card(paths: list[Path], models: list, side: int, plan: Plan, config: 
             "parameters_per_fold": parameter_counts(models[0]),
         },
         "plan": plan.as_dict(),
-        "preprocessing": _preprocessing(plan.window_px, plan.downscale, side),
+        "preprocessing": _preprocessing(plan.geometry),
         "sliding_window": _sliding_window(infer, plan.downscale),
         "training_data": _training_data(fingerprint),
         "config": _shareable_config(config),
@@ -284,8 +285,21 @@ def _signature(side: int) -> dict[str, Any]:
     }
 
 
-def _preprocessing(window: int, downscale: int, side: int) -> dict[str, Any]:
+def _normalisation_step(normalise: str) -> str:
+    """The card's words for ``patches.normalise`` (mammoseg.patches.geometry.intensity_range_for)."""
+    if normalise == "window":
+        return ("min-max normalise the window on its own: (x - min) / (max - min), float32 in [0, 1] "
+                "(a flat window, max == min, would be all zeros; the sliding window skips such windows)")
+    low, high = IMAGE_RANGE_PERCENTILES
+    return (f"normalise with the whole image's range: low, high = the {low}th and {high}th percentiles (linear "
+            "interpolation) of every 4th pixel in each direction of the full-resolution image, then "
+            "(x - low) / (high - low) clipped to [0, 1], float32 (the same low and high for every window of the "
+            "image; all zeros when high == low)")
+
+
+def _preprocessing(geometry: PatchGeometry) -> dict[str, Any]:
     """What turns a window of a mammogram into the model's input (mammoseg.patches.geometry.preprocess_window)."""
+    window, downscale, side = geometry.window_px, geometry.downscale, geometry.input_px
     return {
         "reference_implementation": "mammoseg.patches.geometry.preprocess_window",
         "image": "stored pixel values with the modality LUT (RescaleSlope/Intercept) applied and MONOCHROME1 "
@@ -293,12 +307,12 @@ def _preprocessing(window: int, downscale: int, side: int) -> dict[str, Any]:
         "window_side_px": window,
         "downscale_factor": downscale,
         "network_input_px": side,
+        "normalise": geometry.normalise,
         "steps": [
             f"take a {window} x {window} window of the full-resolution image",
             f"downscale by {downscale} with a block mean: each input pixel is the float32 mean of a "
             f"{downscale} x {downscale} block ({window} -> {side} px)",
-            "min-max normalise the window on its own: (x - min) / (max - min), float32 in [0, 1] "
-            "(a flat window, max == min, would be all zeros; the sliding window skips such windows)",
+            _normalisation_step(geometry.normalise),
             f"stack windows as float32 (batch, {side}, {side}, 1)",
         ],
     }

@@ -259,6 +259,7 @@ class TrainingData:
     n_black: int  # background pixels of the training masks
     n_white: int  # lesion pixels of the training masks
     fingerprint: str  # identity of every ``split == 'train'`` patch, for the resume hash
+    normalise: str  # how the shards normalised their patches (``patches.normalise``), which augmentation keeps
 
     @property
     def pos_weight(self) -> float | None:
@@ -269,7 +270,7 @@ class TrainingData:
 def prepare_data(shard_paths: Sequence[str | Path], train_cfg: dict[str, Any], fold: int,
                  fold_of: dict[str, int] | None = None) -> TrainingData:
     """Read the shards' provenance, keep the ``split == 'train'`` patches, split them, count mask pixels."""
-    from mammoseg.model.dataset import read_provenance
+    from mammoseg.model.dataset import read_provenance, shards_normalisation
 
     shard_paths = [str(p) for p in shard_paths]
     if not shard_paths:
@@ -279,7 +280,8 @@ def prepare_data(shard_paths: Sequence[str | Path], train_cfg: dict[str, Any], f
         provenance = provenance[provenance["split"].astype(str) == "train"]
     train_rows, val_rows = split_for_fold(provenance, train_cfg, fold, fold_of)
     n_black, n_white = mask_pixel_counts(train_rows)
-    return TrainingData(shard_paths, train_rows, val_rows, n_black, n_white, _data_fingerprint(provenance))
+    return TrainingData(shard_paths, train_rows, val_rows, n_black, n_white, _data_fingerprint(provenance),
+                        shards_normalisation(shard_paths))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -692,7 +694,8 @@ def training_datasets(data: TrainingData, train_cfg: dict[str, Any], epochs_done
 
     batch_size = train_cfg["batch_size"]
     train_ds = make_dataset(data.shard_paths, data.train_rows, batch_size, shuffle=True,
-                            seed=train_cfg["seed"] + epochs_done, repeat=False, augment=train_cfg["augment"])
+                            seed=train_cfg["seed"] + epochs_done, repeat=False, augment=train_cfg["augment"],
+                            normalise=data.normalise)
     val_ds = (make_dataset(data.shard_paths, data.val_rows, batch_size, shuffle=False, seed=0, repeat=False)
               if len(data.val_rows) else None)
     return train_ds, val_ds

@@ -2,7 +2,8 @@
 
 Everything here is NumPy only. Training patches (:mod:`mammoseg.patches.shards`) and inference windows
 (:mod:`mammoseg.inference.sliding`) both go through :func:`preprocess_window`, so the network sees the same kind of input
-in both stages.
+in both stages: a block mean, then either each window min-max normalised on its own (the paper) or every window of a
+mammogram mapped through that mammogram's intensity range (``patches.normalise: image``, :func:`intensity_range_for`).
 
 Patch geometry (Marita et al.; all coordinates are full-resolution pixels, rows first)
 -------------------------------------------------------------------------------------
@@ -36,6 +37,10 @@ __all__ = [
     "downscale_image",
     "downscale_mask",
     "downscale_mask_window",
+    "IMAGE_RANGE_PERCENTILES",
+    "NORMALISE_MODES",
+    "image_intensity_range",
+    "intensity_range_for",
     "normalise_patch",
     "preprocess_window",
     "PatchLargerThanImage",
@@ -149,18 +154,68 @@ def downscale_mask_window(mask: np.ndarray, row: int, col: int, size: int, facto
     return out
 
 
-def normalise_patch(patch: np.ndarray) -> np.ndarray:
-    """Min-max normalise one patch to [0, 1] (float32); a flat patch becomes all zeros."""
+#: The percentiles of a mammogram's pixels that ``patches.normalise: image`` maps to 0 and 1. The low one lies in
+#: the background (a mammogram is a third to a half background), the high one in the densest tissue; film labels
+#: and markers above it are clipped, as is anything brighter than 99.5 % of the image.
+IMAGE_RANGE_PERCENTILES = (0.5, 99.5)
+
+#: The ``patches.normalise`` modes: ``window`` = each window min-max on its own (the paper), ``image`` = one
+#: intensity range per mammogram (:func:`image_intensity_range`) for every window of it.
+NORMALISE_MODES = ("window", "image")
+
+
+def image_intensity_range(image: np.ndarray) -> tuple[float, float]:
+    """The intensity range that ``patches.normalise: image`` maps to [0, 1] for every window of one mammogram.
+
+    Parameters
+    ----------
+    image : np.ndarray, shape (rows, cols), any real dtype: the full-resolution stored pixel values
+
+    Returns
+    -------
+    (low, high) : floats in the image's units, the :data:`IMAGE_RANGE_PERCENTILES` of every 4th pixel in each
+        direction (1/16 of the pixels: the percentiles of a 4.5k x 2.8k mammogram in 27 ms instead of 0.24 s);
+        ``high == low`` for a flat image.
+    """
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {image.shape}")
+    low, high = np.percentile(np.asarray(image[::4, ::4], dtype=np.float32), IMAGE_RANGE_PERCENTILES)
+    return float(low), float(high)
+
+
+def normalise_patch(patch: np.ndarray, intensity_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Normalise one patch to [0, 1] (float32).
+
+    ``intensity_range`` None: min-max of the patch itself (the paper); a flat patch becomes all zeros.
+    ``(low, high)``: ``(patch - low) / (high - low)`` clipped to [0, 1] (``patches.normalise: image``), so a
+    window keeps its brightness relative to the rest of its mammogram; ``high <= low`` gives all zeros.
+    """
     patch = np.asarray(patch, dtype=np.float32)
-    low, high = float(patch.min()), float(patch.max())
+    if intensity_range is None:
+        low, high = float(patch.min()), float(patch.max())
+    else:
+        low, high = (float(v) for v in intensity_range)
     if high <= low:
         return np.zeros_like(patch, dtype=np.float32)
-    return (patch - low) / np.float32(high - low)
+    out = (patch - np.float32(low)) / np.float32(high - low)
+    return out if intensity_range is None else np.clip(out, 0.0, 1.0, out=out)
 
 
-def preprocess_window(window: np.ndarray, factor: int) -> np.ndarray:
-    """What the network sees: downscale by ``factor`` then min-max normalise to [0, 1] (float32)."""
-    return normalise_patch(downscale_image(window, factor))
+def preprocess_window(window: np.ndarray, factor: int,
+                      intensity_range: tuple[float, float] | None = None) -> np.ndarray:
+    """What the network sees: downscale by ``factor``, then normalise to [0, 1] (float32) by
+    :func:`normalise_patch` (min-max of the window, or the mammogram's ``intensity_range``)."""
+    return normalise_patch(downscale_image(window, factor), intensity_range)
+
+
+def intensity_range_for(image: np.ndarray, normalise: str) -> tuple[float, float] | None:
+    """The ``intensity_range`` argument of :func:`preprocess_window` for every window of ``image`` under a
+    ``patches.normalise`` mode: None for ``window``, :func:`image_intensity_range` for ``image``."""
+    if normalise == "window":
+        return None
+    if normalise == "image":
+        return image_intensity_range(image)
+    raise ValueError(f"unknown normalisation {normalise!r}; expected one of {NORMALISE_MODES}")
 
 
 # --------------------------------------------------------------------------------------------------------------

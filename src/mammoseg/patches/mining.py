@@ -30,10 +30,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mammoseg.config.plan import PatchGeometry
 from mammoseg.data.manifest import lesion_rows
 from mammoseg.evaluation import metrics
 from mammoseg.evaluation.froc import component_max
-from mammoseg.patches.geometry import bbox_centre, crop, place_window, preprocess_window, roi_rng
+from mammoseg.patches.geometry import (bbox_centre, crop, intensity_range_for, place_window, preprocess_window,
+                                       roi_rng)
 
 __all__ = ["MINING_TRIES", "MINING_SHIFT", "first_round_config", "fp_components", "mine_windows", "mined_patches",
            "run_mine"]
@@ -159,13 +161,15 @@ def mine_windows(prob_u8: np.ndarray, lesion_union: np.ndarray, image: np.ndarra
     return chosen
 
 
-def mined_patches(image: np.ndarray, corners: Sequence[tuple[int, int]], roi: Mapping[str, str], window: int,
-                  downscale: int) -> list[tuple[dict, np.ndarray, np.ndarray]]:  # fmt: skip
+def mined_patches(image: np.ndarray, corners: Sequence[tuple[int, int]], roi: Mapping[str, str],
+                  geometry: PatchGeometry) -> list[tuple[dict, np.ndarray, np.ndarray]]:  # fmt: skip
     """The shard rows of mined windows: (provenance row, image patch float32 (s, s), all-zero mask uint8 (s, s)).
 
-    Stored as extraction stores its negatives (``copy_index`` -1, no lesion box), named ``<image_id>_hard<k>``.
+    Stored as extraction stores its negatives (``copy_index`` -1, no lesion box, normalised as
+    ``geometry.normalise`` says), named ``<image_id>_hard<k>``.
     """
-    s = window // downscale
+    window, downscale, s = geometry.window_px, geometry.downscale, geometry.input_px
+    intensity_range = intensity_range_for(image, geometry.normalise)
     image_id = roi["image_id"]
     rows = []
     for k, (r, c) in enumerate(corners):
@@ -175,7 +179,8 @@ def mined_patches(image: np.ndarray, corners: Sequence[tuple[int, int]], roi: Ma
             "crop_size": window, "shift_row": 0, "shift_col": 0, "downscale": downscale,
             "bbox_r0": -1, "bbox_c0": -1, "bbox_r1": -1, "bbox_c1": -1, "rois_in_window": "",
         }
-        rows.append((row, preprocess_window(crop(image, r, c, window), downscale), np.zeros((s, s), np.uint8)))
+        rows.append((row, preprocess_window(crop(image, r, c, window), downscale, intensity_range),
+                     np.zeros((s, s), np.uint8)))
     return rows
 
 
@@ -224,7 +229,7 @@ def _image_batches(groups: dict[str, list[dict]], base: Path, files: dict[str, P
                                min_prob=float(settings["min_prob"]), min_mean=plan.negative_min_mean,
                                rng=roi_rng(plan.seed, f"{image_id}#hard"))
         log(f"{image_id}: {len(corners)} hard negatives")
-        yield mined_patches(image, corners, rows[0], plan.window_px, plan.downscale)
+        yield mined_patches(image, corners, rows[0], plan.geometry)
 
 
 def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path | Sequence[str | Path],
@@ -287,7 +292,8 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     attrs = {
         "config_hash": p.patches_key, "mammoseg_version": __version__, "h5py_version": h5py.__version__,
         "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": p.n,
-        "window_size": p.window_px, "patch_size": p.input_px, "downscale": p.downscale, "n_shifted": 0,
+        "window_size": p.window_px, "patch_size": p.input_px, "downscale": p.downscale,
+        "normalise": p.normalise, "n_shifted": 0,
         "max_shift": 0.0, "seed": p.seed, "n_negative": 0, "negative_min_mean": p.negative_min_mean, "n_normal": 0,
         "shard_index": 0, "n_shards": 1, "compression": compression or "none",
         "image_compression": image_compression or "none",

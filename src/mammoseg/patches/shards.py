@@ -41,9 +41,11 @@ from mammoseg.errors import InputError, NoSpaceError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.io.hdf5 import hdf5_writer
 from mammoseg.patches.geometry import (
+    NORMALISE_MODES,
     PatchLargerThanImage,
     crop,
     downscale_mask_window,
+    intensity_range_for,
     plan_crops,
     plan_negative_windows,
     preprocess_window,
@@ -90,8 +92,8 @@ PROVENANCE_COLUMNS: dict[str, str] = {
 SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason": "str", "message": "str"}
 ROOT_ATTRIBUTES = (
     "config_hash", "mammoseg_version", "h5py_version", "hdf5_version", "numpy_version", "n", "window_size",
-    "patch_size", "downscale", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean", "n_normal",
-    "shard_index",
+    "patch_size", "downscale", "normalise", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean",
+    "n_normal", "shard_index",
     "n_shards", "compression", "image_compression",
 )
 #: manifest.csv columns extraction needs (docs/architecture.md)
@@ -133,6 +135,7 @@ class PatchParams:
     n_negative: int = 0
     negative_min_mean: float = 0.05
     n_normal: int = 0
+    normalise: str = "window"
 
     @property
     def window_size(self) -> int:
@@ -153,6 +156,8 @@ class PatchParams:
             raise ValueError(f"n_shifted must be >= 0, got {self.n_shifted}")
         if not 0 <= self.max_shift <= 0.5:
             raise ValueError(f"max_shift must be in [0, 0.5] (a fraction of the window side), got {self.max_shift}")
+        if self.normalise not in NORMALISE_MODES:
+            raise ValueError(f"normalise must be one of {NORMALISE_MODES}, got {self.normalise!r}")
 
 
 @dataclass
@@ -194,8 +199,10 @@ def _union_box(lesions: Sequence[_Lesion]) -> tuple[int, int, int, int]:
 
 
 def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions: Sequence[_Lesion],
-                 params: PatchParams):  # fmt: skip
+                 params: PatchParams, intensity_range: tuple[float, float] | None):  # fmt: skip
     """Yield (provenance row, image patch float32 (s, s), mask patch uint8 (s, s)) for each crop of one ROI.
+
+    ``intensity_range``: the image's, for ``params.normalise`` (:func:`mammoseg.patches.geometry.intensity_range_for`).
 
     The crops are placed around this ROI (:func:`mammoseg.patches.geometry.plan_crops`); the mask patch is the
     union of *every* lesion of the image inside the window, so a second mass that a window catches is taught as
@@ -214,7 +221,7 @@ def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions:
             "bbox_r0": bbox[0], "bbox_c0": bbox[1], "bbox_r1": bbox[2], "bbox_c1": bbox[3],
             "rois_in_window": ";".join(other.roi["roi_id"] for other in lesions if other.inside(c.row, c.col, c.size)),
         }
-        image_patch = preprocess_window(crop(image, c.row, c.col, c.size), params.downscale)
+        image_patch = preprocess_window(crop(image, c.row, c.col, c.size), params.downscale, intensity_range)
         mask_patch = downscale_mask_window(union, c.row, c.col, c.size, params.downscale, union_box)
         yield row, image_patch, mask_patch
 
@@ -261,16 +268,18 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
         return
     lesions, union = _image_lesions(image_path, image.shape, rois, base, tables)
+    intensity_range = intensity_range_for(image, params.normalise)
     for lesion in lesions:
         try:
-            yield from _roi_patches(image, union, lesion, lesions, params)
+            yield from _roi_patches(image, union, lesion, lesions, params, intensity_range)
         except PatchLargerThanImage as exc:
             tables.skip(lesion.roi["roi_id"], image_id, "patch_larger_than_image", f"{image_path}: {exc}")
     count = params.n_normal if all(is_normal(roi) for roi in rois) else params.n_negative
-    yield from _negative_patches(image, union, rois[0], params, count)
+    yield from _negative_patches(image, union, rois[0], params, count, intensity_range)
 
 
-def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params: PatchParams, count: int):
+def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params: PatchParams, count: int,
+                      intensity_range: tuple[float, float] | None):  # fmt: skip
     """``count`` lesion-free windows of one image (``n_negative`` for an image with lesions, ``n_normal`` for a
     normal image; beyond the paper): copy_index -1, all-zero masks."""
     if count <= 0:
@@ -287,7 +296,7 @@ def _negative_patches(image: np.ndarray, lesions: np.ndarray, roi: dict, params:
             "bbox_r0": -1, "bbox_c0": -1, "bbox_r1": -1, "bbox_c1": -1, "rois_in_window": "",
         }
         window = crop(image, r, c, params.window_size)
-        yield row, preprocess_window(window, params.downscale), np.zeros((s, s), dtype=np.uint8)
+        yield row, preprocess_window(window, params.downscale, intensity_range), np.zeros((s, s), dtype=np.uint8)
 
 
 def _string_dtype():
@@ -451,6 +460,7 @@ def extract_shard(
     n_negative: int = 0,
     negative_min_mean: float = 0.05,
     n_normal: int = 0,
+    normalise: str = "window",
 ) -> dict[str, Any]:
     """Extract the patches of every ROI whose image hashes to ``shard_index`` into one HDF5 shard.
 
@@ -469,6 +479,8 @@ def extract_shard(
         all-zero mask; see :func:`mammoseg.patches.geometry.plan_negative_windows`); 0 = the paper's method
     negative_min_mean : a negative window's mean must reach this fraction of the image maximum
     n_normal : lesion-free windows per normal image (a manifest row without ROI, ``data.normals``)
+    normalise : ``"window"`` (each window min-max, the paper) or ``"image"`` (the image's intensity range,
+        :func:`mammoseg.patches.geometry.intensity_range_for`)
     compression : HDF5 filter of ``masks``: ``"lzf"`` (the contract's default), ``"gzip"`` or ``None``/``"none"``.
         0/1 masks are mostly runs: lzf keeps about 3 % of their bytes at almost no cost.
     image_compression : HDF5 filter of ``images``, same choices, default none. Measured (benchmarks/README.md):
@@ -493,7 +505,7 @@ def extract_shard(
     compression = _filter(compression, "compression")
     image_compression = _filter(image_compression, "image_compression")
     params = PatchParams(int(n), int(downscale), int(n_shifted), float(max_shift), int(seed), int(n_negative),
-                         float(negative_min_mean), int(n_normal))
+                         float(negative_min_mean), int(n_normal), str(normalise))
     if not 0 <= shard_index < n_shards:
         raise ValueError(f"shard_index {shard_index} must be in [0, {n_shards})")
     manifest_csv = Path(manifest_csv)
@@ -513,7 +525,7 @@ def extract_shard(
         "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
         "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
         "window_size": params.window_size, "patch_size": params.patch_size, "downscale": params.downscale,
-        "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
+        "normalise": params.normalise, "n_shifted": params.n_shifted, "max_shift": params.max_shift, "seed": params.seed,
         "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean, "n_normal": params.n_normal,
         "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
         "image_compression": image_compression or "none",
@@ -632,7 +644,7 @@ def run_extract(plan: str | Path, manifest_csv: str | Path, out_path: str | Path
         manifest_csv, out_path, shard_index=int(shard_index), n_shards=p.n_shards, n=p.n, downscale=p.downscale,
         n_shifted=p.n_shifted, max_shift=p.max_shift, seed=p.seed, config_hash=p.patches_key,
         compression=compression, image_compression=image_compression, n_negative=p.n_negative,
-        negative_min_mean=p.negative_min_mean, n_normal=p.n_normal,
+        negative_min_mean=p.negative_min_mean, n_normal=p.n_normal, normalise=p.normalise,
     )
     print(f"shard {shard_index}/{p.n_shards}: {summary['n_patches']} patches of {summary['n_rois']} ROIs in "
           f"{summary['n_images']} images, {summary['n_skipped']} ROIs skipped {summary['skipped_reasons']} "
