@@ -66,20 +66,21 @@ def _weighted_bce_per_sample(y_true, y_pred, pos_weight: float):
     return ops.mean(per_pixel, axis=_PIXEL_AXES)
 
 
-def _soft_dice_batch(y_true, y_pred, smooth: float):
-    """One soft Dice loss over all pixels of the batch, returned once per sample (so Keras' mean is that value)."""
+def _soft_dice(y_true, y_pred, smooth: float, batch: bool):
+    """Soft Dice loss (B,): each sample's own (``batch=False``), or one over all pixels of the batch repeated for
+    every sample (``batch=True``, nnU-Net's batch Dice), so that Keras' mean over samples is that one value."""
     y_true, y_pred = _as_float(y_true, y_pred)
-    intersection = ops.sum(y_true * y_pred)
-    total = ops.sum(y_true) + ops.sum(y_pred)
+    axes = None if batch else _PIXEL_AXES
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     loss = 1.0 - (2.0 * intersection + smooth) / (total + smooth)
-    return ops.zeros_like(ops.sum(y_true, axis=_PIXEL_AXES)) + loss
+    return ops.full(ops.shape(y_true)[:1], loss) if batch else loss
 
 
-def _soft_dice_per_sample(y_true, y_pred, smooth: float):
+def _binarised(y_true, y_pred, threshold: float):
+    """(truth, prediction) as float32 0/1: ``y_true >= 0.5`` and ``y_pred >= threshold``."""
     y_true, y_pred = _as_float(y_true, y_pred)
-    intersection = ops.sum(y_true * y_pred, axis=_PIXEL_AXES)
-    total = ops.sum(y_true, axis=_PIXEL_AXES) + ops.sum(y_pred, axis=_PIXEL_AXES)
-    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+    return ops.cast(y_true >= 0.5, "float32"), ops.cast(y_pred >= threshold, "float32")
 
 
 @keras.saving.register_keras_serializable(package="mammoseg")
@@ -112,8 +113,7 @@ class SoftDiceLoss(keras.losses.Loss):
         self.batch = bool(batch)
 
     def call(self, y_true, y_pred):
-        dice = _soft_dice_batch if self.batch else _soft_dice_per_sample
-        return dice(y_true, y_pred, self.smooth)
+        return _soft_dice(y_true, y_pred, self.smooth, self.batch)
 
     def get_config(self):
         return {**super().get_config(), "smooth": self.smooth, "batch": self.batch}
@@ -132,8 +132,8 @@ class BCEDiceLoss(keras.losses.Loss):
         self.batch = bool(batch)
 
     def call(self, y_true, y_pred):
-        dice = _soft_dice_batch if self.batch else _soft_dice_per_sample
-        return _weighted_bce_per_sample(y_true, y_pred, self.pos_weight) + dice(y_true, y_pred, self.smooth)
+        return (_weighted_bce_per_sample(y_true, y_pred, self.pos_weight)
+                + _soft_dice(y_true, y_pred, self.smooth, self.batch))
 
     def get_config(self):
         return {**super().get_config(), "pos_weight": self.pos_weight, "smooth": self.smooth, "batch": self.batch}
@@ -155,9 +155,7 @@ class _ThresholdedOverlap(keras.metrics.Metric):
         raise NotImplementedError
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true, y_pred = _as_float(y_true, y_pred)
-        truth = ops.cast(y_true >= 0.5, "float32")
-        pred = ops.cast(y_pred >= self.threshold, "float32")
+        truth, pred = _binarised(y_true, y_pred, self.threshold)
         intersection = ops.sum(truth * pred, axis=_PIXEL_AXES)
         score = self._score(intersection, ops.sum(truth, axis=_PIXEL_AXES), ops.sum(pred, axis=_PIXEL_AXES))
         self.total.assign_add(ops.sum(score))
@@ -215,9 +213,7 @@ class PooledDice(keras.metrics.Metric):
         self.total = self.add_variable(shape=(), initializer="zeros", name="total", dtype="float32")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_true, y_pred = _as_float(y_true, y_pred)
-        truth = ops.cast(y_true >= 0.5, "float32")
-        pred = ops.cast(y_pred >= self.threshold, "float32")
+        truth, pred = _binarised(y_true, y_pred, self.threshold)
         self.intersection.assign_add(ops.sum(truth * pred))
         self.total.assign_add(ops.sum(truth) + ops.sum(pred))
 
