@@ -241,3 +241,22 @@ def test_a_normal_image_with_a_planted_false_positive_counts_one_fp_and_no_lesio
     assert s["n_normal_images"] == 2 and s["fp_per_normal_image"] == 0.5 and s["normal_images_without_mark"] == 0.5
     assert s["fppi"] == pytest.approx((3 + 1) / 4) and s["fppi_lesion_images"] == pytest.approx(3 / 2)
     assert "2 normal images" not in result["text"] and "normal images 2: 0.50 false positives" in result["text"]
+
+
+def test_chunks_binarised_at_different_thresholds_are_not_pooled(tmp_path):
+    # two chunks of one image set, one evaluated at 0.5 and one (left over from another run) at 0.3: the summary
+    # would print one threshold for two operating points, so it refuses and names both
+    from mammoseg.errors import InputError
+
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    first, second = tmp_path / "experiment" / "test" / "chunk-0", tmp_path / "experiment" / "test" / "chunk-1"
+    evaluate.run_evaluate_chunk(chunk, manifest, first, chunk=0, config=CONFIG, image_set="test")
+    other = validate_config({**CONFIG, "infer": {**CONFIG["infer"], "threshold": 0.3}})
+    evaluate.run_evaluate_chunk(chunk, manifest, second, chunk=0, config=other, image_set="test")
+    for path in second.glob("*.json"):  # as if chunk 1 held other images
+        record = json.loads(path.read_text())
+        record["image_id"] += "_other"
+        path.write_text(json.dumps(record))
+    summary.run_summarise([first], first.parent, experiment="toy", image_set="test", config=CONFIG)  # one: fine
+    with pytest.raises(InputError, match=r"different thresholds \{0.3: \[.*\], 0.5: \["):
+        summary.run_summarise([first, second], first.parent, experiment="toy", image_set="test", config=CONFIG)

@@ -227,6 +227,16 @@ def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed
     return "\n".join(lines)
 
 
+def _shared_threshold(evaluated: Sequence[Mapping[str, Any]], out_dir: Path) -> float:
+    """The one probability threshold every evaluated image was binarised at (the chunks of one image set are
+    evaluated with one threshold; chunks left over from another threshold would mix two operating points)."""
+    thresholds = sorted({float(rec["threshold"]) for rec in evaluated})
+    if len(thresholds) != 1:
+        mixed = {t: [rec["image_id"] for rec in evaluated if float(rec["threshold"]) == t][:3] for t in thresholds}
+        raise InputError(f"{out_dir}: the images were binarised at different thresholds {mixed}; re-run evaluation")
+    return thresholds[0]
+
+
 def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,
               abnormality: str, bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:  # fmt: skip
     """Pool the per-image results of one image set into the tables of the module docstring; return the summary.
@@ -256,7 +266,7 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     label = f"{experiment} [{image_set}]"
     _plot_froc(curve, out_dir / "froc.png", label)
     n_failed = len(records) - len(evaluated)
-    text = _human_summary(summary, label, abnormality, n_failed, float(evaluated[0]["threshold"]))
+    text = _human_summary(summary, label, abnormality, n_failed, _shared_threshold(evaluated, out_dir))
     if abnormality == "mass" and image_set == "test":
         text += "\n  " + PAPER_FIGURES
     write_text_atomic(out_dir / "summary.txt", text + "\n")
