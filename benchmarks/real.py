@@ -27,12 +27,9 @@ experiment folder (no run). ``--set KEY=VALUE`` passes configuration overrides t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
-import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mammoseg.evaluation.froc import FPPI_POINTS  # the points summary.csv reports
+from mammoseg.evaluation.summary import read_summary_csv, screening_point
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -106,68 +104,10 @@ def experiment_dir(workdir: Path, config_file: Path, overrides: Sequence[str] = 
 # ----------------------------------------------------------------------------------------------------------
 # Reading an experiment
 # ----------------------------------------------------------------------------------------------------------
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _true(value: str) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes")
-
-
-def _float(value: str | None) -> float | None:
-    if value is None or str(value).strip() == "":
-        return None
-    return float(value)
-
-
-def read_summary(path: Path, min_area: int = 0) -> dict[str, dict[str, float | None]]:
-    """{metric: {value, ci_low, ci_high}} of ``summary.csv`` at ``min_area`` (0: components as predicted)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for row in _rows(path):
-        if int(float(row["min_area"])) != min_area:
-            continue
-        out[row["metric"]] = {"value": _float(row["value"]), "ci_low": _float(row.get("ci_low")),
-                              "ci_high": _float(row.get("ci_high"))}
-    return out
-
-
-def screening_point(froc_rows: list[dict[str, str]], candidates: list[dict[str, str]],
-                    per_image: list[dict[str, str]], target_tpr: float = 0.9) -> dict[str, Any]:
-    """The highest candidate-score threshold whose lesion TPR reaches ``target_tpr``, and the false positives
-    there (all images, and per normal image), from the FROC curve and the candidate table.
-
-    A candidate marks its image at threshold ``s`` when its score is >= ``s``. When no threshold reaches the
-    target, the most permissive one (the lowest score, where the TPR is highest) is reported with
-    ``reached: False``.
-    """
-    points = [(float(r["score_threshold"]), float(r["tpr"]), float(r["fppi"])) for r in froc_rows
-              if math.isfinite(float(r["score_threshold"]))]
-    normal_ids = {r["image_id"] for r in per_image if _true(r["normal"]) and r["status"] == "evaluated"}
-    if not points:
-        return {"reached": False, "target_tpr": target_tpr, "threshold": None, "tpr": 0.0, "fppi": 0.0,
-                "fp_per_normal_image": 0.0, "normal_images_without_mark": 1.0 if normal_ids else None,
-                "n_normal_images": len(normal_ids)}
-    reaching = [p for p in points if p[1] >= target_tpr - 1e-12]
-    reached = bool(reaching)
-    threshold, tpr, fppi = max(reaching) if reached else min(points)
-    marked: dict[str, int] = {}
-    for cand in candidates:
-        if cand["image_id"] in normal_ids and float(cand["score"]) >= threshold - 1e-9:
-            marked[cand["image_id"]] = marked.get(cand["image_id"], 0) + (1 if _true(cand["false_positive"]) else 0)
-    n_normal = len(normal_ids)
-    return {
-        "reached": reached, "target_tpr": target_tpr, "threshold": threshold, "tpr": tpr, "fppi": fppi,
-        "fp_per_normal_image": (sum(marked.values()) / n_normal) if n_normal else None,
-        "normal_images_without_mark": ((n_normal - len(marked)) / n_normal) if n_normal else None,
-        "n_normal_images": n_normal,
-    }
-
-
 def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0.9) -> dict[str, Any]:
     """Every figure of the table for one image set of an experiment folder."""
     folder = Path(exp_dir) / image_set
-    summary = read_summary(folder / "summary.csv")
+    summary = read_summary_csv(folder / "summary.csv")
 
     def value(metric: str) -> float | None:
         return (summary.get(metric) or {}).get("value")
@@ -184,8 +124,7 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
         "operating": {"tpr": value("tpr"), "fppi": value("fppi"), "fp_per_normal_image": value("fp_per_normal_image"),
                       "normal_images_without_mark": value("normal_images_without_mark")},
         "pooled_dice": dice.get("value"), "pooled_dice_ci": [dice.get("ci_low"), dice.get("ci_high")],
-        "screening": screening_point(_rows(folder / "froc.csv"), _rows(folder / "candidates.csv"),
-                                     _rows(folder / "per_image.csv"), target_tpr),
+        "screening": screening_point(folder, target_tpr),
     }
 
 
@@ -268,8 +207,13 @@ def run_workflow(workdir: Path, config_file: Path, cores: int, overrides: Sequen
 
 
 def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    """The machine record of ``make bench`` (benchmarks/run.py: CPU model, cores, RAM, versions, commit)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # run as a script it is there already; loaded from a file path (tests) it is not
+        sys.path.insert(0, here)
+    from run import describe_machine
+
+    return describe_machine()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

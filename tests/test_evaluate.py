@@ -260,3 +260,17 @@ def test_chunks_binarised_at_different_thresholds_are_not_pooled(tmp_path):
     summary.run_summarise([first], first.parent, experiment="toy", image_set="test", config=CONFIG)  # one: fine
     with pytest.raises(InputError, match=r"different thresholds \{0.3: \[.*\], 0.5: \["):
         summary.run_summarise([first, second], first.parent, experiment="toy", image_set="test", config=CONFIG)
+
+
+def test_read_summary_csv_gives_json_ready_figures_of_one_variant(evaluated):
+    tmp_path = evaluated[0]
+    path = tmp_path / "experiment" / "test" / "summary.csv"
+    table = pd.read_csv(path)
+    figures = summary.read_summary_csv(path)
+    as_predicted = table[table["min_area"] == 0]
+    assert set(figures) == set(as_predicted["metric"])
+    for row in as_predicted.itertuples():
+        assert figures[row.metric]["value"] == pytest.approx(row.value, nan_ok=True)
+        assert (figures[row.metric]["ci_low"] is None) == bool(pd.isna(row.ci_low))
+    assert any(f["ci_low"] is None for f in figures.values()) and any(f["ci_low"] is not None for f in figures.values())
+    json.dumps(figures, allow_nan=False)  # no NaN reaches a model card

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from mammoseg.evaluation.summary import read_summary_csv
 from mammoseg.io.atomic import atomic_directory
 
 __all__ = ["html_page", "comparison_table", "run_report_pages"]
@@ -57,8 +58,7 @@ def comparison_table(experiments_dir: str | Path, image_set: str = "test") -> pd
 
     rows = []
     for summary_csv in sorted(Path(experiments_dir).glob(f"*/{image_set}/summary.csv")):
-        table = pd.read_csv(summary_csv)
-        values = dict(zip(table.loc[table["min_area"] == 0, "metric"], table.loc[table["min_area"] == 0, "value"]))
+        values = {metric: figures["value"] for metric, figures in read_summary_csv(summary_csv).items()}
         keys_json = summary_csv.parent.parent / "keys.json"
         keys = json.loads(keys_json.read_text()) if keys_json.is_file() else {}
         rows.append({"experiment": summary_csv.parent.parent.name, "model": keys.get("model", ""),

@@ -28,7 +28,8 @@ from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_text_atomic
 
-__all__ = ["PAPER_FIGURES", "read_image_records", "summarise", "run_summarise", "summarise_findings"]
+__all__ = ["PAPER_FIGURES", "read_image_records", "summarise", "run_summarise", "summarise_findings",
+           "read_summary_csv", "screening_point"]
 
 #: The paper's figures on the CBIS-DDSM mass test set (Marita et al.), printed beside a mass evaluation.
 PAPER_FIGURES = ("(paper, CBIS-DDSM mass test set: Dice 0.29 whole image / 0.70 at lesions, IoU 0.17 / 0.534, "
@@ -273,6 +274,56 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     print(text)
     nested = {int(m): dict(zip(g["metric"], g["value"])) for m, g in summary.groupby("min_area")}
     return {"text": text, "summary": nested, "n_failed": n_failed}
+
+
+def read_summary_csv(path: str | Path, min_area: int = 0) -> dict[str, dict[str, float | None]]:
+    """``{metric: {"value", "ci_low", "ci_high"}}`` of a ``summary.csv`` at one ``min_area`` variant (0: the
+    components as predicted). A metric without an interval has None there (not NaN), so the result goes into JSON
+    as it is."""
+    table = pd.read_csv(path)
+    rows = table[table["min_area"] == min_area]
+
+    def number(value) -> float | None:
+        return None if pd.isna(value) else float(value)
+
+    return {row.metric: {"value": number(row.value), "ci_low": number(row.ci_low), "ci_high": number(row.ci_high)}
+            for row in rows.itertuples()}
+
+
+def screening_point(image_set_dir: str | Path, target_tpr: float) -> dict[str, Any]:
+    """The highest candidate-score threshold whose lesion TPR reaches ``target_tpr`` (a screening operating
+    point), read off an image set's ``froc.csv``, with the false positives there per normal image from its
+    ``candidates.csv`` and ``per_image.csv``.
+
+    A candidate marks its image at threshold ``s`` when its score is >= ``s``; every candidate of a normal image
+    is a false positive. When no threshold reaches the target, the most permissive one (the lowest score, where
+    the TPR is highest) is reported with ``reached: False``.
+
+    Returns
+    -------
+    dict: ``reached``, ``target_tpr``, ``threshold`` (None without any candidate), ``tpr``, ``fppi``,
+    ``fp_per_normal_image`` and ``normal_images_without_mark`` (None without normal images), ``n_normal_images``
+    """
+    folder = Path(image_set_dir)
+    curve = pd.read_csv(folder / "froc.csv")
+    curve = curve[np.isfinite(curve["score_threshold"].astype(float))]
+    per_image = pd.read_csv(folder / "per_image.csv")
+    normal = per_image["normal"].astype(str).str.lower() == "true"
+    normal_ids = set(per_image.loc[normal & (per_image["status"] == "evaluated"), "image_id"])
+    n_normal = len(normal_ids)
+    point = {"target_tpr": target_tpr, "n_normal_images": n_normal}
+    if curve.empty:
+        return {**point, "reached": False, "threshold": None, "tpr": 0.0, "fppi": 0.0,
+                "fp_per_normal_image": 0.0 if n_normal else None, "normal_images_without_mark": 1.0 if n_normal else None}
+    reaching = curve[curve["tpr"] >= target_tpr - 1e-12]
+    reached = not reaching.empty
+    row = reaching.loc[reaching["score_threshold"].idxmax()] if reached else curve.loc[curve["score_threshold"].idxmin()]
+    threshold = float(row["score_threshold"])
+    candidates = pd.read_csv(folder / "candidates.csv")
+    marks = candidates[candidates["image_id"].isin(normal_ids) & (candidates["score"] >= threshold - 1e-9)]
+    return {**point, "reached": reached, "threshold": threshold, "tpr": float(row["tpr"]), "fppi": float(row["fppi"]),
+            "fp_per_normal_image": len(marks) / n_normal if n_normal else None,
+            "normal_images_without_mark": (n_normal - marks["image_id"].nunique()) / n_normal if n_normal else None}
 
 
 def run_summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,

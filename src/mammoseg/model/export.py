@@ -414,12 +414,9 @@ def validation_figures(fold_reports: Sequence[str | Path], oof_summary: str | Pa
                       "epochs_run": report.get("epochs_run")})
     figures: dict[str, Any] = {"folds": folds}
     if oof_summary is not None:
-        import pandas as pd
+        from mammoseg.evaluation.summary import read_summary_csv
 
-        table = pd.read_csv(oof_summary)
-        as_predicted = table[table["min_area"] == 0]
-        figures["out_of_fold"] = {row.metric: {"value": row.value, "ci_low": row.ci_low, "ci_high": row.ci_high}
-                                  for row in as_predicted.itertuples()}
+        figures["out_of_fold"] = read_summary_csv(oof_summary)
     return figures
 
 
