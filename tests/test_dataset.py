@@ -229,3 +229,25 @@ def test_shards_normalised_differently_are_refused(tmp_path):
     assert shards_normalisation([image]) == "image"
     with pytest.raises(InputError, match="normalised differently"):
         shards_normalisation([window, image])
+
+
+def test_files_written_before_the_normalise_setting_count_as_window(tmp_path):
+    import json
+
+    import h5py
+
+    from mammoseg.config.plan import build_plan, read_plan
+    from mammoseg.config.schema import validate_config
+    from mammoseg.data.manifest import read_manifest
+    from mammoseg.model.dataset import shards_normalisation
+
+    manifest = random_collection(tmp_path, 3, seed=4)
+    (shard,) = extract_all(manifest, tmp_path / "s", normalise="image")
+    with h5py.File(shard, "a") as h5:
+        del h5.attrs["normalise"]  # as an older mammoseg wrote it: its patches were min-max normalised
+    assert shards_normalisation([shard]) == "window"
+    plan = build_plan(validate_config({"patches": {"normalise": "image"}})["patches"], "k", read_manifest(manifest))
+    raw = plan.as_dict()
+    del raw["normalise"]
+    (tmp_path / "plan.json").write_text(json.dumps(raw))
+    assert read_plan(tmp_path / "plan.json").normalise == "window"

@@ -258,8 +258,10 @@ def test_chunks_binarised_at_different_thresholds_are_not_pooled(tmp_path):
         record["image_id"] += "_other"
         path.write_text(json.dumps(record))
     summary.run_summarise([first], first.parent, experiment="toy", image_set="test", config=CONFIG)  # one: fine
+    tables = {path.name: path.read_bytes() for path in first.parent.glob("*.csv")}
     with pytest.raises(InputError, match=r"different thresholds \{0.3: \[.*\], 0.5: \["):
         summary.run_summarise([first, second], first.parent, experiment="toy", image_set="test", config=CONFIG)
+    assert tables and {path.name: path.read_bytes() for path in first.parent.glob("*.csv")} == tables  # untouched
 
 
 def test_read_summary_csv_gives_json_ready_figures_of_one_variant(evaluated):

@@ -421,3 +421,30 @@ def test_kill_9_then_rerun_resumes_at_the_last_completed_epoch(tmp_path, precisi
     # the cosine schedule continued where it stopped: the epoch-e rate is lr0 * (1 + cos(pi * (e-1) / epochs)) / 2
     expected = [0.01 * 0.5 * (1 + np.cos(np.pi * e / epochs)) for e in range(epochs)]
     np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-5)
+
+
+def test_image_normalisation_travels_from_the_config_to_training_and_a_mismatch_is_refused(tmp_path):
+    """patches.normalise is decided once, in the config: the plan carries it into the extract stage, the shards
+    record it, training reads it back for augmentation; a plan that disagrees with the shards stops training."""
+    from test_shards import random_collection
+
+    from mammoseg.config.plan import build_plan, read_plan
+    from mammoseg.data.manifest import read_manifest
+    from mammoseg.errors import InputError
+    from mammoseg.model.train import prepare_data, train_model
+    from mammoseg.patches.shards import read_shard_attributes, run_extract
+
+    manifest = random_collection(tmp_path / "data", 4, seed=1)
+    config = validate_config({"patches": {"n": 6, "downscale": 4, "n_shards": 1, "normalise": "image"}})
+    plan = tmp_path / "plan.json"
+    build_plan(config["patches"], "test-patches", read_manifest(manifest)).write(plan)
+    shard = tmp_path / "shard-0.h5"
+    run_extract(plan, manifest, shard, 0)
+    assert read_plan(plan).normalise == read_shard_attributes(shard)["normalise"] == "image"
+    train_cfg = validate_config({"train": {"epochs": 1, "val_fraction": 0.0}})["train"]
+    assert prepare_data([shard], train_cfg, fold=0).normalise == "image"
+    window_plan = build_plan({**config["patches"], "normalise": "window"}, "test-patches", read_manifest(manifest))
+    with pytest.raises(InputError, match="normalised per 'image' but the plan says patches.normalise: window"):
+        train_model([shard], tmp_path / "model", model_cfg=config["model"], train_cfg=train_cfg,
+                    patch_cfg=config["patches"], plan=window_plan)
+    assert not (tmp_path / "model" / "model.keras").exists()

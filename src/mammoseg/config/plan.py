@@ -132,6 +132,7 @@ def read_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
+        raw.setdefault("normalise", "window")  # a plan written before patches.normalise: the paper's min-max
         known = {f.name for f in fields(Plan)}
         missing = known - set(raw)
         if missing:

@@ -33,6 +33,8 @@ MAX_ROWS = 2000
 
 
 def _format(value: Any) -> str:
+    if value is None:  # a figure a summary.csv does not have (read_summary_csv)
+        return ""
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4g}"
     return str(value)

@@ -251,6 +251,7 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     if not evaluated:
         raise InputError(f"no evaluated image in the {len(chunk_dirs)} chunk folder(s) of {out_dir}")
     out_dir = Path(out_dir)
+    threshold = _shared_threshold(evaluated, out_dir)  # before anything is written: a refused pool leaves no table
     tag = {"experiment": experiment, "image_set": image_set}
     per_image = pd.DataFrame(_per_image_rows(records, tag))
     curve = _curve(evaluated)
@@ -267,7 +268,7 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     label = f"{experiment} [{image_set}]"
     _plot_froc(curve, out_dir / "froc.png", label)
     n_failed = len(records) - len(evaluated)
-    text = _human_summary(summary, label, abnormality, n_failed, _shared_threshold(evaluated, out_dir))
+    text = _human_summary(summary, label, abnormality, n_failed, threshold)
     if abnormality == "mass" and image_set == "test":
         text += "\n  " + PAPER_FIGURES
     write_text_atomic(out_dir / "summary.txt", text + "\n")

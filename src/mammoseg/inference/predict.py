@@ -351,7 +351,8 @@ def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_d
                       config: Mapping[str, Any], plan: str | Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """``mammoseg predict``: probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``.
 
-    The window geometry comes from ``plan`` (the model's ``plan.json``) or else from ``config['patches']``.
+    The window geometry and the normalisation come from ``plan`` (the model's ``plan.json``, also in an exported
+    model's folder) or else from ``config['patches']``, which must then be the model's.
     """
     from mammoseg.config.plan import patch_geometry, read_plan
 

@@ -10,8 +10,9 @@ Paper mode (Marita et al.)
        (the remainder is dropped on the side away from the breast, where there is only background); in height
        the remainder ``r`` is split with ``r // 2`` rows dropped at the top and ``r - r // 2`` at the bottom.
     3. Non-overlapping windows; a window is skipped when its mean raw intensity is below
-       ``min_mean × image max`` (background) or when its max equals its min (flat: per-window min-max
-       normalisation is undefined).
+       ``min_mean × image max`` (background) or when its max equals its min (flat: the paper's per-window
+       min-max normalisation is undefined; skipped under ``patches.normalise: image`` too, so both modes predict
+       the same windows).
     4. Kept windows go through :func:`mammoseg.patches.geometry.preprocess_window` (block mean by ``downscale`` then
        min-max, or the image's ``intensity_range`` under ``patches.normalise: image``), are predicted in batches
        by one compiled ``tf.function``, and the probabilities are brought back to full resolution with

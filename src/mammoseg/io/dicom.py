@@ -563,7 +563,8 @@ def read_mammogram(path: str | Path, *, allow_raster: bool = False) -> np.ndarra
         The stored unsigned integer array (uint8/uint16, possibly read-only) when neither changes a value, as in
         every CBIS-DDSM file; float32 otherwise. Consumers convert windows, not the whole image (a 4.5k x 2.8k
         float32 copy costs 50 MB and a tenth of the decode time). No VOI windowing (WindowCenter/Width and VOI
-        LUT tags are ignored): every patch is min-max normalised later, which makes windowing irrelevant.
+        LUT tags are ignored): every patch is normalised later (min-max, or the image's percentile range under
+        ``patches.normalise: image``), which makes windowing irrelevant.
 
     Raises
     ------

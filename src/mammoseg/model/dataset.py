@@ -139,20 +139,17 @@ def _indices(shard_paths: Sequence[str | Path], rows) -> tuple[np.ndarray, np.nd
 
 
 def shards_normalisation(shard_paths: Sequence[str | Path]) -> str:
-    """The ``patches.normalise`` mode every shard was written with (its ``normalise`` root attribute).
+    """The ``patches.normalise`` mode every shard was written with (its ``normalise`` root attribute; a shard
+    written before the attribute existed was min-max normalised, ``"window"``).
 
     Raises
     ------
     InputError
-        If a shard lacks the attribute (written by an older mammoseg: re-run extraction) or shards disagree.
+        If the shards disagree.
     """
     from mammoseg.patches.shards import read_shard_attributes
 
-    modes = {str(path): read_shard_attributes(path).get("normalise") for path in shard_paths}
-    missing = [path for path, mode in modes.items() if mode is None]
-    if missing:
-        raise InputError(f"{missing[0]}: shard has no 'normalise' attribute (written by an older mammoseg); "
-                         "re-run extraction")
+    modes = {str(path): read_shard_attributes(path).get("normalise", "window") for path in shard_paths}
     found = set(modes.values())
     if len(found) != 1:
         raise InputError(f"shards were normalised differently ({modes}); re-run extraction")
@@ -282,7 +279,7 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
 
     Parameters
     ----------
-    images : float32 (B, s, s, 1) in [0, 1], min-max normalised patches
+    images : float32 (B, s, s, 1) in [0, 1], patches as extraction normalised them
     masks : float32 (B, s, s, 1) in {0, 1}
     key : int64 scalar, the batch's random key (all draws are stateless functions of it)
     augment : the validated ``train.augment`` section: ``flip`` (bool: horizontal and vertical flips, each with

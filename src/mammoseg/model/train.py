@@ -750,7 +750,11 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
     resume_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(shard_paths, train_cfg, fold, fold_of)
     config_hash = run_identity(model_cfg, train_cfg, patch_cfg, data.fingerprint, fold)
-    side = (plan.geometry if plan is not None else patch_geometry(patch_cfg)).input_px
+    geometry = plan.geometry if plan is not None else patch_geometry(patch_cfg)
+    if geometry.normalise != data.normalise:  # inference would feed windows unlike every training patch
+        raise InputError(f"the shards were normalised per '{data.normalise}' but the plan says "
+                         f"patches.normalise: {geometry.normalise}; re-run extraction")
+    side = geometry.input_px
     monitor, mode = monitor_of(train_cfg, bool(len(data.val_rows)))
     runtime = configure_runtime(train_cfg)
     _log(f"device: {runtime.device}; CUDA_VISIBLE_DEVICES={runtime.cuda_visible_devices!r}; "
