@@ -131,3 +131,15 @@ def test_parse_only_prints_the_table(real, tmp_path, capsys):
     exp = fabricated_experiment(tmp_path)
     assert real.main(["--parse", str(exp), "--no-write"]) == 0
     assert "CPM | 0.786" in capsys.readouterr().out
+
+
+def test_screening_point_without_any_candidate_marks_nothing(real, tmp_path):
+    exp = fabricated_experiment(tmp_path)
+    oof = exp / "oof"
+    _write(oof / "froc.csv", ["experiment", "image_set", "score_threshold", "detected", "false_positives", "tpr",
+                              "fppi", "n_lesions", "n_images"], [["e", "oof", "inf", 0, 0, 0.0, 0.0, 2, 4]])
+    _write(oof / "candidates.csv", ["experiment", "image_set", "image_id", "candidate", "score", "area",
+                                    "matched_roi", "false_positive", "duplicate"], [])
+    s = real.read_experiment(exp, "oof", target_tpr=0.9)["screening"]
+    assert not s["reached"] and s["threshold"] is None and (s["tpr"], s["fppi"]) == (0.0, 0.0)
+    assert s["fp_per_normal_image"] == 0.0 and s["normal_images_without_mark"] == 1.0 and s["n_normal_images"] == 2

@@ -312,18 +312,18 @@ def screening_point(image_set_dir: str | Path, target_tpr: float) -> dict[str, A
     normal = per_image["normal"].astype(str).str.lower() == "true"
     normal_ids = set(per_image.loc[normal & (per_image["status"] == "evaluated"), "image_id"])
     n_normal = len(normal_ids)
-    point = {"target_tpr": target_tpr, "n_normal_images": n_normal}
-    if curve.empty:
-        return {**point, "reached": False, "threshold": None, "tpr": 0.0, "fppi": 0.0,
-                "fp_per_normal_image": 0.0 if n_normal else None, "normal_images_without_mark": 1.0 if n_normal else None}
     reaching = curve[curve["tpr"] >= target_tpr - 1e-12]
     reached = not reaching.empty
-    row = reaching.loc[reaching["score_threshold"].idxmax()] if reached else curve.loc[curve["score_threshold"].idxmin()]
-    threshold = float(row["score_threshold"])
     candidates = pd.read_csv(folder / "candidates.csv")
-    marks = candidates[candidates["image_id"].isin(normal_ids) & (candidates["score"] >= threshold - 1e-9)]
-    return {**point, "reached": reached, "threshold": threshold, "tpr": float(row["tpr"]), "fppi": float(row["fppi"]),
-            "fp_per_normal_image": len(marks) / n_normal if n_normal else None,
+    if curve.empty:  # no candidate in the whole image set: nothing marks an image
+        threshold, tpr, fppi, marks = None, 0.0, 0.0, candidates.iloc[:0]
+    else:
+        row = (reaching.loc[reaching["score_threshold"].idxmax()] if reached
+               else curve.loc[curve["score_threshold"].idxmin()])
+        threshold, tpr, fppi = float(row["score_threshold"]), float(row["tpr"]), float(row["fppi"])
+        marks = candidates[candidates["image_id"].isin(normal_ids) & (candidates["score"] >= threshold - 1e-9)]
+    return {"target_tpr": target_tpr, "n_normal_images": n_normal, "reached": reached, "threshold": threshold,
+            "tpr": tpr, "fppi": fppi, "fp_per_normal_image": len(marks) / n_normal if n_normal else None,
             "normal_images_without_mark": (n_normal - marks["image_id"].nunique()) / n_normal if n_normal else None}
 
 
