@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
@@ -505,7 +506,10 @@ def test_normal_images_are_kept_without_roi_and_every_file_is_accounted_for(tmp_
     rng = np.random.default_rng(0)
     write_test_dicom(normals / "Normal_P_90003_LEFT_MLO.dcm", rng.integers(100, 900, (256, 160)),
                      patient_id="Normal_P_90003_LEFT_MLO")
-    write_test_dicom(normals / "scan 17.dcm", rng.integers(100, 900, (256, 160)), patient_id="anonymous 17")
+    scan = write_test_dicom(normals / "scan 17.dcm", rng.integers(100, 900, (256, 160)), patient_id="anonymous 17")
+    header = pydicom.dcmread(scan)
+    header.ViewPosition = "cc"  # its view only in the header: the index record carries it to the manifest
+    header.save_as(scan)
     write_test_dicom(normals / "copy" / "P_90003_LEFT_MLO.dcm", rng.integers(100, 900, (256, 160)),
                      patient_id="whoever")  # the same image id from its file name: a duplicate
     (normals / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
@@ -521,7 +525,7 @@ def test_normal_images_are_kept_without_roi_and_every_file_is_accounted_for(tmp_
                                                                                        "NORMAL")
     assert first["mask_path"] == "" and first["abnormality_id"] == "0"
     assert (tmp_path / "out" / first["image_path"]).resolve() == (normals / "Normal_P_90003_LEFT_MLO.dcm").resolve()
-    assert kept.set_index("image_id").loc["scan_17", "patient_id"] == "scan_17"
+    assert tuple(kept.set_index("image_id").loc["scan_17", ["patient_id", "view"]]) == ("scan_17", "CC")
     fates = {Path(r.source_path).name: r.reason for r in skipped.itertuples() if str(r.source_path).startswith(
         str(normals.resolve())) or str(normals) in str(r.source_path)}
     assert fates == {"P_90003_LEFT_MLO.dcm": "duplicate", "chart.png": "not_dicom", ".DS_Store": "ignored",

@@ -65,8 +65,8 @@ __all__ = [
 LAYOUTS = ("doi", "nbia-old", "nbia", "nbia-no-na", "kaggle")
 COLLECTIONS = ("Mass-Training", "Mass-Test", "Calc-Training", "Calc-Test")
 INDEX_COLUMNS = [
-    "path", "top_folder", "PatientID", "StudyUID", "SeriesUID", "SOPUID", "SeriesDescription", "Rows", "Columns",
-    "BitsStored", "PhotometricInterpretation", "TransferSyntax", "readable", "reason", "error",
+    "path", "top_folder", "PatientID", "StudyUID", "SeriesUID", "SOPUID", "SeriesDescription", "ViewPosition", "Rows",
+    "Columns", "BitsStored", "PhotometricInterpretation", "TransferSyntax", "readable", "reason", "error",
 ]  # fmt: skip
 
 _ABNORMALITY = {"Mass": "mass", "Calc": "calc"}
@@ -314,8 +314,8 @@ class TreeListing:
 
 #: index row values of an entry whose header was not read
 _NOT_READ = {
-    "PatientID": "", "StudyUID": "", "SeriesUID": "", "SOPUID": "", "SeriesDescription": "", "Rows": -1,
-    "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "", "readable": False,
+    "PatientID": "", "StudyUID": "", "SeriesUID": "", "SOPUID": "", "SeriesDescription": "", "ViewPosition": "",
+    "Rows": -1, "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "", "readable": False,
 }  # fmt: skip
 
 

@@ -97,6 +97,7 @@ __all__ = [
     "link_text",
     "normal_identity",
     "plan_normals",
+    "record_view",
     "view_position",
     "run_index_studies",
     "load_case_csv",
@@ -590,21 +591,19 @@ def normal_identity(patient_id: str, file_stem: str) -> tuple[str, str, str, str
     return image_id, image_id, "", ""
 
 
-def view_position(path: str | Path, patient_id: str = "") -> str:
-    """The view of a mammogram file, upper case (``CC``, ``MLO``, ...): its DICOM ViewPosition, else the view in
-    ``P_<id>_<SIDE>_<VIEW>`` of ``patient_id`` (its PatientID) or its file name (CBIS-DDSM files carry no
-    ViewPosition); ``""`` when none says, or the header cannot be read (the file is refused with its reason
-    when its pixels are read). The one rule for the manifest's ``view`` column of images without ROI and for
-    files given to ``mammoseg predict``."""
-    from mammoseg.io.dicom import read_header
+def record_view(record: dict[str, Any]) -> str:
+    """The view of a mammogram, upper case (``CC``, ``MLO``, ...), from its :func:`header_record`: its DICOM
+    ViewPosition, else the view in ``P_<id>_<SIDE>_<VIEW>`` of its PatientID or its file name (CBIS-DDSM files carry
+    no ViewPosition); ``""`` when none says. An unreadable file's record has empty header values, so its name
+    decides (the file is refused with its reason when its pixels are read). The one rule for the manifest's
+    ``view`` column of images without ROI and for files given to ``mammoseg predict``."""
+    view = str(record.get("ViewPosition") or "").strip().upper()
+    return view or normal_identity(str(record.get("PatientID") or ""), Path(record["path"]).stem)[3]
 
-    try:
-        header = read_header(path)
-        view = str(header.get("ViewPosition", "") or "").strip().upper()
-        patient_id = patient_id or str(header.get("PatientID", "") or "")
-    except Exception:  # noqa: BLE001 - any unreadable header: no view here; reading the pixels says why
-        view = ""
-    return view or normal_identity(patient_id, Path(path).stem)[3]
+
+def view_position(path: str | Path) -> str:
+    """:func:`record_view` of a file whose header has not been indexed yet (its header read once, pixels unchecked)."""
+    return record_view(header_record(path, check_pixels=False))
 
 
 def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: Plan, *, threads: int = 1,
@@ -642,7 +641,7 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
             plan.skip(error.reason, str(error), source=str(entry))
             continue
         image_id, patient_id, side, _ = normal_identity(record["PatientID"], entry.stem)
-        view = view_position(entry, record["PatientID"])
+        view = record_view(record)
         if image_id in plan.images:
             plan.skip("duplicate", f"another full image for {image_id}; kept {plan.images[image_id]['path']}",
                       source=str(entry), image_id=image_id)  # fmt: skip

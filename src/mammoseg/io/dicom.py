@@ -64,7 +64,7 @@ MAX_FRAMES = 1
 _PIXEL_DATA_TAG = 0x7FE00010
 #: keyword -> tag and dictionary VR of every header value read here, looked up once
 _TAGS = {keyword: Tag(keyword) for keyword in (
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SeriesDescription",
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SeriesDescription", "ViewPosition",
     "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
     "NumberOfFrames", "SpecificCharacterSet")}  # fmt: skip
 _DICTIONARY_VR = {keyword: dictionary_VR(tag) for keyword, tag in _TAGS.items()}
@@ -378,11 +378,12 @@ def _open_error(path: str | Path, exc: OSError) -> DicomReadError:
 
 #: header_record keys filled from text header values, and the keyword each comes from
 _RECORD_TEXT = {"PatientID": "PatientID", "StudyUID": "StudyInstanceUID", "SeriesUID": "SeriesInstanceUID",
-                "SOPUID": "SOPInstanceUID", "SeriesDescription": "SeriesDescription"}  # fmt: skip
+                "SOPUID": "SOPInstanceUID", "SeriesDescription": "SeriesDescription",
+                "ViewPosition": "ViewPosition"}  # fmt: skip
 _IDENTITY_KEYWORDS = tuple(_RECORD_TEXT.values())
 _EMPTY_RECORD: dict[str, Any] = {
     "path": "", "PatientID": "", "StudyUID": "", "SeriesUID": "", "SOPUID": "", "SeriesDescription": "",
-    "Rows": -1, "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "",
+    "ViewPosition": "", "Rows": -1, "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "",
     "readable": False, "reason": "", "error": "",
 }  # fmt: skip
 
@@ -414,8 +415,8 @@ def header_record(path: str | Path, *, check_pixels: bool = True, allow_raster: 
 
     Returns
     -------
-    dict with keys ``path, PatientID, StudyUID, SeriesUID, SOPUID, SeriesDescription, Rows, Columns, BitsStored,
-    PhotometricInterpretation, TransferSyntax, readable, reason, error``. ``Rows``/``Columns``/``BitsStored`` are
+    dict with keys ``path, PatientID, StudyUID, SeriesUID, SOPUID, SeriesDescription, ViewPosition, Rows, Columns,
+    BitsStored, PhotometricInterpretation, TransferSyntax, readable, reason, error``. ``Rows``/``Columns``/``BitsStored`` are
     ints (pixels, bits), -1 when unknown. ``reason`` is empty for a readable file, else a code of
     :class:`DicomReadError`; ``error`` the readable message. A readable DICOM file is one frame, one sample, at
     most :data:`MAX_IMAGE_SIDE` px a side (the same limits the pixel readers apply).
