@@ -186,6 +186,10 @@ def test_run_mine_writes_extraction_layout_with_named_zero_mask_patches(mined):
             assert h5[name].shape[1:] == ref[name].shape[1:] == (16, 16)
         assert set(h5["provenance"]) == set(ref["provenance"]) == set(PROVENANCE_COLUMNS)
         assert set(ref.attrs) <= set(h5.attrs) and json.loads(h5.attrs["hard_negatives"])["per_image"] == 2
+        geometry = ("n", "window_size", "patch_size", "downscale", "normalise", "seed", "negative_min_mean")
+        assert {k: h5.attrs[k] for k in geometry} == {k: ref.attrs[k] for k in geometry}
+        counts = ("n_shifted", "max_shift", "n_negative", "n_normal", "shard_index", "n_shards")
+        assert [h5.attrs[k] for k in counts] == [0, 0.0, 0, 0, 0, 1]  # mined windows only, in one shard
         prov, images, masks = read_table(h5, "provenance"), h5["images"][()], h5["masks"][()]
     assert not masks.any()
     assert prov.roi_id.tolist() == ["P_00001_LEFT_MLO_hard0", "P_00002_RIGHT_CC_hard0", "P_00003_LEFT_MLO_hard0"]

@@ -261,12 +261,9 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     """
     import json
 
-    import h5py
-
-    from mammoseg import __version__
     from mammoseg.config.plan import read_plan
     from mammoseg.data.manifest import read_manifest
-    from mammoseg.patches.shards import _filter, _Tables, write_shard
+    from mammoseg.patches.shards import PatchParams, _filter, _Tables, root_attributes, write_shard
 
     started = time.perf_counter()
     p = read_plan(plan)
@@ -289,15 +286,10 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
         groups.setdefault(row["image_id"], []).append(row)
     compression = _filter(config["patches"]["compression"], "compression")
     image_compression = _filter(config["patches"]["image_compression"], "image_compression")
-    attrs = {
-        "config_hash": p.patches_key, "mammoseg_version": __version__, "h5py_version": h5py.__version__,
-        "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": p.n,
-        "window_size": p.window_px, "patch_size": p.input_px, "downscale": p.downscale,
-        "normalise": p.normalise, "n_shifted": 0,
-        "max_shift": 0.0, "seed": p.seed, "n_negative": 0, "negative_min_mean": p.negative_min_mean, "n_normal": 0,
-        "shard_index": 0, "n_shards": 1, "compression": compression or "none",
-        "image_compression": image_compression or "none",
-    }
+    params = PatchParams(p.n, p.downscale, n_shifted=0, max_shift=0.0, seed=p.seed, n_negative=0,
+                         negative_min_mean=p.negative_min_mean, n_normal=0, normalise=p.normalise)
+    attrs = root_attributes(p.patches_key, params, shard_index=0, n_shards=1, compression=compression,
+                            image_compression=image_compression)
     tables = _Tables()
     count = write_shard(out_shard, _image_batches(groups, manifest.resolve().parent, _prediction_files(predictions_dir),
                                                   p, settings, tables, log),

@@ -56,6 +56,7 @@ __all__ = [
     "PROVENANCE_COLUMNS",
     "SKIPPED_COLUMNS",
     "ROOT_ATTRIBUTES",
+    "root_attributes",
     "shard_of",
     "shard_input_files",
     "extract_shard",
@@ -93,8 +94,7 @@ SKIPPED_COLUMNS: dict[str, str] = {"roi_id": "str", "image_id": "str", "reason":
 ROOT_ATTRIBUTES = (
     "config_hash", "mammoseg_version", "h5py_version", "hdf5_version", "numpy_version", "n", "window_size",
     "patch_size", "downscale", "normalise", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean",
-    "n_normal", "shard_index",
-    "n_shards", "compression", "image_compression",
+    "n_normal", "shard_index", "n_shards", "compression", "image_compression",
 )
 #: manifest.csv columns extraction needs (docs/architecture.md)
 
@@ -158,6 +158,27 @@ class PatchParams:
             raise ValueError(f"max_shift must be in [0, 0.5] (a fraction of the window side), got {self.max_shift}")
         if self.normalise not in NORMALISE_MODES:
             raise ValueError(f"normalise must be one of {NORMALISE_MODES}, got {self.normalise!r}")
+
+
+def root_attributes(config_hash: str, params: PatchParams, *, shard_index: int, n_shards: int,
+                    compression: str | None, image_compression: str | None) -> dict[str, Any]:  # fmt: skip
+    """The :data:`ROOT_ATTRIBUTES` of a shard made with ``params``: the one place they are built, for extracted and
+    mined shards alike (a mined shard's ``params`` have no shifted, negative or normal windows).
+
+    ``config_hash``: the key of the patch settings (the plan's ``patches_key``); ``compression`` and
+    ``image_compression``: the HDF5 filters (None is stored as ``"none"``). Library versions are this process's.
+    """
+    import h5py
+
+    return {
+        "config_hash": config_hash, "mammoseg_version": __version__, "h5py_version": h5py.__version__,
+        "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
+        "window_size": params.window_size, "patch_size": params.patch_size, "downscale": params.downscale,
+        "normalise": params.normalise, "n_shifted": params.n_shifted, "max_shift": params.max_shift,
+        "seed": params.seed, "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean,
+        "n_normal": params.n_normal, "shard_index": shard_index, "n_shards": n_shards,
+        "compression": compression or "none", "image_compression": image_compression or "none",
+    }
 
 
 @dataclass
@@ -499,8 +520,6 @@ def extract_shard(
         For an unreadable manifest, missing columns or invalid parameters. Unreadable or unusable images and
         masks are not errors: they are recorded in the shard's ``skipped`` table with a reason.
     """
-    import h5py
-
     started = time.perf_counter()
     compression = _filter(compression, "compression")
     image_compression = _filter(image_compression, "image_compression")
@@ -521,16 +540,8 @@ def extract_shard(
     normal_images = len(groups) - len({row["image_id"] for row in lesion_records})
     max_patches = (len(lesion_records) * (1 + params.n_shifted) + (len(groups) - normal_images) * params.n_negative
                    + normal_images * params.n_normal)
-    attrs = {
-        "config_hash": str(config_hash), "mammoseg_version": __version__, "h5py_version": h5py.__version__,
-        "hdf5_version": h5py.version.hdf5_version, "numpy_version": np.__version__, "n": params.n,
-        "window_size": params.window_size, "patch_size": params.patch_size, "downscale": params.downscale,
-        "normalise": params.normalise, "n_shifted": params.n_shifted, "max_shift": params.max_shift,
-        "seed": params.seed,
-        "n_negative": params.n_negative, "negative_min_mean": params.negative_min_mean, "n_normal": params.n_normal,
-        "shard_index": int(shard_index), "n_shards": int(n_shards), "compression": compression or "none",
-        "image_compression": image_compression or "none",
-    }
+    attrs = root_attributes(str(config_hash), params, shard_index=int(shard_index), n_shards=int(n_shards),
+                            compression=compression, image_compression=image_compression)
     count = write_shard(out_path, _collection_batches(groups, base, params, tables, manifest_csv),
                         max_patches=max_patches, patch_size=params.patch_size, compression=compression,
                         image_compression=image_compression, tables=tables, attrs=attrs)
