@@ -17,7 +17,7 @@ layout         path of one file below the root (``CBIS-DDSM/`` may sit under ``m
 =============  ==========================================================================================
 
 Nothing downstream trusts folder or file names: :func:`index_tree` reads every file's identifying header values
-(PatientID, Study/Series/SOP Instance UID, SeriesDescription, Rows, Columns, BitsStored, photometric
+(PatientID, Study/Series/SOP Instance UID, SeriesDescription, ViewPosition, Rows, Columns, BitsStored, photometric
 interpretation) without its pixels, checks that the pixel data are complete, and records why a file cannot be
 used. The layout only decides where the files are: in layouts A-C one collection (``Mass-Training``,
 ``Mass-Test``, ``Calc-Training``, ``Calc-Test``) is selected by its case-folder names, so the headers of the
