@@ -315,7 +315,8 @@ class TreeListing:
 #: index row values of an entry whose header was not read
 _NOT_READ = {
     "PatientID": "", "StudyUID": "", "SeriesUID": "", "SOPUID": "", "SeriesDescription": "", "ViewPosition": "",
-    "Rows": -1, "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "", "readable": False,
+    "Rows": -1, "Columns": -1, "BitsStored": -1, "PhotometricInterpretation": "", "TransferSyntax": "",
+    "readable": False,
 }  # fmt: skip
 
 
