@@ -167,6 +167,26 @@ def test_augmented_masks_stay_binary_and_on_the_bright_square():
         assert (bright & (y == 1)).sum() / (bright | (y == 1)).sum() >= 0.8  # the mask sits on the square
 
 
+def test_translation_moves_image_and_mask_together_within_the_range():
+    image, mask = lesion_patch()  # the square's centre: row 11.5, column 11.5 of 32
+    shifted_only = {**OFF, "translate": 0.125}  # up to 4 px: the square (rows 6..17) stays clear of the border
+    assert augments(shifted_only)
+    images, masks = augment_batch(tf.constant(np.stack([image] * 32)), tf.constant(np.stack([mask] * 32)),
+                                  tf.constant(9, tf.int64), shifted_only, "window")
+    moves = []
+    for x, y in zip(images.numpy()[..., 0], masks.numpy()[..., 0]):
+        assert set(np.unique(y)) <= {0.0, 1.0}
+        assert abs(y.sum() - mask.sum()) <= 2 * 14 + 2 * 12  # a shifted rectangle: at most a row and a column
+        rows, cols = np.nonzero(y)
+        moves.append((rows.mean() - 11.5, cols.mean() - 11.5))
+        bright = x >= 0.5 * (np.median(x[y == 0]) + np.median(x[y == 1]))
+        assert (bright & (y == 1)).sum() / (bright | (y == 1)).sum() >= 0.8  # the image moved with the mask
+    moves = np.array(moves)
+    assert np.abs(moves).max() <= 4.0 + 0.5  # within ± translate × side (nearest neighbour: half a pixel)
+    assert (np.abs(moves) >= 1.5).any(axis=0).all()  # rows and columns both moved, by their own draws
+    assert np.std(moves[:, 0] - moves[:, 1]) > 0.5
+
+
 def test_same_seed_same_batches_other_seed_or_epoch_other_batches(shard_set):
     def epochs(seed, n=1):
         ds = make_dataset(shard_set, None, batch_size=4, shuffle=True, seed=seed, augment=ON, normalise="window")

@@ -239,20 +239,24 @@ def make_dataset(
 # --------------------------------------------------------------------------------------------------------------
 def augments(augment: Mapping[str, Any]) -> bool:
     """Whether a validated ``train.augment`` section changes anything (False: every setting is 0 / false)."""
-    return bool(augment["flip"]) or any(float(augment[k]) > 0 for k in ("rotate_deg", "scale", "contrast", "gamma"))
+    return bool(augment["flip"]) or any(float(augment.get(k, 0)) > 0
+                                        for k in ("rotate_deg", "scale", "translate", "contrast", "gamma"))
 
 
-def _affine(rotation_rad, zoom, side: int):
+def _affine(rotation_rad, zoom, side: int, shift_rows=None, shift_cols=None):
     """ImageProjectiveTransform rows float32 (B, 8): each output pixel samples the input at the centre plus the
-    offset rotated by ``rotation_rad`` and divided by ``zoom`` (zoom > 1 magnifies)."""
+    offset rotated by ``rotation_rad`` and divided by ``zoom`` (zoom > 1 magnifies), minus the shift (pixels, float32
+    (B,) or None): the content moves by ``shift_rows`` down and ``shift_cols`` right."""
     import tensorflow as tf
 
     centre = (side - 1) / 2.0
     cos, sin = tf.cos(rotation_rad) / zoom, tf.sin(rotation_rad) / zoom
     zeros = tf.zeros_like(cos)
-    # x = column, y = row; input = c + [[cos, -sin], [sin, cos]] @ (output - c)
-    return tf.stack([cos, -sin, centre - cos * centre + sin * centre,
-                     sin, cos, centre - sin * centre - cos * centre, zeros, zeros], axis=1)
+    shift_rows = zeros if shift_rows is None else shift_rows
+    shift_cols = zeros if shift_cols is None else shift_cols
+    # x = column, y = row; input = c + [[cos, -sin], [sin, cos]] @ (output - c) - shift
+    return tf.stack([cos, -sin, centre - cos * centre + sin * centre - shift_cols,
+                     sin, cos, centre - sin * centre - cos * centre - shift_rows, zeros, zeros], axis=1)
 
 
 def _warp(images, transforms, interpolation: str):
@@ -284,7 +288,8 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
     key : int64 scalar, the batch's random key (all draws are stateless functions of it)
     augment : the validated ``train.augment`` section: ``flip`` (bool: horizontal and vertical flips, each with
         probability 1/2), ``rotate_deg`` (rotation uniform in ±degrees), ``scale`` (zoom uniform in
-        [1 - scale, 1 + scale]), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
+        [1 - scale, 1 + scale]), ``translate`` (shift of the content uniform in ± translate × patch side, rows and
+        columns drawn apart; optional key, absent = 0), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
         ``tf.image.adjust_contrast``), ``gamma`` (exponent uniform in [1 - gamma, 1 + gamma],
         ``tf.image.adjust_gamma``); 0 / false = that transform off
     normalise : the patches' ``patches.normalise`` mode: ``"window"`` or ``"image"`` (see Returns)
@@ -292,8 +297,8 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
     Returns
     -------
     (images float32 (B, s, s, 1) in [0, 1], masks float32 (B, s, s, 1) in {0, 1}): each sample has its own draws.
-    Rotation and zoom resample about the patch centre (images bilinear, masks nearest neighbour, so they stay
-    binary; both reflect at the border). Photometric changes are clipped to [0, 1]. With ``normalise="window"``
+    Rotation, zoom and shift resample about the patch centre (images bilinear, masks nearest neighbour, so they
+    stay binary; both reflect at the border). Photometric changes are clipped to [0, 1]. With ``normalise="window"``
     every augmented image is min-max normalised again, as inference normalises every window: so a contrast factor
     below 1 alone changes nothing the network sees, while one above 1 saturates the darkest and brightest pixels.
     With ``"image"`` the patch keeps its place in its mammogram's intensity range (inference does not re-normalise
@@ -317,9 +322,15 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
             images = tf.where(chosen, tf.reverse(images, [axis]), images)
             masks = tf.where(chosen, tf.reverse(masks, [axis]), masks)
     rotate, scale = float(augment["rotate_deg"]), float(augment["scale"])
-    if rotate > 0 or scale > 0:
+    translate = float(augment.get("translate", 0)) * int(images.shape[1])  # pixels
+    if rotate > 0 or scale > 0 or translate > 0:
         angle = uniform(2, -rotate, rotate) * (math.pi / 180.0)
-        transforms = _affine(angle, uniform(3, 1.0 - scale, 1.0 + scale), int(images.shape[1]))
+        shifts = None, None
+        if translate > 0:  # seeds of their own, so the other draws stay those of a run without translation
+            extra = tf.random.experimental.stateless_split(tf.stack([key, tf.constant(1, tf.int64)]), num=2)
+            shifts = tuple(tf.random.stateless_uniform([batch], seed=extra[k], minval=-translate, maxval=translate)
+                           for k in (0, 1))
+        transforms = _affine(angle, uniform(3, 1.0 - scale, 1.0 + scale), int(images.shape[1]), *shifts)
         images = _warp(images, transforms, "BILINEAR")
         masks = _warp(masks, transforms, "NEAREST")
     contrast, gamma = float(augment["contrast"]), float(augment["gamma"])
