@@ -244,6 +244,29 @@ def test_blended_is_weighted_average_of_overlapping_windows():
     assert calls == [2]
 
 
+def test_blend_max_takes_the_highest_window_and_leaves_skipped_windows_at_zero():
+    """Windows predicting 0.2, 0.8, 0.5 (in order) over three overlapping positions: each pixel gets the largest
+    value among the windows covering it; a dark window (skipped) votes nowhere."""
+    image = np.random.default_rng(1).uniform(50, 100, size=(32, 64)).astype(np.float32)
+    image[:, 48:] = 0.0  # the last window (columns 32..63) has mean 25 < 0.5 x max: skipped as dark
+
+    def constant(batch):
+        return np.stack([np.full(batch.shape[1:], v, np.float32) for v in (0.2, 0.8, 0.5)][: len(batch)])
+
+    result = infer.predict_blended(image, constant, WINDOW, DOWNSCALE, stride_fraction=0.5, min_mean=0.5,
+                                   blend="max")
+    assert result.meta["blend"] == "max" and result.meta["windows_predicted"] == 2
+    expected = np.zeros(image.shape)
+    for c, p in zip((0, 16), (0.2, 0.8)):  # windows at columns 0 and 16; the one at 32 is skipped
+        expected[:, c: c + 32] = np.maximum(expected[:, c: c + 32], p)
+    np.testing.assert_array_equal(result.prob, np.rint(expected * 255).astype(np.uint8))
+    gaussian = infer.predict_blended(image, constant, WINDOW, DOWNSCALE, stride_fraction=0.5, min_mean=0.5)
+    overlap = (slice(None), slice(16, 32))
+    assert (result.prob[overlap] == 204).all() and gaussian.prob[overlap].mean() < 150  # the mean dilutes 0.8
+    with pytest.raises(ValueError, match="blend"):
+        infer.predict_blended(image, constant, WINDOW, DOWNSCALE, blend="median")
+
+
 # ------------------------------------------------------------------------------------------- with a Keras model
 @pytest.fixture(scope="module")
 def oracle_model_path(tmp_path_factory):

@@ -120,7 +120,7 @@ def predict_image(image: np.ndarray, predictor: Predictor, geometry: PatchGeomet
     """The configured inference mode on one image (rows, cols), raw intensities, bright = dense, its windows
     normalised as the training patches were (``geometry.normalise``).
 
-    ``infer`` is the ``infer`` config section (mode, strip_fraction, min_mean, stride_fraction, tta).
+    ``infer`` is the ``infer`` config section (mode, strip_fraction, min_mean, stride_fraction, tta, blend).
     """
     common = dict(strip_fraction=float(infer["strip_fraction"]), min_mean=float(infer["min_mean"]),
                   batch_size=int(batch_size), intensity_range=intensity_range_for(image, geometry.normalise))
@@ -128,7 +128,8 @@ def predict_image(image: np.ndarray, predictor: Predictor, geometry: PatchGeomet
         return predict_paper(image, predictor, geometry.window_px, geometry.downscale, **common)
     if infer["mode"] == "blended":
         return predict_blended(image, predictor, geometry.window_px, geometry.downscale,
-                               stride_fraction=float(infer["stride_fraction"]), tta=bool(infer["tta"]), **common)
+                               stride_fraction=float(infer["stride_fraction"]), tta=bool(infer["tta"]),
+                               blend=str(infer["blend"]), **common)
     raise ValueError(f"unknown inference mode {infer['mode']!r}; allowed: paper, blended")
 
 

@@ -323,7 +323,8 @@ def _sliding_window(infer: dict[str, Any], downscale: int) -> dict[str, Any]:
     return {
         "reference_implementation": "mammoseg.inference.sliding.predict_paper / predict_blended",
         "mode": infer["mode"],
-        "parameters": {k: infer[k] for k in ("strip_fraction", "min_mean", "threshold", "stride_fraction", "tta")},
+        "parameters": {k: infer[k] for k in ("strip_fraction", "min_mean", "threshold", "stride_fraction", "tta",
+                                             "blend")},
         "breast_side": "the side (left or right) whose vertical strip of strip_fraction x the image width has the "
                        "larger mean intensity; ties go to the left",
         "skip": "a window is not predicted when its mean raw intensity is below min_mean x the image maximum "
@@ -336,7 +337,8 @@ def _sliding_window(infer: dict[str, Any], downscale: int) -> dict[str, Any]:
         "blended": "overlapping windows every round(stride_fraction x window) px (a multiple of the downscale "
                    "factor), the last row/column moved back to end at the image edge; each window's "
                    "probabilities weighted by a Gaussian (sigma = window / 8, peak 1, floored at its smallest "
-                   "positive value) and the map is sum(w p) / sum(w); tta averages with the prediction of the "
+                   "positive value) and the map is sum(w p) / sum(w), or with blend max the highest probability "
+                   "of the windows covering the pixel; tta averages each window with the prediction of the "
                    "horizontally flipped window, flipped back",
         "postprocessing": f"probabilities back to full resolution by repeating each model pixel {downscale} x "
                           f"{downscale}; stored as uint8 round(p x 255); mask = prob_u8 >= ceil(threshold x 255)",
