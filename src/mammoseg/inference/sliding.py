@@ -349,18 +349,18 @@ def predict_blended(
                 skipped[reason] += 1
             else:
                 corners.append((r, c))
-    weights = _upsample(gaussian_importance(s), downscale)
+    weights = _upsample(gaussian_importance(s), downscale) if blend == "gaussian" else None
     numerator = np.zeros(work.shape, dtype=np.float32)
     denominator = np.zeros(work.shape, dtype=np.float32)
     for (r, c), p in _predict_windows(work, corners, window, downscale, predictor, batch_size, intensity_range,
                                       tta=tta):
-        if blend == "max":  # numerator: the running maximum; denominator: covered (1) or not (0)
+        if blend == "max":  # numerator holds the running maximum, denominator marks the covered pixels
             np.maximum(numerator[r : r + window, c : c + window], _upsample(p, downscale),
                        out=numerator[r : r + window, c : c + window])
             denominator[r : r + window, c : c + window] = 1.0
-            continue
-        numerator[r : r + window, c : c + window] += weights * _upsample(p, downscale)
-        denominator[r : r + window, c : c + window] += weights
+        else:
+            numerator[r : r + window, c : c + window] += weights * _upsample(p, downscale)
+            denominator[r : r + window, c : c + window] += weights
     np.divide(numerator, denominator, out=numerator, where=denominator > 0)
     numerator[denominator == 0] = 0.0
     del denominator

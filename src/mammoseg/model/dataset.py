@@ -239,7 +239,7 @@ def make_dataset(
 # --------------------------------------------------------------------------------------------------------------
 def augments(augment: Mapping[str, Any]) -> bool:
     """Whether a validated ``train.augment`` section changes anything (False: every setting is 0 / false)."""
-    return bool(augment["flip"]) or any(float(augment.get(k, 0)) > 0
+    return bool(augment["flip"]) or any(float(augment[k]) > 0
                                         for k in ("rotate_deg", "scale", "translate", "contrast", "gamma"))
 
 
@@ -289,7 +289,7 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
     augment : the validated ``train.augment`` section: ``flip`` (bool: horizontal and vertical flips, each with
         probability 1/2), ``rotate_deg`` (rotation uniform in ±degrees), ``scale`` (zoom uniform in
         [1 - scale, 1 + scale]), ``translate`` (shift of the content uniform in ± translate × patch side, rows and
-        columns drawn apart; optional key, absent = 0), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
+        columns drawn apart), ``contrast`` (factor about the patch mean uniform in [1 - contrast, 1 + contrast],
         ``tf.image.adjust_contrast``), ``gamma`` (exponent uniform in [1 - gamma, 1 + gamma],
         ``tf.image.adjust_gamma``); 0 / false = that transform off
     normalise : the patches' ``patches.normalise`` mode: ``"window"`` or ``"image"`` (see Returns)
@@ -322,14 +322,14 @@ def augment_batch(images, masks, key, augment: Mapping[str, Any], normalise: str
             images = tf.where(chosen, tf.reverse(images, [axis]), images)
             masks = tf.where(chosen, tf.reverse(masks, [axis]), masks)
     rotate, scale = float(augment["rotate_deg"]), float(augment["scale"])
-    translate = float(augment.get("translate", 0)) * int(images.shape[1])  # pixels
-    if rotate > 0 or scale > 0 or translate > 0:
+    max_shift_px = float(augment["translate"]) * int(images.shape[1])
+    if rotate > 0 or scale > 0 or max_shift_px > 0:
         angle = uniform(2, -rotate, rotate) * (math.pi / 180.0)
         shifts = None, None
-        if translate > 0:  # seeds of their own, so the other draws stay those of a run without translation
+        if max_shift_px > 0:  # seeds of their own, so the other draws stay those of a run without translation
             extra = tf.random.experimental.stateless_split(tf.stack([key, tf.constant(1, tf.int64)]), num=2)
-            shifts = tuple(tf.random.stateless_uniform([batch], seed=extra[k], minval=-translate, maxval=translate)
-                           for k in (0, 1))
+            shifts = tuple(tf.random.stateless_uniform([batch], seed=extra[k], minval=-max_shift_px,
+                                                       maxval=max_shift_px) for k in (0, 1))
         transforms = _affine(angle, uniform(3, 1.0 - scale, 1.0 + scale), int(images.shape[1]), *shifts)
         images = _warp(images, transforms, "BILINEAR")
         masks = _warp(masks, transforms, "NEAREST")
