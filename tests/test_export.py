@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -231,6 +232,21 @@ def test_without_tf2onnx_the_card_says_so(folds, tmp_path, monkeypatch):
     assert card["files"]["onnx"]["written"] is False and "tf2onnx" in card["files"]["onnx"]["reason"]
     assert not (tmp_path / "out" / "model.onnx").exists() and (tmp_path / "out" / "saved_model").is_dir()
     assert card["training_data"]["fingerprint"] is None and card["checks"]["onnx_max_abs_difference"] is None
+
+
+def test_blurmax_model_exports_and_reproduces_keras(tmp_path, batch):
+    """model.downsampling: blurmax (frozen depthwise blur kernels) goes through the SavedModel and ONNX checks."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    path = tmp_path / "fold-0.keras"
+    build_unet((SIDE, SIDE, 1), **model_kwargs({**CONFIG["model"], "downsampling": "blurmax"})).save(path)
+    card = export_model([path], tmp_path / "out", plan=plan(), config=CONFIG, validation={})
+    assert card["checks"]["saved_model_max_abs_difference"] <= 1e-5
+    if importlib.util.find_spec("tf2onnx"):
+        assert card["files"]["onnx"]["written"] is True, card["files"]["onnx"]
+    if importlib.util.find_spec("onnxruntime") and card["files"]["onnx"]["written"]:
+        assert card["checks"]["onnx_max_abs_difference"] <= 1e-5
 
 
 def test_onnx_can_be_left_out(folds, tmp_path):

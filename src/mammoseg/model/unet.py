@@ -15,6 +15,9 @@ Batch-norm channels: 2 x (32+64+128+256+512+1024+1024) in the encoder, 3 x (1024
 decoder = 6,080 + 6,048 = 12,128; their moving mean and variance are the 24,256 non-trainable parameters.
 Up-sampling by bilinear interpolation followed by a 3 x 3 convolution has the same parameter count, so
 ``upsampling="bilinear"`` is the same model size with a different (checkerboard-free) up-step.
+``downsampling="blurmax"`` replaces each 2 x 2 max pooling by Zhang's anti-aliased MaxBlurPool (max over 2 x 2 at
+stride 1, then a fixed 3 x 3 binomial low-pass at stride 2; "Making convolutional networks shift-invariant again",
+ICML 2019): its blur kernels add 9 non-trainable parameters per pooled channel.
 :func:`count_parameters` reproduces the counts by formula; the tests check it against Keras.
 """
 
@@ -23,7 +26,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary", "model_kwargs"]
+__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary", "model_kwargs"]
+
+
+#: How the encoder halves the resolution: ``max`` = 2 x 2 max pooling (the paper); ``blurmax`` = MaxBlurPool.
+DOWNSAMPLINGS = ("max", "blurmax")
+#: The low-pass filter of ``blurmax``: the 3 x 3 binomial [1, 2, 1]^T [1, 2, 1] / 16 (sums to 1).
+BLUR_KERNEL = [[1 / 16, 2 / 16, 1 / 16], [2 / 16, 4 / 16, 2 / 16], [1 / 16, 2 / 16, 1 / 16]]
 
 
 def level_filters(depth: int, filters: int, max_filters: int | None = None) -> list[int]:
@@ -33,7 +42,7 @@ def level_filters(depth: int, filters: int, max_filters: int | None = None) -> l
 
 
 def _check_args(input_shape: tuple[int, int, int], depth: int, filters: int, kernel_size: int,
-                convs_per_level: int, upsampling: str, dropout: float) -> None:
+                convs_per_level: int, upsampling: str, dropout: float, downsampling: str = "max") -> None:
     rows, cols = input_shape[0], input_shape[1]
     if depth < 1 or filters < 1 or kernel_size < 1 or convs_per_level < 1:
         raise ValueError(f"depth, filters, kernel_size and convs_per_level must be >= 1 "
@@ -43,6 +52,8 @@ def _check_args(input_shape: tuple[int, int, int], depth: int, filters: int, ker
                          f"a U-Net of depth {depth} needs a side that is a multiple of {2**depth}")
     if upsampling not in ("transpose", "bilinear"):
         raise ValueError(f"upsampling must be 'transpose' or 'bilinear', got {upsampling!r}")
+    if downsampling not in DOWNSAMPLINGS:
+        raise ValueError(f"downsampling must be one of {DOWNSAMPLINGS}, got {downsampling!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -55,6 +66,7 @@ def build_unet(
     batch_norm: bool = True,
     dropout: float = 0.0,
     upsampling: str = "transpose",
+    downsampling: str = "max",
     kernel_size: int = 3,
     max_filters: int | None = 1024,
     convs_per_level: int = 2,
@@ -73,6 +85,9 @@ def build_unet(
         the paper's option: 0.25). Adds no parameters.
     upsampling : ``"transpose"`` (``kernel_size`` transposed convolution, stride 2) or ``"bilinear"``
         (bilinear x2 then a ``kernel_size`` convolution); both map to the skip connection's filter count.
+    downsampling : ``"max"`` (2 x 2 max pooling, stride 2) or ``"blurmax"`` (max over 2 x 2 at stride 1, then
+        :data:`BLUR_KERNEL` at stride 2, zero-padded: the pooled map changes less when the input moves by a few
+        pixels). The blur is a frozen depthwise convolution, so the model stays plain Keras layers.
     kernel_size : side of the convolution kernels in pixels.
     max_filters : cap on the filters of a level; ``None`` or 0 = no cap.
     convs_per_level : convolutions (+ batch norm + ReLU) per level.
@@ -86,9 +101,10 @@ def build_unet(
         probabilities (sigmoid). The output layer is float32 even under mixed precision, for stable losses.
     """
     import keras
+    import numpy as np
     from keras import layers
 
-    _check_args(input_shape, depth, filters, kernel_size, convs_per_level, upsampling, dropout)
+    _check_args(input_shape, depth, filters, kernel_size, convs_per_level, upsampling, dropout, downsampling)
     widths = level_filters(depth, filters, max_filters)
 
     def conv_block(x, width: int, prefix: str):
@@ -114,6 +130,17 @@ def build_unet(
             x = layers.BatchNormalization(momentum=bn_momentum, name=f"{prefix}_upbn")(x)
         return layers.Activation("relu", name=f"{prefix}_uprelu")(x)
 
+    def down_step(x, prefix: str):
+        if downsampling == "max":
+            return layers.MaxPooling2D(2, name=f"{prefix}_pool")(x)
+        x = layers.MaxPooling2D(2, strides=1, padding="same", name=f"{prefix}_pool")(x)
+        blur = layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False, trainable=False,
+                                      name=f"{prefix}_blur")
+        x = blur(x)
+        kernel = np.asarray(BLUR_KERNEL, dtype=np.float32)[:, :, None, None]
+        blur.set_weights([np.tile(kernel, (1, 1, x.shape[-1], 1))])
+        return x
+
     inputs = keras.Input(shape=tuple(input_shape), name="patch")
     x = inputs
     skips = []
@@ -121,7 +148,7 @@ def build_unet(
         x = conv_block(x, width, f"enc{level}")
         if level < depth:
             skips.append(x)
-            x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+            x = down_step(x, f"enc{level}")
     for level in range(depth - 1, -1, -1):
         x = up_step(x, widths[level], f"dec{level}")
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
@@ -132,7 +159,7 @@ def build_unet(
 
 def count_parameters(
     channels: int = 1, *, depth: int = 6, filters: int = 32, batch_norm: bool = True, kernel_size: int = 3,
-    max_filters: int | None = 1024, convs_per_level: int = 2, **_ignored: Any,
+    max_filters: int | None = 1024, convs_per_level: int = 2, downsampling: str = "max", **_ignored: Any,
 ) -> dict[str, int]:
     """Parameter counts of :func:`build_unet` by formula (independent of Keras; input size does not matter).
 
@@ -165,7 +192,8 @@ def count_parameters(
     trainable += conv(c_in, 1, 1)  # 1x1 output
     if not batch_norm:
         bn_channels = 0
-    return {"trainable": trainable + 2 * bn_channels, "non_trainable": 2 * bn_channels}
+    blur = 9 * sum(widths[:depth]) if downsampling == "blurmax" else 0  # one frozen 3x3 kernel per pooled channel
+    return {"trainable": trainable + 2 * bn_channels, "non_trainable": 2 * bn_channels + blur}
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -184,7 +212,7 @@ def _size(variable) -> int:
 
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """The :func:`build_unet` keyword arguments from the config's ``model`` section."""
-    keys = ("depth", "filters", "batch_norm", "dropout", "upsampling", "kernel_size", "max_filters",
+    keys = ("depth", "filters", "batch_norm", "dropout", "upsampling", "downsampling", "kernel_size", "max_filters",
             "convs_per_level", "bn_momentum", "name")
     return {key: model_cfg[key] for key in keys if key in model_cfg}
 
