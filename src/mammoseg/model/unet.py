@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary", "model_kwargs"]
+__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary",
+           "model_kwargs"]
 
 
 #: How the encoder halves the resolution: ``max`` = 2 x 2 max pooling (the paper); ``blurmax`` = MaxBlurPool.
