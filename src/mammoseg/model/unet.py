@@ -43,7 +43,7 @@ def level_filters(depth: int, filters: int, max_filters: int | None = None) -> l
 
 
 def _check_args(input_shape: tuple[int, int, int], depth: int, filters: int, kernel_size: int,
-                convs_per_level: int, upsampling: str, dropout: float, downsampling: str = "max") -> None:
+                convs_per_level: int, upsampling: str, dropout: float, downsampling: str) -> None:
     rows, cols = input_shape[0], input_shape[1]
     if depth < 1 or filters < 1 or kernel_size < 1 or convs_per_level < 1:
         raise ValueError(f"depth, filters, kernel_size and convs_per_level must be >= 1 "
@@ -88,7 +88,8 @@ def build_unet(
         (bilinear x2 then a ``kernel_size`` convolution); both map to the skip connection's filter count.
     downsampling : ``"max"`` (2 x 2 max pooling, stride 2) or ``"blurmax"`` (max over 2 x 2 at stride 1, then
         :data:`BLUR_KERNEL` at stride 2, zero-padded: the pooled map changes less when the input moves by a few
-        pixels). The blur is a frozen depthwise convolution, so the model stays plain Keras layers.
+        pixels; the network's answer on real mammograms did not, README row 33). The blur is a frozen depthwise
+        convolution, so the model stays plain Keras layers.
     kernel_size : side of the convolution kernels in pixels.
     max_filters : cap on the filters of a level; ``None`` or 0 = no cap.
     convs_per_level : convolutions (+ batch norm + ReLU) per level.
