@@ -7,6 +7,8 @@ out-of-fold results (``results/experiments/<E>/oof/``: ``summary.csv``, ``froc.c
 
 * the FROC: TPR at 1/8 … 8 false positives per image (FPPI) and the CPM (their mean), with its 95 % interval;
 * TPR and FPPI at the configured operating point (``infer.threshold``) and the pooled Dice there;
+* with ``evaluate.target_fppi``, the threshold calibrated on the out-of-fold candidates (``operating_point.json``),
+  which binarises the test split and new studies;
 * the **screening operating point**: the highest candidate-score threshold at which the lesion TPR is at least
   ``--target-tpr`` (0.9), and there the FPPI, the false positives per normal (lesion-free) image and the fraction
   of normal images without a mark; "not reached" when no threshold gives that TPR (then the figures at the most
@@ -36,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from mammoseg.evaluation.froc import FPPI_POINTS  # the points summary.csv reports
 from mammoseg.evaluation.summary import read_summary_csv, screening_point
@@ -125,7 +129,23 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
                       "normal_images_without_mark": value("normal_images_without_mark")},
         "pooled_dice": dice.get("value"), "pooled_dice_ci": [dice.get("ci_low"), dice.get("ci_high")],
         "screening": screening_point(folder, target_tpr),
+        "threshold": _configured_threshold(Path(exp_dir)),
+        "calibration": _calibration(Path(exp_dir)),
     }
+
+
+def _configured_threshold(exp_dir: Path) -> float | None:
+    """``infer.threshold`` of the experiment's resolved configuration (``config.yaml``), if it is there."""
+    path = exp_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return ((yaml.safe_load(path.read_text()) or {}).get("infer") or {}).get("threshold")
+
+
+def _calibration(exp_dir: Path) -> dict[str, Any] | None:
+    """The calibrated operating point (``operating_point.json``, ``evaluate.target_fppi`` > 0), else None."""
+    path = exp_dir / "operating_point.json"
+    return json.loads(path.read_text()).get("calibration") if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,6 +157,10 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 def _ci(pair: Sequence[float | None]) -> str:
     return "" if not pair or pair[0] is None else f" [{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def _threshold(value: float | None) -> str:
+    return "" if value is None else f" {value:g}"
 
 
 def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
@@ -153,7 +177,8 @@ def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
         + ", ".join(_f(result["froc"][str(x)], 2) for x in FPPI_POINTS) + " |",
         f"| CPM | {_f(result['cpm'])}{_ci(result['cpm_ci'])} |",
         f"| TPR at 1 FPPI | {_f(result['tpr_at_1_fppi'])}{_ci(result['tpr_at_1_fppi_ci'])} |",
-        f"| operating point (infer.threshold): TPR / FPPI | {_f(op['tpr'])} / {_f(op['fppi'], 2)} |",
+        f"| operating point (infer.threshold{_threshold(result.get('threshold'))}): TPR / FPPI | {_f(op['tpr'])} / "
+        f"{_f(op['fppi'], 2)} |",
         f"| operating point: FP per normal image / normals without a mark | {_f(op['fp_per_normal_image'], 2)} / "
         f"{_f(op['normal_images_without_mark'], 2)} |",
         f"| pooled Dice (operating point) | {_f(result['pooled_dice'])}{_ci(result['pooled_dice_ci'])} |",
@@ -161,6 +186,11 @@ def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
         f"| screening point: FP per normal image / normals without a mark | {_f(s['fp_per_normal_image'], 2)} / "
         f"{_f(s['normal_images_without_mark'], 2)} |",
     ]
+    c = result.get("calibration")
+    if c:
+        lines.append(f"| calibrated threshold (evaluate.target_fppi {c['target_fppi']:g}; binarises the test split and "
+                     f"new studies): its TPR / FPPI here | {_f(c['threshold'])}: {_f(c['expected_tpr'])} / "
+                     f"{_f(c['expected_fppi'], 2)} |")
     if wall_seconds is not None:
         lines.append(f"| wall time of the workflow run | {wall_seconds / 60:.1f} min |")
     return "\n".join(lines)

@@ -110,6 +110,21 @@ def test_reads_the_results_folder(real, tmp_path):
     assert "0.786 [0.50, 0.90]" in text and "TPR ≥ 0.9 at score ≥ 0.400" in text and "1.5 min" in text
 
 
+def test_table_names_the_configured_and_the_calibrated_threshold(real, tmp_path):
+    exp = fabricated_experiment(tmp_path)
+    text = real.table(real.read_experiment(exp, "oof"))
+    assert "operating point (infer.threshold):" in text and "calibrated threshold" not in text  # neither file
+    (exp / "config.yaml").write_text(yaml.safe_dump({"infer": {"threshold": 0.9}}))
+    (exp / "operating_point.json").write_text(
+        '{"calibration": {"threshold": 0.9019607843137255, "expected_tpr": 0.6896551724137931, '
+        '"expected_fppi": 0.98, "target_fppi": 1.0}, "source": "calibrated", "threshold": 0.9019607843137255}')
+    result = real.read_experiment(exp, "oof")
+    assert result["threshold"] == 0.9 and result["calibration"]["expected_fppi"] == 0.98
+    text = real.table(result)
+    assert "operating point (infer.threshold 0.9): TPR / FPPI | 0.500 / 0.75 |" in text
+    assert "target_fppi 1;" in text and "| 0.902: 0.690 / 0.98 |" in text
+
+
 def test_screening_point_not_reached_reports_the_most_permissive_threshold(real, tmp_path):
     exp = fabricated_experiment(tmp_path)
     s = real.read_experiment(exp, "oof", target_tpr=1.01)["screening"]
