@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mammoseg.evaluation import froc
-from mammoseg.evaluation.postprocess import kept_candidates, postprocess
+from mammoseg.evaluation.postprocess import kept_candidates, operating_mask, postprocess
 
 THRESHOLD = 0.1  # level ceil(25.5) = 26
 
@@ -126,3 +126,66 @@ def test_the_evaluate_stage_measures_the_post_processed_map(tmp_path):
     assert [les["hit"] for les in a["lesion_hits"]] == [True, False]
     mask = np.asarray(Image.open(out / "P_1_LEFT_CC.mask.png")) == 255
     np.testing.assert_array_equal(mask, probs["P_1_LEFT_CC"] == HIT)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the operating mask: pixel by pixel (the paper) or candidate by candidate (evaluate.binarise)
+# ----------------------------------------------------------------------------------------------------------
+def fragmenting_map():
+    """uint8 (40, 60), levels: 0.1 -> 26, 0.9 -> 230.
+
+    lesion: rows 5-24, cols 5-24 (400 px) at 60, with a 2 x 2 core of 240 at rows 14-15, cols 14-15;
+    a false region: rows 5-7, cols 35-54 (60 px) at 100, with two single-pixel peaks of 240 at (6, 37), (6, 52);
+    a low region: rows 30-34, cols 35-39 at 200 (0.78), under the operating threshold.
+    """
+    prob = np.zeros((40, 60), dtype=np.uint8)
+    prob[5:25, 5:25] = 60
+    prob[14:16, 14:16] = 240
+    prob[5:8, 35:55] = 100
+    prob[6, 37] = prob[6, 52] = 240
+    prob[30:35, 35:40] = 200
+    lesion = np.zeros(prob.shape, dtype=bool)
+    lesion[5:25, 5:25] = True
+    return prob, lesion
+
+
+def test_operating_mask_by_threshold_is_the_pixels_at_or_above_it():
+    prob, _ = fragmenting_map()
+    np.testing.assert_array_equal(operating_mask(prob, 0.9), prob >= 230)
+    assert operating_mask(prob, 0.9).sum() == 4 + 2
+
+
+def test_operating_mask_by_candidates_keeps_each_candidate_reaching_the_threshold_whole():
+    prob, lesion = fragmenting_map()
+    mask = operating_mask(prob, 0.9, binarise="candidates", candidate_threshold=THRESHOLD)
+    expected = lesion.copy()
+    expected[5:8, 35:55] = True  # the false region, whole; the low region (peak 200 < 230) is not a mark
+    np.testing.assert_array_equal(mask, expected)
+    # a threshold under the candidate level: the thresholded pixels are all in, candidates or not
+    faint = np.zeros((5, 5), dtype=np.uint8)
+    faint[2, 2] = 20  # 0.08: under the candidate level 26
+    assert operating_mask(faint, 0.05, binarise="candidates", candidate_threshold=THRESHOLD)[2, 2]
+    assert not operating_mask(np.zeros((4, 4), np.uint8), 0.5, binarise="candidates").any()
+    with pytest.raises(ValueError, match="unknown binarise"):
+        operating_mask(prob, 0.9, binarise="hysteresis")
+
+
+def test_binarising_by_candidates_puts_the_operating_point_on_the_froc():
+    """By threshold the lesion's 4-px core (IoU 0.01) misses it and counts as a false positive, and the false
+    region's two peaks count twice: 0 of 1 found, 3 false positives. By candidates: 1 of 1 and 1 false positive,
+    which is what the FROC counts at that score."""
+    from mammoseg.config.schema import validate_config
+    from mammoseg.evaluation.evaluate import evaluate_arrays
+
+    prob, lesion = fragmenting_map()
+    results = {}
+    for binarise in ("threshold", "candidates"):
+        evaluate = validate_config({"evaluate": {"binarise": binarise}})["evaluate"]
+        results[binarise] = evaluate_arrays(prob, [lesion], evaluate, threshold=0.9)
+    by_threshold, by_candidates = results["threshold"]["results"][0], results["candidates"]["results"][0]
+    assert (by_threshold["detected"], by_threshold["false_positives"]) == (0, 3)
+    assert (by_candidates["detected"], by_candidates["false_positives"]) == (1, 1)
+    assert by_candidates["pixel"]["tp"] == 400 and by_candidates["pixel"]["fp"] == 60
+    candidates = results["candidates"]["candidates"]
+    reaching = [c for c in candidates if c["score_u8"] >= 230]
+    assert len(reaching) == 2 and sum(c["false_positive"] for c in reaching) == by_candidates["false_positives"]

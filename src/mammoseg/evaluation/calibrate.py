@@ -14,8 +14,10 @@ Conventions:
   so the FPPI of the chosen threshold never exceeds the target (ties are never split).
 * The chosen threshold is the **lowest** whose FPPI is ``<= target_fppi``: the most sensitive admissible one.
 * As a pixel threshold (``metrics.binarise``: ``prob_u8 >= ceil(t * 255)``) a score ``k / 255`` keeps exactly the
-  candidates scoring ``>= k / 255``, so the binarised map detects what the curve counted; at the operating
-  threshold a candidate can still break into several components, so ``expected_fppi`` is the candidates' FPPI.
+  candidates scoring ``>= k / 255``, so the binarised map detects what the curve counted. Binarised pixel by pixel
+  (``evaluate.binarise: threshold``) a candidate can still break into several components, so ``expected_fppi`` is
+  the candidates' FPPI; binarised candidate by candidate (``evaluate.binarise: candidates``) each mark is one
+  candidate and the operating point on these images is the curve's.
 * **When even the top score exceeds the target** (the best-scoring candidates alone are more false positives per
   image than allowed), the threshold is ``math.inf``: no candidate is admissible, ``expected_tpr`` and
   ``expected_fppi`` are 0. It is no pixel threshold; :func:`operating_threshold` reports it as unreachable.

@@ -27,7 +27,7 @@ from mammoseg.data.manifest import has_truth, is_normal, lesion_rows
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
 from mammoseg.evaluation.overlays import FINDINGS_LEGEND, add_legend, make_overlay, write_overlay
-from mammoseg.evaluation.postprocess import postprocess
+from mammoseg.evaluation.postprocess import operating_mask, postprocess
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram
@@ -98,6 +98,12 @@ def _offset(rows: list[dict], dr: int, dc: int, keys_r: Sequence[str], keys_c: S
     return rows
 
 
+def _operating_mask(prob: np.ndarray, threshold: float, evaluate: Mapping[str, Any]) -> np.ndarray:
+    """The mask at the operating threshold as ``evaluate.binarise`` asks (one place for every caller)."""
+    return operating_mask(prob, threshold, binarise=evaluate["binarise"],
+                          candidate_threshold=float(evaluate["candidate_threshold"]))
+
+
 def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: Mapping[str, Any],
                     threshold: float) -> dict:  # fmt: skip
     """All per-image numbers from a uint8 probability map and the lesion masks (no files).
@@ -120,7 +126,8 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
     truth_full = np.zeros(shape, dtype=bool)
     for lesion in lesions:
         truth_full |= lesion
-    box = _active_box(prob, metrics.threshold_level(threshold), truth_full)
+    lowest = threshold if evaluate["binarise"] == "threshold" else min(threshold, evaluate["candidate_threshold"])
+    box = _active_box(prob, metrics.threshold_level(lowest), truth_full)
     dr, dc = box[0].start, box[1].start
     prob_c, truth = prob[box], truth_full[box]
     lesions_c = [lesion[box] for lesion in lesions]
@@ -131,7 +138,7 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
         return metrics.PixelCounts(tp=c.tp, fp=c.fp, fn=c.fn, tn=total - c.tp - c.fp - c.fn)
 
     results = []
-    raw = metrics.binarise(prob_c, threshold)
+    raw = _operating_mask(prob_c, threshold, evaluate)
     for min_area in _variants(int(evaluate["min_area"])):
         pred = metrics.remove_small_components(raw, min_area)
         match = metrics.match_lesions(pred, lesions_c, rule=rule, iou_threshold=tau)
@@ -181,7 +188,7 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
         raise InputError(f"{image_path}: cannot read mammogram for the overlay of {image_id}: {exc}") from exc
     if image.shape != prob.shape:
         raise InputError(f"{image_path}: image shape {image.shape} differs from its prediction {prob.shape}")
-    mask = metrics.binarise(prob, threshold)
+    mask = _operating_mask(prob, threshold, evaluate)
     truth = np.zeros(prob.shape, dtype=bool)
     for lesion in lesions:
         truth |= lesion
@@ -200,7 +207,7 @@ def findings_image(prob: np.ndarray, meta: Mapping[str, Any], row: Mapping[str, 
     prediction, the DICOM SEG, the candidates (score, area, position) and the marks at the operating threshold.
     Writes ``{image_id}.json``, ``.mask.png``, ``.overlay.png`` and ``.seg.dcm`` into ``out_dir``."""
     image_id, image_path = row["image_id"], base / row["image_path"]
-    mask = metrics.binarise(prob, threshold)
+    mask = _operating_mask(prob, threshold, evaluate)
     found = froc.image_candidates(prob, [], candidate_threshold=float(evaluate["candidate_threshold"]),
                                   match=evaluate["match"], iou_threshold=float(evaluate["iou_threshold"]))
     marks = metrics.match_lesions(mask, []).components

@@ -1,4 +1,5 @@
-"""Candidate post-processing of a probability map (beyond the paper): small candidates out, at most k per image.
+"""Candidate post-processing of a probability map (beyond the paper): small candidates out, at most k per image;
+and the operating mask, the map binarised at the operating threshold pixel by pixel or candidate by candidate.
 
 Issue 13 measured paper-mode false positives at 2.82 per image, many of them small or low-scoring next to the
 true mass. :func:`postprocess` removes from the map itself the candidates (as :mod:`mammoseg.evaluation.froc`
@@ -15,6 +16,13 @@ Conventions:
 * Ties in score are broken as :func:`mammoseg.evaluation.froc.image_candidates` breaks them: the lower candidate
   index (label order: raster order of each component's first pixel) ranks first.
 * ``min_area`` <= 1 and ``top_k`` = 0 keep every candidate (the defaults: the map is returned unchanged).
+
+:func:`operating_mask` binarises at the operating threshold. ``binarise="threshold"`` (the paper) keeps the pixels
+at or above it; on real tissue a region whose peak passes the threshold then breaks into several components, each
+a false positive of its own (four false components per image where the FROC counted one candidate, issue 13).
+``binarise="candidates"`` keeps each candidate whose maximum reaches the threshold, whole: every mark is one FROC
+candidate, so the operating point lies on the FROC curve and a threshold calibrated on candidates
+(:mod:`mammoseg.evaluation.calibrate`) gives the false positives per image it was calibrated for.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import numpy as np
 from mammoseg.evaluation import metrics
 from mammoseg.evaluation.froc import component_max
 
-__all__ = ["kept_candidates", "postprocess"]
+__all__ = ["BINARISE", "kept_candidates", "operating_mask", "postprocess"]
+
+#: the ways of binarising at the operating threshold (``evaluate.binarise``)
+BINARISE = ("threshold", "candidates")
 
 
 def kept_candidates(areas: np.ndarray, scores: np.ndarray, *, min_area: int, top_k: int) -> np.ndarray:
@@ -83,3 +94,34 @@ def postprocess(prob_u8: np.ndarray, *, candidate_threshold: float, min_area: in
         return prob_u8
     removed = np.concatenate([[False], ~keep])[labels]
     return np.where(removed, np.uint8(0), prob_u8)
+
+
+def operating_mask(prob_u8: np.ndarray, threshold: float, *, binarise: str = "threshold",
+                   candidate_threshold: float = 0.1) -> np.ndarray:  # fmt: skip
+    """The binary mask at the operating threshold: metrics, overlays, DICOM SEG and marks are read off it.
+
+    Parameters
+    ----------
+    prob_u8 : uint8 (rows, cols), ``round(p * 255)``
+    threshold : float in [0, 1], the operating threshold (``infer.threshold`` or the calibrated one)
+    binarise : ``"threshold"``: ``prob_u8 >= threshold_level(threshold)`` (the paper); ``"candidates"``: the
+        candidates (8-connected components of ``prob_u8 >= threshold_level(candidate_threshold)``) whose maximum
+        is at or above ``threshold_level(threshold)``, each whole
+    candidate_threshold : float in (0, 1], ``evaluate.candidate_threshold`` (used by ``"candidates"`` only)
+
+    Returns
+    -------
+    bool (rows, cols). With ``"candidates"`` and ``threshold`` below ``candidate_threshold`` the pixels between
+    the two levels that belong to no candidate are foreground too, so the mask always holds the thresholded one.
+    """
+    if binarise not in BINARISE:
+        raise ValueError(f"unknown binarise {binarise!r}; allowed: {', '.join(BINARISE)}")
+    thresholded = metrics.binarise(prob_u8, threshold)
+    if binarise == "threshold":
+        return thresholded
+    labels, count = metrics.label_components(metrics.binarise(prob_u8, candidate_threshold))
+    if count == 0:
+        return thresholded
+    reaching = np.zeros(count + 1, dtype=bool)
+    reaching[1:] = component_max(prob_u8, labels, count) >= metrics.threshold_level(threshold)
+    return reaching[labels] | thresholded
