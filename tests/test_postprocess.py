@@ -189,3 +189,43 @@ def test_binarising_by_candidates_puts_the_operating_point_on_the_froc():
     candidates = results["candidates"]["candidates"]
     reaching = [c for c in candidates if c["score_u8"] >= 230]
     assert len(reaching) == 2 and sum(c["false_positive"] for c in reaching) == by_candidates["false_positives"]
+
+
+def test_the_evaluate_stage_binarises_candidate_by_candidate(tmp_path):
+    """The hand-built case of test_evaluate with a rim of 0.16 around the missed lesion A2 (0.39), at threshold
+    0.35: pixel by pixel the mask holds A2's core, candidate by candidate A2 with its rim; the per-image JSON and
+    the printed summary name the binarisation."""
+    import json
+
+    from PIL import Image
+
+    from mammoseg.evaluation import evaluate, summary
+    from mammoseg.inference import predict
+    from test_evaluate import CONFIG, build_case
+
+    manifest, lesions, probs, chunk = build_case(tmp_path)
+    faded = probs["P_1_LEFT_CC"].copy()
+    faded[_rect(faded.shape, 40, 50, 50, 60)] = 0
+    faded[_rect(faded.shape, 38, 48, 52, 62) & (faded == 0)] = 40  # a rim of 0.16 around A2: a candidate pixel
+    faded[_rect(faded.shape, 40, 50, 50, 60)] = 100
+    predict.save_prediction(faded, chunk / "P_1_LEFT_CC.prob.npz", {"mode": "paper"})
+    for binarise in ("threshold", "candidates"):
+        config = {**CONFIG, "infer": {**CONFIG["infer"], "threshold": 0.35},
+                  "evaluate": {**CONFIG["evaluate"], "binarise": binarise}}
+        out = tmp_path / binarise / "chunk-0"
+        evaluate.run_evaluate_chunk(chunk, manifest, out, chunk=0, config=config, image_set="test")
+        a = json.loads((out / "P_1_LEFT_CC.json").read_text())
+        assert a["binarise"] == binarise
+        mask = np.asarray(Image.open(out / "P_1_LEFT_CC.mask.png")) == 255
+        expected = faded >= 90
+        if binarise == "candidates":
+            expected |= _rect(faded.shape, 38, 48, 52, 62)  # A2 with its rim, whole
+        np.testing.assert_array_equal(mask, expected)
+        text = summary.run_summarise([out], out.parent, experiment="toy", image_set="test", config=config)["text"]
+        assert ("candidate by candidate" in text) == (binarise == "candidates")
+
+
+def _rect(shape, r0, c0, r1, c1):
+    m = np.zeros(shape, dtype=bool)
+    m[r0:r1, c0:c1] = True
+    return m

@@ -178,7 +178,8 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
     payload: dict[str, Any] = {
         "image_id": image_id, "patient_id": rows[0]["patient_id"], "status": "evaluated",
         "normal": all(is_normal(row) for row in rows),
-        "image_path": str(image_path), "threshold": threshold, "match": evaluate["match"],
+        "image_path": str(image_path), "threshold": threshold, "binarise": evaluate["binarise"],
+        "match": evaluate["match"],
         "iou_threshold": evaluate["iou_threshold"], "shape": list(prob.shape), "n_lesions": len(lesions),
         "lesions_skipped": skipped, "prediction": dict(meta), **numbers,
     }

@@ -202,8 +202,10 @@ def _fmt_ci(values: Mapping[str, float], name: str, digits: int) -> str:
     return value if math.isnan(low) else f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int, threshold: float) -> str:
-    lines = [f"mammoseg evaluation of {label}, {abnormality}, binarised at probability >= {threshold:.4g}"
+def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed: int, threshold: float,
+                   binarise: str) -> str:  # fmt: skip
+    how = "" if binarise == "threshold" else ", candidate by candidate"
+    lines = [f"mammoseg evaluation of {label}, {abnormality}, binarised at probability >= {threshold:.4g}{how}"
              + (f" ({n_failed} image(s) not predicted: see per_image.csv)" if n_failed else "")]
     for min_area, group in summary.groupby("min_area", sort=True):
         v = dict(zip(group["metric"], group["value"]))
@@ -239,8 +241,10 @@ def _shared_threshold(evaluated: Sequence[Mapping[str, Any]], out_dir: Path) -> 
 
 
 def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str, image_set: str,
-              abnormality: str, bootstrap: int, bootstrap_seed: int) -> dict[str, Any]:  # fmt: skip
+              abnormality: str, bootstrap: int, bootstrap_seed: int, binarise: str) -> dict[str, Any]:  # fmt: skip
     """Pool the per-image results of one image set into the tables of the module docstring; return the summary.
+
+    ``binarise`` (``evaluate.binarise``) only names, in the printed summary, how the images were binarised.
 
     Returns
     -------
@@ -268,7 +272,7 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     label = f"{experiment} [{image_set}]"
     _plot_froc(curve, out_dir / "froc.png", label)
     n_failed = len(records) - len(evaluated)
-    text = _human_summary(summary, label, abnormality, n_failed, threshold)
+    text = _human_summary(summary, label, abnormality, n_failed, threshold, binarise)
     if abnormality == "mass" and image_set == "test":
         text += "\n  " + PAPER_FIGURES
     write_text_atomic(out_dir / "summary.txt", text + "\n")
@@ -333,7 +337,7 @@ def run_summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, expe
     evaluate = config["evaluate"]
     return summarise(chunk_dirs, out_dir, experiment=experiment, image_set=image_set,
                      abnormality=config["data"]["abnormality"], bootstrap=evaluate["bootstrap"],
-                     bootstrap_seed=evaluate["bootstrap_seed"])
+                     bootstrap_seed=evaluate["bootstrap_seed"], binarise=evaluate["binarise"])
 
 
 FINDING_COLUMNS = ("image_id", "status", "reason", "marks", "marked_px", "max_score", "candidates")
