@@ -151,8 +151,9 @@ def fragmenting_map():
 
 def test_operating_mask_by_threshold_is_the_pixels_at_or_above_it():
     prob, _ = fragmenting_map()
-    np.testing.assert_array_equal(operating_mask(prob, 0.9), prob >= 230)
-    assert operating_mask(prob, 0.9).sum() == 4 + 2
+    mask = operating_mask(prob, 0.9, binarise="threshold", candidate_threshold=THRESHOLD)
+    np.testing.assert_array_equal(mask, prob >= 230)
+    assert mask.sum() == 4 + 2
 
 
 def test_operating_mask_by_candidates_keeps_each_candidate_reaching_the_threshold_whole():
@@ -165,9 +166,10 @@ def test_operating_mask_by_candidates_keeps_each_candidate_reaching_the_threshol
     faint = np.zeros((5, 5), dtype=np.uint8)
     faint[2, 2] = 20  # 0.08: under the candidate level 26
     assert operating_mask(faint, 0.05, binarise="candidates", candidate_threshold=THRESHOLD)[2, 2]
-    assert not operating_mask(np.zeros((4, 4), np.uint8), 0.5, binarise="candidates").any()
+    assert not operating_mask(np.zeros((4, 4), np.uint8), 0.5, binarise="candidates",
+                              candidate_threshold=THRESHOLD).any()
     with pytest.raises(ValueError, match="unknown binarise"):
-        operating_mask(prob, 0.9, binarise="hysteresis")
+        operating_mask(prob, 0.9, binarise="hysteresis", candidate_threshold=THRESHOLD)
 
 
 def test_binarising_by_candidates_puts_the_operating_point_on_the_froc():
@@ -229,3 +231,10 @@ def _rect(shape, r0, c0, r1, c1):
     m = np.zeros(shape, dtype=bool)
     m[r0:r1, c0:c1] = True
     return m
+
+
+def test_the_schema_offers_the_binarisations_the_code_knows():
+    from mammoseg.config.schema import schema
+    from mammoseg.evaluation.postprocess import BINARISE
+
+    assert tuple(schema()["properties"]["evaluate"]["properties"]["binarise"]["enum"]) == BINARISE

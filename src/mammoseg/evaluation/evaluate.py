@@ -126,6 +126,7 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
     truth_full = np.zeros(shape, dtype=bool)
     for lesion in lesions:
         truth_full |= lesion
+    # the crop holds every pixel the operating mask can hold: candidate by candidate, down to the candidate level
     lowest = threshold if evaluate["binarise"] == "threshold" else min(threshold, evaluate["candidate_threshold"])
     box = _active_box(prob, metrics.threshold_level(lowest), truth_full)
     dr, dc = box[0].start, box[1].start

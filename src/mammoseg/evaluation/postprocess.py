@@ -96,8 +96,8 @@ def postprocess(prob_u8: np.ndarray, *, candidate_threshold: float, min_area: in
     return np.where(removed, np.uint8(0), prob_u8)
 
 
-def operating_mask(prob_u8: np.ndarray, threshold: float, *, binarise: str = "threshold",
-                   candidate_threshold: float = 0.1) -> np.ndarray:  # fmt: skip
+def operating_mask(prob_u8: np.ndarray, threshold: float, *, binarise: str,
+                   candidate_threshold: float) -> np.ndarray:  # fmt: skip
     """The binary mask at the operating threshold: metrics, overlays, DICOM SEG and marks are read off it.
 
     Parameters
@@ -111,8 +111,8 @@ def operating_mask(prob_u8: np.ndarray, threshold: float, *, binarise: str = "th
 
     Returns
     -------
-    bool (rows, cols). With ``"candidates"`` and ``threshold`` below ``candidate_threshold`` the pixels between
-    the two levels that belong to no candidate are foreground too, so the mask always holds the thresholded one.
+    bool (rows, cols). It always holds the ``"threshold"`` mask: with ``"candidates"`` and ``threshold`` below
+    ``candidate_threshold``, the pixels at or above the threshold but under the candidate level are foreground too.
     """
     if binarise not in BINARISE:
         raise ValueError(f"unknown binarise {binarise!r}; allowed: {', '.join(BINARISE)}")
