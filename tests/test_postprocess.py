@@ -203,13 +203,13 @@ def test_the_evaluate_stage_binarises_candidate_by_candidate(tmp_path):
 
     from mammoseg.evaluation import evaluate, summary
     from mammoseg.inference import predict
-    from test_evaluate import CONFIG, build_case
+    from test_evaluate import CONFIG, _box, build_case
 
     manifest, lesions, probs, chunk = build_case(tmp_path)
     faded = probs["P_1_LEFT_CC"].copy()
-    faded[_rect(faded.shape, 40, 50, 50, 60)] = 0
-    faded[_rect(faded.shape, 38, 48, 52, 62) & (faded == 0)] = 40  # a rim of 0.16 around A2: a candidate pixel
-    faded[_rect(faded.shape, 40, 50, 50, 60)] = 100
+    faded[_box(40, 50, 50, 60)] = 0
+    faded[_box(38, 48, 52, 62) & (faded == 0)] = 40  # a rim of 0.16 around A2: a candidate pixel
+    faded[_box(40, 50, 50, 60)] = 100
     predict.save_prediction(faded, chunk / "P_1_LEFT_CC.prob.npz", {"mode": "paper"})
     for binarise in ("threshold", "candidates"):
         config = {**CONFIG, "infer": {**CONFIG["infer"], "threshold": 0.35},
@@ -221,16 +221,10 @@ def test_the_evaluate_stage_binarises_candidate_by_candidate(tmp_path):
         mask = np.asarray(Image.open(out / "P_1_LEFT_CC.mask.png")) == 255
         expected = faded >= 90
         if binarise == "candidates":
-            expected |= _rect(faded.shape, 38, 48, 52, 62)  # A2 with its rim, whole
+            expected |= _box(38, 48, 52, 62)  # A2 with its rim, whole
         np.testing.assert_array_equal(mask, expected)
         text = summary.run_summarise([out], out.parent, experiment="toy", image_set="test", config=config)["text"]
         assert ("candidate by candidate" in text) == (binarise == "candidates")
-
-
-def _rect(shape, r0, c0, r1, c1):
-    m = np.zeros(shape, dtype=bool)
-    m[r0:r1, c0:c1] = True
-    return m
 
 
 def test_the_schema_offers_the_binarisations_the_code_knows():

@@ -76,9 +76,9 @@ def load_lesions(rows: Sequence[Mapping[str, str]], base: str | Path, shape: tup
     return roi_ids, masks, skipped
 
 
-def _active_box(prob: np.ndarray, lowest_level: int, truth: np.ndarray) -> tuple[slice, slice]:
-    """Bounding box (slices) of pixels that can be foreground at any threshold, or are ground truth."""
-    active = (prob >= max(lowest_level, 1)) | truth
+def _active_box(mask: np.ndarray, truth: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box (slices) of the pixels of the operating mask or the ground truth."""
+    active = mask | truth
     rows = np.flatnonzero(active.any(axis=1))
     cols = np.flatnonzero(active.any(axis=0))
     if rows.size == 0:
@@ -119,18 +119,18 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
     dict with ``results`` (one per min_area variant, at the operating threshold: pixel metrics, at-lesion
     metrics, lesion and false-positive component rows, in full-image coordinates), ``candidates`` and
     ``lesion_hits`` (the FROC candidates of :func:`mammoseg.evaluation.froc.image_candidates`) and ``record``
-    (what the bootstrap needs, :class:`mammoseg.evaluation.froc.ImageRecord`).
+    (what the bootstrap needs, :class:`mammoseg.evaluation.froc.ImageRecord`), and ``mask``: the operating mask
+    (bool (rows, cols), :func:`mammoseg.evaluation.postprocess.operating_mask`; not JSON, the caller writes it).
     """
     shape = prob.shape
     total = int(prob.size)
     truth_full = np.zeros(shape, dtype=bool)
     for lesion in lesions:
         truth_full |= lesion
-    # the crop holds every pixel the operating mask can hold: candidate by candidate, down to the candidate level
-    lowest = threshold if evaluate["binarise"] == "threshold" else min(threshold, evaluate["candidate_threshold"])
-    box = _active_box(prob, metrics.threshold_level(lowest), truth_full)
+    mask = _operating_mask(prob, threshold, evaluate)
+    box = _active_box(mask, truth_full)  # components and pixel counts measured on the crop that holds them all
     dr, dc = box[0].start, box[1].start
-    prob_c, truth = prob[box], truth_full[box]
+    truth = truth_full[box]
     lesions_c = [lesion[box] for lesion in lesions]
     rule, tau = evaluate["match"], float(evaluate["iou_threshold"])
 
@@ -139,7 +139,7 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
         return metrics.PixelCounts(tp=c.tp, fp=c.fp, fn=c.fn, tn=total - c.tp - c.fp - c.fn)
 
     results = []
-    raw = _operating_mask(prob_c, threshold, evaluate)
+    raw = mask[box]
     for min_area in _variants(int(evaluate["min_area"])):
         pred = metrics.remove_small_components(raw, min_area)
         match = metrics.match_lesions(pred, lesions_c, rule=rule, iou_threshold=tau)
@@ -160,7 +160,7 @@ def evaluate_arrays(prob: np.ndarray, lesions: Sequence[np.ndarray], evaluate: M
         found, detected=as_predicted["detected"], false_positives=as_predicted["false_positives"],
         intersection=as_predicted["pixel"]["intersection"], union=as_predicted["pixel"]["union"])
     return {"results": results, "candidates": found.candidates, "lesion_hits": found.lesions,
-            "record": record.as_dict()}
+            "record": record.as_dict(), "mask": mask}
 
 
 def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Mapping[str, str]], base: Path,
@@ -173,6 +173,7 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
     image_path = base / rows[0]["image_path"]
     roi_ids, lesions, skipped = load_lesions(rows, base, prob.shape)
     numbers = evaluate_arrays(prob, lesions, evaluate, threshold)
+    mask = numbers.pop("mask")
     for result in numbers["results"]:
         for row in result["lesions"]:
             row["roi_id"] = roi_ids[row["lesion"]]
@@ -190,7 +191,6 @@ def evaluate_image(prob: np.ndarray, meta: Mapping[str, Any], rows: Sequence[Map
         raise InputError(f"{image_path}: cannot read mammogram for the overlay of {image_id}: {exc}") from exc
     if image.shape != prob.shape:
         raise InputError(f"{image_path}: image shape {image.shape} differs from its prediction {prob.shape}")
-    mask = _operating_mask(prob, threshold, evaluate)
     truth = np.zeros(prob.shape, dtype=bool)
     for lesion in lesions:
         truth |= lesion
