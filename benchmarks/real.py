@@ -6,7 +6,8 @@ out-of-fold results (``results/experiments/<E>/oof/``: ``summary.csv``, ``froc.c
 ``per_image.csv``) and prints:
 
 * the FROC: TPR at 1/8 … 8 false positives per image (FPPI) and the CPM (their mean), with its 95 % interval;
-* TPR and FPPI at the configured operating point (``infer.threshold``) and the pooled Dice there;
+* TPR and FPPI at the operating point and the pooled Dice there: out of fold at ``infer.threshold``; on the test
+  split at the calibrated threshold when ``evaluate.target_fppi`` is set (the table names which);
 * with ``evaluate.target_fppi``, the threshold calibrated on the out-of-fold candidates (``operating_point.json``),
   which binarises the test split and new studies;
 * the **screening operating point**: the highest candidate-score threshold at which the lesion TPR is at least
@@ -129,9 +130,32 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
                       "normal_images_without_mark": value("normal_images_without_mark")},
         "pooled_dice": dice.get("value"), "pooled_dice_ci": [dice.get("ci_low"), dice.get("ci_high")],
         "screening": screening_point(folder, target_tpr),
-        "threshold": _configured_threshold(Path(exp_dir)),
+        "threshold": _operating_threshold(value("threshold") or _chunk_threshold(folder), Path(exp_dir)),
         "calibration": _calibration(Path(exp_dir)),
     }
+
+
+def _chunk_threshold(image_set_dir: Path) -> float | None:
+    """The threshold in the image set's first evaluated per-image JSON (``chunk-*/``): for tables written before
+    ``summary.csv`` recorded it."""
+    for path in sorted(image_set_dir.glob("chunk-*/*.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") == "evaluated" and "threshold" in record:
+            return float(record["threshold"])
+    return None
+
+
+def _operating_threshold(recorded: float | None, exp_dir: Path) -> dict[str, Any] | None:
+    """The threshold an image set's operating point is at, and where it comes from: ``calibrated`` when it is
+    the experiment's calibrated one (``evaluate.target_fppi``: the test split and new studies), else
+    ``infer.threshold``. Without a recorded threshold (no per-image JSONs either) it is the configuration's."""
+    configured, calibration = _configured_threshold(exp_dir), _calibration(exp_dir)
+    value = recorded if recorded is not None else configured
+    if value is None:
+        return None
+    calibrated = (recorded is not None and calibration is not None and abs(value - calibration["threshold"]) < 1e-9
+                  and (configured is None or abs(value - configured) > 1e-9))
+    return {"value": value, "source": "calibrated" if calibrated else "infer.threshold"}
 
 
 def _configured_threshold(exp_dir: Path) -> float | None:
@@ -159,8 +183,12 @@ def _ci(pair: Sequence[float | None]) -> str:
     return "" if not pair or pair[0] is None else f" [{pair[0]:.2f}, {pair[1]:.2f}]"
 
 
-def _threshold(value: float | None) -> str:
-    return "" if value is None else f" {value:g}"
+def _threshold(threshold: dict[str, Any] | None) -> str:
+    if threshold is None:
+        return "infer.threshold"
+    if threshold["source"] == "calibrated":
+        return f"calibrated threshold {threshold['value']:.3f}"
+    return f"infer.threshold {threshold['value']:g}"
 
 
 def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
@@ -177,7 +205,7 @@ def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
         + ", ".join(_f(result["froc"][str(x)], 2) for x in FPPI_POINTS) + " |",
         f"| CPM | {_f(result['cpm'])}{_ci(result['cpm_ci'])} |",
         f"| TPR at 1 FPPI | {_f(result['tpr_at_1_fppi'])}{_ci(result['tpr_at_1_fppi_ci'])} |",
-        f"| operating point (infer.threshold{_threshold(result.get('threshold'))}): TPR / FPPI | {_f(op['tpr'])} / "
+        f"| operating point ({_threshold(result.get('threshold'))}): TPR / FPPI | {_f(op['tpr'])} / "
         f"{_f(op['fppi'], 2)} |",
         f"| operating point: FP per normal image / normals without a mark | {_f(op['fp_per_normal_image'], 2)} / "
         f"{_f(op['normal_images_without_mark'], 2)} |",

@@ -119,10 +119,31 @@ def test_table_names_the_configured_and_the_calibrated_threshold(real, tmp_path)
         '{"calibration": {"threshold": 0.9019607843137255, "expected_tpr": 0.6896551724137931, '
         '"expected_fppi": 0.98, "target_fppi": 1.0}, "source": "calibrated", "threshold": 0.9019607843137255}')
     result = real.read_experiment(exp, "oof")
-    assert result["threshold"] == 0.9 and result["calibration"]["expected_fppi"] == 0.98
+    assert result["threshold"] == {"value": 0.9, "source": "infer.threshold"}  # no threshold row: the config's
+    assert result["calibration"]["expected_fppi"] == 0.98
     text = real.table(result)
     assert "operating point (infer.threshold 0.9): TPR / FPPI | 0.500 / 0.75 |" in text
     assert "target_fppi 1;" in text and "| 0.902: 0.690 / 0.98 |" in text
+
+
+def test_table_names_the_threshold_the_image_set_was_binarised_at(real, tmp_path):
+    """With evaluate.target_fppi the test split is binarised at the calibrated threshold, not infer.threshold:
+    the table takes the threshold from the image set's summary.csv and says which one it is."""
+    exp = fabricated_experiment(tmp_path)
+    (exp / "config.yaml").write_text(yaml.safe_dump({"infer": {"threshold": 0.9}}))
+    (exp / "operating_point.json").write_text(
+        '{"calibration": {"threshold": 0.9215686274509803, "expected_tpr": 0.5, "expected_fppi": 1.0, '
+        '"target_fppi": 1.0}, "source": "calibrated", "threshold": 0.9215686274509803}')
+    # tables written before summary.csv recorded the threshold: the per-image JSONs' (a failed image has none)
+    (exp / "oof" / "chunk-0").mkdir()
+    (exp / "oof" / "chunk-0" / "A.json").write_text('{"status": "failed"}')
+    (exp / "oof" / "chunk-0" / "B.json").write_text('{"status": "evaluated", "threshold": 0.9215686274509803}')
+    text = real.table(real.read_experiment(exp, "oof"))
+    assert "operating point (calibrated threshold 0.922): TPR / FPPI | 0.500 / 0.75 |" in text
+    assert "infer.threshold 0.9)" not in text
+    with open(exp / "oof" / "summary.csv", "a") as handle:  # summary.csv's record comes first
+        handle.write("mias-dev-0123abcd,oof,0,threshold,0.5,,\n")
+    assert "operating point (infer.threshold 0.5): TPR" in real.table(real.read_experiment(exp, "oof"))
 
 
 def test_screening_point_not_reached_reports_the_most_permissive_threshold(real, tmp_path):

@@ -183,6 +183,8 @@ def test_tables_written_and_name_the_experiment(evaluated):
                                                             200 / 255]))
     summary_table = tables["summary"]
     assert {"cpm", "tpr_at_0.125_fppi", "tpr_at_8_fppi"} <= set(summary_table["metric"])
+    # the threshold the operating point is at (CONFIG's infer.threshold here), once per min_area variant
+    assert summary_table.loc[summary_table["metric"] == "threshold", "value"].tolist() == [0.5, 0.5]
     intervals = summary_table.dropna(subset=["ci_low"])
     assert set(intervals["metric"]) == {"tpr", "fppi", "tpr_at_1_fppi", "cpm", "pooled_dice"}
     assert (intervals["ci_low"] <= intervals["value"] + 1e-12).all()

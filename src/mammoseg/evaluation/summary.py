@@ -8,8 +8,9 @@ Reads the per-image JSON files of :mod:`mammoseg.evaluation.evaluate` (one folde
 ``candidates.csv``  one row per FROC candidate: image, candidate, score, area, position, the lesion it is credited
                     to (or none), false positive or duplicate; anyone can recompute the FROC from it
 ``froc.csv``        the FROC curve over every distinct candidate score (:func:`mammoseg.evaluation.froc.froc_curve`)
-``summary.csv``     long format ``metric, value, ci_low, ci_high``: counts, TPR and FPPI and pooled/mean Dice and
-                    IoU at the operating threshold, TPR at 1/8 … 8 FPPI and the CPM, 95 % bootstrap intervals over
+``summary.csv``     long format ``metric, value, ci_low, ci_high``: the operating threshold the images were
+                    binarised at (``threshold``: ``infer.threshold``, or the calibrated one), counts, TPR and FPPI
+                    and pooled/mean Dice and IoU at that threshold, TPR at 1/8 … 8 FPPI and the CPM, 95 % bootstrap intervals over
                     patients (images when a patient is unknown) for TPR, FPPI, TPR at 1 FPPI, CPM and pooled Dice
 ``froc.png``        the FROC curve, ``summary.txt`` the printed summary
 """
@@ -119,7 +120,7 @@ def _curve(records: Sequence[Mapping]) -> froc.FrocCurve:
 
 
 def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Mapping[str, Mapping],
-                  tag: Mapping[str, str]) -> list[dict]:  # fmt: skip
+                  tag: Mapping[str, str], threshold: float) -> list[dict]:  # fmt: skip
     rows = []
     for min_area, group in per_image.groupby("min_area", sort=True):
         n_lesions = int(group["n_lesions"].sum())
@@ -130,7 +131,9 @@ def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Map
         pooled = metrics.pooled_dice_iou(group["intersection"], group["union"])
         pooled_at = metrics.pooled_dice_iou(group["at_lesions_intersection"], group["at_lesions_union"])
         values: dict[str, float] = {
-            "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
+            # the threshold this table's operating point is at: the test split is binarised at the calibrated
+            # one when evaluate.target_fppi is set, so a reader cannot take it from infer.threshold
+            "threshold": threshold, "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
             "false_positives": int(group["false_positives"].sum()),
             "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
             "fppi": group["false_positives"].sum() / len(group),
@@ -260,7 +263,8 @@ def summarise(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experime
     per_image = pd.DataFrame(_per_image_rows(records, tag))
     curve = _curve(evaluated)
     intervals = _intervals(evaluated, bootstrap, bootstrap_seed)
-    summary = pd.DataFrame(_summary_rows(per_image[per_image["status"] == "evaluated"], curve, intervals, tag))
+    summary = pd.DataFrame(_summary_rows(per_image[per_image["status"] == "evaluated"], curve, intervals, tag,
+                                         threshold))
     froc_table = pd.DataFrame([{**tag, **row, "n_lesions": sum(r["n_lesions"] for r in evaluated),
                                 "n_images": len(evaluated)} for row in froc.operating_points(curve)])
     candidates = pd.DataFrame(_candidate_rows(evaluated, tag), columns=[*tag, *CANDIDATE_COLUMNS])
