@@ -278,3 +278,15 @@ def test_read_summary_csv_gives_json_ready_figures_of_one_variant(evaluated):
         assert (figures[row.metric]["ci_low"] is None) == bool(pd.isna(row.ci_low))
     assert any(f["ci_low"] is None for f in figures.values()) and any(f["ci_low"] is not None for f in figures.values())
     json.dumps(figures, allow_nan=False)  # no NaN reaches a model card
+
+
+def test_comparison_table_names_each_experiment_s_operating_threshold(evaluated):
+    """The experiments page compares operating points: each row says the threshold its TPR, FPPI and Dice are at."""
+    from mammoseg.evaluation.report import comparison_table
+
+    tmp_path = evaluated[0]
+    table = comparison_table(tmp_path)  # tmp_path/experiment/test/summary.csv: one experiment folder
+    assert list(table["experiment"]) == ["experiment"] and list(table["threshold"]) == [0.5]
+    summary_csv = pd.read_csv(tmp_path / "experiment" / "test" / "summary.csv")
+    as_predicted = summary_csv[summary_csv["min_area"] == 0].set_index("metric")["value"]
+    assert table["TPR"].iloc[0] == pytest.approx(as_predicted["tpr"]) and table["CPM"].iloc[0] == as_predicted["cpm"]

@@ -55,7 +55,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 def comparison_table(experiments_dir: str | Path, image_set: str = "test") -> pd.DataFrame:
     """One row per experiment found under ``experiments_dir`` (every ``<key>/<image_set>/summary.csv``): detection,
-    FROC and segmentation figures side by side, with the stage keys that tell the runs apart."""
+    FROC and segmentation figures side by side, with the stage keys that tell the runs apart and the threshold the
+    operating-point figures are at (None for tables written before ``summary.csv`` recorded it)."""
     import json
 
     rows = []
@@ -65,7 +66,8 @@ def comparison_table(experiments_dir: str | Path, image_set: str = "test") -> pd
         keys = json.loads(keys_json.read_text()) if keys_json.is_file() else {}
         rows.append({"experiment": summary_csv.parent.parent.name, "model": keys.get("model", ""),
                      "inference": keys.get("inference", ""), "images": values.get("n_images"),
-                     "lesions": values.get("n_lesions"), "TPR": values.get("tpr"), "FPPI": values.get("fppi"),
+                     # TPR, FPPI and Dice are at this threshold (infer.threshold or the calibrated one)
+                     "lesions": values.get("n_lesions"), "threshold": values.get("threshold"), "TPR": values.get("tpr"), "FPPI": values.get("fppi"),
                      "TPR at 1 FPPI": values.get("tpr_at_1_fppi"), "CPM": values.get("cpm"),
                      "pooled Dice": values.get("pooled_dice"), "Dice at lesions": values.get("pooled_dice_at_lesions"),
                      "FP per normal image": values.get("fp_per_normal_image")})
