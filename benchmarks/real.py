@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import yaml
 
 from mammoseg.evaluation.froc import FPPI_POINTS  # the points summary.csv reports
-from mammoseg.evaluation.summary import read_summary_csv, screening_point
+from mammoseg.evaluation.summary import read_image_records, read_summary_csv, screening_point
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -120,6 +120,10 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
     cpm = summary.get("cpm", {})
     dice = summary.get("pooled_dice", {})
     tpr1 = summary.get("tpr_at_1_fppi", {})
+    recorded = value("threshold")  # a 0.0 threshold is a threshold: only a missing row falls back
+    if recorded is None:
+        recorded = _chunk_threshold(folder)
+    calibration = _calibration(Path(exp_dir))
     return {
         "experiment": Path(exp_dir).name, "image_set": image_set,
         "n_images": value("n_images"), "n_lesions": value("n_lesions"), "n_normal_images": value("n_normal_images"),
@@ -130,26 +134,23 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
                       "normal_images_without_mark": value("normal_images_without_mark")},
         "pooled_dice": dice.get("value"), "pooled_dice_ci": [dice.get("ci_low"), dice.get("ci_high")],
         "screening": screening_point(folder, target_tpr),
-        "threshold": _operating_threshold(value("threshold") or _chunk_threshold(folder), Path(exp_dir)),
-        "calibration": _calibration(Path(exp_dir)),
+        "threshold": _operating_threshold(recorded, _configured_threshold(Path(exp_dir)), calibration),
+        "calibration": calibration,
     }
 
 
 def _chunk_threshold(image_set_dir: Path) -> float | None:
-    """The threshold in the image set's first evaluated per-image JSON (``chunk-*/``): for tables written before
+    """The threshold of the image set's first evaluated per-image JSON (``chunk-*/``): for tables written before
     ``summary.csv`` recorded it."""
-    for path in sorted(image_set_dir.glob("chunk-*/*.json")):
-        record = json.loads(path.read_text())
-        if record.get("status") == "evaluated" and "threshold" in record:
-            return float(record["threshold"])
-    return None
+    records = read_image_records(sorted(image_set_dir.glob("chunk-*")))
+    return next((float(r["threshold"]) for r in records if r["status"] == "evaluated" and "threshold" in r), None)
 
 
-def _operating_threshold(recorded: float | None, exp_dir: Path) -> dict[str, Any] | None:
+def _operating_threshold(recorded: float | None, configured: float | None,
+                         calibration: dict[str, Any] | None) -> dict[str, Any] | None:  # fmt: skip
     """The threshold an image set's operating point is at, and where it comes from: ``calibrated`` when it is
     the experiment's calibrated one (``evaluate.target_fppi``: the test split and new studies), else
     ``infer.threshold``. Without a recorded threshold (no per-image JSONs either) it is the configuration's."""
-    configured, calibration = _configured_threshold(exp_dir), _calibration(exp_dir)
     value = recorded if recorded is not None else configured
     if value is None:
         return None

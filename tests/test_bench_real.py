@@ -136,14 +136,18 @@ def test_table_names_the_threshold_the_image_set_was_binarised_at(real, tmp_path
         '"target_fppi": 1.0}, "source": "calibrated", "threshold": 0.9215686274509803}')
     # tables written before summary.csv recorded the threshold: the per-image JSONs' (a failed image has none)
     (exp / "oof" / "chunk-0").mkdir()
-    (exp / "oof" / "chunk-0" / "A.json").write_text('{"status": "failed"}')
-    (exp / "oof" / "chunk-0" / "B.json").write_text('{"status": "evaluated", "threshold": 0.9215686274509803}')
+    (exp / "oof" / "chunk-0" / "A.json").write_text('{"image_id": "A", "status": "failed"}')
+    (exp / "oof" / "chunk-0" / "B.json").write_text(
+        '{"image_id": "B", "status": "evaluated", "threshold": 0.9215686274509803}')
     text = real.table(real.read_experiment(exp, "oof"))
     assert "operating point (calibrated threshold 0.922): TPR / FPPI | 0.500 / 0.75 |" in text
     assert "infer.threshold 0.9)" not in text
     with open(exp / "oof" / "summary.csv", "a") as handle:  # summary.csv's record comes first
         handle.write("mias-dev-0123abcd,oof,0,threshold,0.5,,\n")
     assert "operating point (infer.threshold 0.5): TPR" in real.table(real.read_experiment(exp, "oof"))
+    with open(exp / "oof" / "summary.csv", "a") as handle:  # 0.0 is a recorded threshold, not a missing one
+        handle.write("mias-dev-0123abcd,oof,0,threshold,0.0,,\n")
+    assert "operating point (infer.threshold 0): TPR" in real.table(real.read_experiment(exp, "oof"))
 
 
 def test_screening_point_not_reached_reports_the_most_permissive_threshold(real, tmp_path):

@@ -67,7 +67,8 @@ def comparison_table(experiments_dir: str | Path, image_set: str = "test") -> pd
         rows.append({"experiment": summary_csv.parent.parent.name, "model": keys.get("model", ""),
                      "inference": keys.get("inference", ""), "images": values.get("n_images"),
                      # TPR, FPPI and Dice are at this threshold (infer.threshold or the calibrated one)
-                     "lesions": values.get("n_lesions"), "threshold": values.get("threshold"), "TPR": values.get("tpr"), "FPPI": values.get("fppi"),
+                     "lesions": values.get("n_lesions"), "threshold": values.get("threshold"),
+                     "TPR": values.get("tpr"), "FPPI": values.get("fppi"),
                      "TPR at 1 FPPI": values.get("tpr_at_1_fppi"), "CPM": values.get("cpm"),
                      "pooled Dice": values.get("pooled_dice"), "Dice at lesions": values.get("pooled_dice_at_lesions"),
                      "FP per normal image": values.get("fp_per_normal_image")})

@@ -10,8 +10,9 @@ Reads the per-image JSON files of :mod:`mammoseg.evaluation.evaluate` (one folde
 ``froc.csv``        the FROC curve over every distinct candidate score (:func:`mammoseg.evaluation.froc.froc_curve`)
 ``summary.csv``     long format ``metric, value, ci_low, ci_high``: the operating threshold the images were
                     binarised at (``threshold``: ``infer.threshold``, or the calibrated one), counts, TPR and FPPI
-                    and pooled/mean Dice and IoU at that threshold, TPR at 1/8 … 8 FPPI and the CPM, 95 % bootstrap intervals over
-                    patients (images when a patient is unknown) for TPR, FPPI, TPR at 1 FPPI, CPM and pooled Dice
+                    and pooled/mean Dice and IoU at that threshold, TPR at 1/8 … 8 FPPI and the CPM, 95 %
+                    bootstrap intervals over patients (images when a patient is unknown) for TPR, FPPI, TPR at
+                    1 FPPI, CPM and pooled Dice
 ``froc.png``        the FROC curve, ``summary.txt`` the printed summary
 """
 
@@ -133,7 +134,8 @@ def _summary_rows(per_image: pd.DataFrame, curve: froc.FrocCurve, intervals: Map
         values: dict[str, float] = {
             # the threshold this table's operating point is at: the test split is binarised at the calibrated
             # one when evaluate.target_fppi is set, so a reader cannot take it from infer.threshold
-            "threshold": threshold, "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
+            "threshold": threshold,
+            "n_images": len(group), "n_lesions": n_lesions, "detected": int(group["detected"].sum()),
             "false_positives": int(group["false_positives"].sum()),
             "tpr": group["detected"].sum() / n_lesions if n_lesions else float("nan"),
             "fppi": group["false_positives"].sum() / len(group),
