@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammoseg.io.atomic import atomic_path, write_json_atomic
+from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "mammoseg.cli"]
@@ -304,6 +304,19 @@ def test_enospc_inside_atomic_block_leaves_old_file_and_no_temporary(tmp_path):
     assert str(target) in str(caught.value), "the error should name the file being written"
     assert target.read_bytes() == before  # the old, valid file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left
+
+
+def test_csv_with_control_characters_reads_back_row_for_row(tmp_path):
+    """Text from a damaged header (NUL, CR, LF, tab) must not split a row: each row reads back as one, shown."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"reason": ["undecodable", "bad_header", "ok"],
+                          "message": ["uid '\x00\r\x00\r'", "two\nlines\tand µm", None], "count": [1, 2, 3]})
+    write_csv_atomic(tmp_path / "t.csv", frame)
+    back = pd.read_csv(tmp_path / "t.csv", dtype=str, keep_default_na=False)
+    assert list(back["reason"]) == ["undecodable", "bad_header", "ok"]
+    assert list(back["message"]) == ["uid '\\x00\\r\\x00\\r'", "two\\nlines\\tand µm", ""]
+    assert list(back["count"]) == ["1", "2", "3"]
 
 
 def test_enospc_during_extraction_cli_clear_error_no_shard(collection, tmp_path, monkeypatch):

@@ -262,6 +262,12 @@ def one_case_tree(tmp_path_factory, cbis_csv_dir) -> Path:
 
 
 def restructure_mutated(tree: Path, tmp_path: Path, data) -> None:
+    """Restructure a copy of ``tree`` with one drawn file mutated by drawn mutations; check the tables."""
+    restructure_with_mutation(tree, tmp_path, lambda files: data.draw(st.sampled_from(files)),
+                              lambda size: data.draw(mutations(size)))  # fmt: skip
+
+
+def restructure_with_mutation(tree: Path, tmp_path: Path, pick_victim, make_mutations) -> None:
     import shutil
 
     from mammoseg.data.restructure import restructure_collection
@@ -269,9 +275,9 @@ def restructure_mutated(tree: Path, tmp_path: Path, data) -> None:
     copy = tmp_path / "tree"
     shutil.copytree(tree, copy)
     files = sorted(p for p in (copy / "CBIS-DDSM").rglob("*.dcm"))
-    victim = data.draw(st.sampled_from(files))
+    victim = pick_victim(files)
     source = victim.read_bytes()
-    victim.write_bytes(apply(source, data.draw(mutations(len(source)))))
+    victim.write_bytes(apply(source, make_mutations(len(source))))
     out = tmp_path / "out"
     with time_limit(EXAMPLE_TIMEOUT_S * 3):
         summary = restructure_collection(copy, out, abnormality="mass", split="test", progress=False)
@@ -283,6 +289,17 @@ def restructure_mutated(tree: Path, tmp_path: Path, data) -> None:
     for column in ("image_path", "mask_path"):  # every kept file still reads
         for relative in manifest[column]:
             assert (out / relative).exists()
+
+
+def test_restructure_uid_with_nul_and_cr_reads_back_one_row_per_skip(one_case_tree, tmp_path):
+    """Found by the slow fuzz in CI: a TransferSyntaxUID of NUL/CR bytes went into the skip message unescaped,
+    and skipped.csv read back as 20 rows, 18 of them without a reason."""
+    restructure_with_mutation(one_case_tree, tmp_path,
+                              lambda files: next(f for f in files if f.parent.parent.parent.name.endswith("_CC")),
+                              lambda size: [("field", "TransferSyntaxUID", b"\x00\r")])  # fmt: skip
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv", dtype=str, keep_default_na=False)
+    assert list(skipped["reason"]) == ["mask_without_image", "undecodable"]
+    assert "\\x00\\r" in skipped["message"].iloc[1]  # the bytes are shown, escaped
 
 
 @settings(FUZZ, max_examples=25)

@@ -113,6 +113,23 @@ def write_json_atomic(target: str | Path, payload: Any) -> None:
     write_text_atomic(target, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def printable(value: Any) -> Any:
+    """``value`` with control characters written as escapes (``"\\r"``, ``"\\x00"``); other values unchanged.
+
+    Why: table text can come from a damaged file's header (a NUL or CR in a UID that pydicom quotes in its
+    error). The csv writer quotes only the characters of its line terminator (``"\\n"``), and pandas' reader ends
+    a row at a bare ``"\\r"``, so such a field would come back as several rows with empty reasons.
+    """
+    if not isinstance(value, str) or value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value)
+
+
 def write_csv_atomic(target: str | Path, frame: "pandas.DataFrame") -> None:  # noqa: F821 - pandas is optional here
+    """Write ``frame`` (no index) to ``target`` atomically, its text columns through :func:`printable` so that
+    every row reads back as one row."""
+    text_columns = frame.select_dtypes(include=["object", "string"]).columns
+    if len(text_columns):
+        frame = frame.assign(**{column: frame[column].map(printable) for column in text_columns})
     with atomic_path(target) as tmp:
         frame.to_csv(tmp, index=False)
