@@ -74,7 +74,7 @@ from mammoseg.errors import InputError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
 from mammoseg.io.dicom import DicomReadError, check_decodable, header_record, read_stored_pixels
 from mammoseg.io.masks import binary_fraction, mask_from_pixels
-from mammoseg.io.names import safe_name
+from mammoseg.io.names import safe_name, shown_value
 from mammoseg.io.raster import RASTER_SUFFIXES
 from mammoseg.data.layouts import (
     CASE_NAME_PATTERN,
@@ -285,23 +285,19 @@ class Plan:
             self.stray += 1
 
 
-def _shown(value: str, limit: int = 60) -> str:
-    """A header value fit for a message: repr (NULs and control characters visible), cut to ``limit``."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _identify(row: Any, prefix: str, plan: Plan) -> CaseName | None:
     """The case of one readable index row, or None after recording why it has none."""
     case = parse_case_name(row.PatientID) or parse_case_name(row.top_folder)
     folder_case = parse_case_name(row.top_folder)
     ids = {"image_id": folder_case.image_id if folder_case else "", "roi_id": (folder_case.roi_id or "") if folder_case else ""}
     if case is None:
-        plan.skip("bad_identifier", f"PatientID {_shown(row.PatientID)} and folder {_shown(row.top_folder)} are not "
-                                    f"case names ({CASE_NAME_PATTERN})", source=row.path, **ids)  # fmt: skip
+        plan.skip("bad_identifier", f"PatientID {shown_value(row.PatientID, 60)} and folder "
+                                    f"{shown_value(row.top_folder, 60)} are not case names ({CASE_NAME_PATTERN})",
+                  source=row.path, **ids)  # fmt: skip
         return None
     if case.collection != prefix:
-        plan.skip("other_collection", f"PatientID {_shown(row.PatientID)} belongs to {case.collection}, not {prefix}",
+        plan.skip("other_collection",
+                  f"PatientID {shown_value(row.PatientID, 60)} belongs to {case.collection}, not {prefix}",
                   source=row.path, image_id=case.image_id, roi_id=case.roi_id or "")  # fmt: skip
         return None
     return case

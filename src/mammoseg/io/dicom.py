@@ -41,6 +41,7 @@ from pydicom.values import convert_string, convert_value
 
 from mammoseg.io import raster
 from mammoseg.io.errors import DicomReadError
+from mammoseg.io.names import shown_value
 
 __all__ = [
     "MAX_FRAMES",
@@ -182,11 +183,6 @@ def _parse_header(path: str | Path, handle: BinaryIO, size: int) -> tuple[pydico
     return _dcmread(path, source, stop_before_pixels=True, specific_tags=_READ_TAGS), source
 
 
-def _shown(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _convert(path: str | Path, keyword: str, element: Any, encodings: list[str] | None) -> Any:
     """One element's value, converted by pydicom's value converters; ``bad_header`` when they cannot."""
     if not isinstance(element, RawDataElement):  # already converted
@@ -243,7 +239,7 @@ def _integer(path: str | Path, keyword: str, value: Any) -> int | None:
         return None
     # a US element whose VR or length was corrupted converts to bytes, floats or several values
     if isinstance(value, bool) or not isinstance(value, int):
-        raise DicomReadError(path, "bad_header", f"{keyword} is {_shown(value)}, expected one integer")
+        raise DicomReadError(path, "bad_header", f"{keyword} is {shown_value(value, 40)}, expected one integer")
     return int(value)
 
 

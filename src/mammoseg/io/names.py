@@ -1,11 +1,11 @@
-"""Header values as file names: one safe file-name component, whatever the header says."""
+"""Header values as file names (one safe file-name component, whatever the header says) and in messages."""
 
 from __future__ import annotations
 
 import os
 import re
 
-__all__ = ["MAX_NAME_LENGTH", "safe_name"]
+__all__ = ["MAX_NAME_LENGTH", "safe_name", "shown_value"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -24,3 +24,10 @@ def safe_name(text: str, max_length: int = MAX_NAME_LENGTH) -> str:
     if not cleaned or os.sep in cleaned:
         raise ValueError(f"no usable file name can be made from {text!r}")
     return cleaned
+
+
+def shown_value(value: object, limit: int) -> str:
+    """A header value fit for a one-line message: its repr (NULs and control characters visible), cut to
+    ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
