@@ -192,8 +192,9 @@ def _threshold(threshold: dict[str, Any] | None) -> str:
     return f"infer.threshold {threshold['value']:g}"
 
 
-def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
-    """The benchmark's Markdown table of one image set."""
+def table(result: dict[str, Any], wall_seconds: float | None = None, reference: dict[str, Any] | None = None) -> str:
+    """The benchmark's Markdown table of one image set; the wall time also in reference epochs (``reference``:
+    mammoseg.timing's record of this run) when one was measured."""
     s = result["screening"]
     point = (f"TPR ≥ {s['target_tpr']:g} at score ≥ {_f(s['threshold'])}" if s["reached"] else
              f"not reached: TPR at most {_f(s['tpr'])} (score ≥ {_f(s['threshold'])})")
@@ -221,7 +222,9 @@ def table(result: dict[str, Any], wall_seconds: float | None = None) -> str:
                      f"new studies): its TPR / FPPI here | {_f(c['threshold'])}: {_f(c['expected_tpr'])} / "
                      f"{_f(c['expected_fppi'], 2)} |")
     if wall_seconds is not None:
-        lines.append(f"| wall time of the workflow run | {wall_seconds / 60:.1f} min |")
+        in_reference = (f" = {wall_seconds / reference['seconds']:.0f} reference epochs of {reference['seconds']:.2f} s"
+                        f" ({reference['cpu']})" if reference else "")
+        lines.append(f"| wall time of the workflow run | {wall_seconds / 60:.1f} min{in_reference} |")
     return "\n".join(lines)
 
 
@@ -265,14 +268,19 @@ def run_workflow(workdir: Path, config_file: Path, cores: int, overrides: Sequen
     return seconds
 
 
-def _machine() -> dict[str, Any]:
-    """The machine record of ``make bench`` (benchmarks/run.py: CPU model, cores, RAM, versions, commit)."""
+def _bench_run():
+    """benchmarks/run.py (``make bench``), whose machine record and reference epoch this benchmark shares."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # run as a script it is there already; loaded from a file path (tests) it is not
         sys.path.insert(0, here)
-    from run import describe_machine
+    import run
 
-    return describe_machine()
+    return run
+
+
+def _machine() -> dict[str, Any]:
+    """The machine record of ``make bench`` (benchmarks/run.py: CPU model, cores, RAM, versions, commit)."""
+    return _bench_run().describe_machine()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         config_file = workdir / "config.yaml"
         config_file.write_text(yaml.safe_dump(bench_config(Path(args.config), root), sort_keys=False))
+        # the yardstick first, measured on the same machine in the same run (mammoseg.timing)
+        record["machine"]["reference_epoch"] = _bench_run().measure_reference(timeout=900)
         wall = run_workflow(workdir, config_file, args.cores, args.overrides, workdir / "bench-real.log")
         exp = experiment_dir(workdir, config_file, args.overrides)
         record.update({"data": str(root), "work": str(workdir), "config": str(args.config), "cores": args.cores,
@@ -318,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record[image_set] = result
         texts.append(f"**{image_set}** — experiment `{result['experiment']}`"
                      + (f", overrides {' '.join(args.overrides)}" if args.overrides else "") + "\n\n"
-                     + table(result, wall if image_set == "oof" else None))
+                     + table(result, wall if image_set == "oof" else None, record["machine"].get("reference_epoch")))
     text = "\n\n".join(texts)
     print(text)
     if args.json:

@@ -249,6 +249,28 @@ def bench_inference(work: Path, quick: bool) -> list[dict]:
                 r["speedup"] >= 8, r)]
 
 
+def bench_training_levers(work: Path, quick: bool) -> list[dict]:
+    """The levers on a training epoch's cost, side by side in one process: the demo network at 16 and 8 filters,
+    with and without XLA (``train.jit_compile``), on the reference fit's data (mammoseg.timing). The rounds
+    alternate the settings, so a slow spell of a shared machine falls on all of them; the median epoch counts."""
+    import statistics
+
+    from mammoseg.timing import epoch_seconds
+
+    settings = {"16 filters": (16, False), "16 filters, XLA": (16, True), "8 filters": (8, False),
+                "8 filters, XLA": (8, True)}
+    epochs = {name: [] for name in settings}
+    for _ in range(1 if quick else 3):
+        for name, (filters, jit) in settings.items():
+            epochs[name].extend(epoch_seconds(2, filters=filters, jit_compile=jit))
+    median = {name: statistics.median(seconds) for name, seconds in epochs.items()}
+    reference = median["16 filters"]  # the reference epoch itself
+    return [row(f"training epoch, demo U-Net: {name} (in reference epochs)",
+                f"{median[name]:.2f} s per epoch of 25 steps (epochs: {', '.join(f'{e:.2f}' for e in epochs[name])})",
+                round(median[name] / reference, 3), "reported", None, {"epochs_s": epochs[name]})
+            for name in settings]
+
+
 def _snakemake(workdir: Path, *args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
@@ -388,7 +410,7 @@ def bench_chunk_caching(work: Path, quick: bool) -> list[dict]:
     """Issue 17: after a run in chunks, a dry run with one changed test image schedules only that image's chunk."""
     import pydicom
 
-    n_test = 24 if quick else 100
+    n_test = 12 if quick else 100  # quick: the inference_stage row's workflow (same images and model) is reused
     workdir = _stage_workdir(work, n_test, infer={"chunk_size": n_test // 4})
     done, _ = _snakemake(workdir, timeout=1800)
     if done.returncode:
@@ -502,6 +524,7 @@ INPUTS: dict[str, Callable[[Path, bool], Any]] = {
 }
 
 ROWS: dict[str, Callable[[Path, bool], list[dict]]] = {
+    "training_levers": bench_training_levers,
     "indexing": bench_indexing,
     "extraction": bench_extraction,
     "extraction_demo": bench_extraction_demo,
@@ -556,6 +579,17 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+def measure_reference(timeout: float) -> dict[str, Any]:
+    """The reference epoch (mammoseg.timing) in a fresh process: {"seconds", "epochs", "cpu"}; {} if it fails."""
+    code = "import json; from mammoseg.timing import measure_reference_epoch as m; print(json.dumps(m().as_dict()))"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError):
+        return {}
+
+
 def run_row_subprocess(name: str, work: Path, quick: bool, timeout: float) -> tuple[list[dict], float]:
     """Run one row in a fresh Python process; a failure becomes a row that says so (the table still prints)."""
     out = work / f"row-{name}.json"
@@ -591,13 +625,18 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def render_table(machine: dict, rows: list[dict], total_s: float) -> str:
+    reference = machine.get("reference_epoch")
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     lines = [
         f"# mammoseg benchmarks, {machine['date']}",
         "",
         f"Machine: {machine['cpu']}; {machine['usable_cpus']} usable of {machine['logical_cpus']} logical CPUs; "
         f"{machine['ram_gib']} GiB RAM; {machine['os']}; Python {machine['python']}.",
-        f"Versions: {versions}; git {machine['git_commit']}. Total wall time {total_s / 60:.1f} min.",
+        f"Versions: {versions}; git {machine['git_commit']}. Total wall time {total_s / 60:.1f} min"
+        + (f" = {total_s / machine['reference_epoch']['seconds']:.0f} reference epochs." if reference else "."),
+        "",
+        (f"Reference epoch (mammoseg.timing, measured at the start of this run): {reference['seconds']:.2f} s "
+         f"on {reference['cpu']}." if reference else "Reference epoch: not measured (it failed)."),
         "",
         "| # | what | measured | ratio / value | goal | pass |",
         "|---|---|---|---|---|---|",
@@ -636,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mammoseg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
+    machine["reference_epoch"] = measure_reference(args.row_timeout)
     rows: list[dict] = []
     started = time.perf_counter()
     try:

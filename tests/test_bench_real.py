@@ -108,6 +108,9 @@ def test_reads_the_results_folder(real, tmp_path):
     assert s["fp_per_normal_image"] == 0.5 and s["normal_images_without_mark"] == 0.5
     text = real.table(result, wall_seconds=90)
     assert "0.786 [0.50, 0.90]" in text and "TPR ≥ 0.9 at score ≥ 0.400" in text and "1.5 min" in text
+    # with the reference epoch of the same run, the wall time is also a multiple of it
+    text = real.table(result, wall_seconds=90, reference={"seconds": 7.5, "epochs": [7.0, 7.5, 9.0], "cpu": "Some CPU"})
+    assert "| 1.5 min = 12 reference epochs of 7.50 s (Some CPU) |" in text
 
 
 def test_table_names_the_configured_and_the_calibrated_threshold(real, tmp_path):
