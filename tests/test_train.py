@@ -29,7 +29,7 @@ MODEL_CFG = {"name": "tiny", "depth": 2, "filters": 4, "batch_norm": True, "drop
 def _train_cfg(**overrides):
     cfg = {"loss": "bce_dice", "batch_size": 8, "epochs": 2, "learning_rate": 0.01, "val_fraction": 0.25,
            "split_by": "patient", "early_stopping_patience": 0, "lr_schedule": "none", "mixed_precision": "off",
-           "deterministic": False, "seed": 0}
+           "deterministic": False, "jit_compile": False, "seed": 0}  # XLA: its compile costs more than 2 tiny epochs
     return {**cfg, **overrides}
 
 
@@ -294,6 +294,35 @@ def test_deterministic_training_twice_gives_bit_identical_weights_and_history(tm
     train_model([shard], tmp_path / "c", model_cfg=model_cfg, train_cfg={**cfg, "seed": 1}, patch_cfg=PATCH_CFG)
     other = keras.saving.load_model(tmp_path / "c" / "last.keras", compile=False).get_weights()
     assert any(not np.array_equal(first, third) for first, third in zip(weights[0], other))
+
+
+def test_xla_compiles_the_training_step_unless_op_determinism_is_on(tmp_path, capsys, monkeypatch):
+    """train.jit_compile: the model is compiled for XLA, the log and the report say so, the checkpoint reloads;
+    train.deterministic turns it off (Keras refuses XLA under op determinism), and the run says so instead of a
+    silent downgrade."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from mammoseg.model import train as train_module
+
+    compiled = []
+    build = train_module.build_model
+
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        compiled.append(model.jit_compile)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", recording_build)
+    shard = write_tiny_shard(tmp_path / "shard-0.h5")
+    xla = train_module.train_model([shard], tmp_path / "xla", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
+                                   train_cfg=_train_cfg(epochs=1, jit_compile=True))
+    assert compiled == [True] and xla["jit_compile"] is True and "XLA: True" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "xla" / "history.csv")["loss"].notna().all()
+    keras.saving.load_model(tmp_path / "xla" / "last.keras", safe_mode=True)
+    plain = train_module.train_model([shard], tmp_path / "deterministic", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
+                                     train_cfg=_train_cfg(epochs=1, jit_compile=True, deterministic=True))
+    assert compiled == [True, False] and plain["jit_compile"] is False and "XLA: False" in capsys.readouterr().out
 
 
 def test_monitor_of_names_the_quantity_and_its_direction():

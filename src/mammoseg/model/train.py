@@ -296,6 +296,7 @@ class Runtime:
     n_gpus: int
     mixed_precision: bool
     cuda_visible_devices: str | None
+    jit_compile: bool  # XLA for the training step: train.jit_compile, unless op determinism rules it out
 
 
 def configure_runtime(train_cfg: dict[str, Any]) -> Runtime:
@@ -304,6 +305,8 @@ def configure_runtime(train_cfg: dict[str, Any]) -> Runtime:
     TensorFlow only sees the GPUs listed in ``CUDA_VISIBLE_DEVICES`` (Snakemake's ``gpu`` resource and SLURM set
     it); several visible GPUs use ``MirroredStrategy``, one GPU or the CPU the default strategy. Mixed precision
     (``mixed_float16``) is used with ``auto`` when a GPU is visible, always with ``on``, never with ``off``.
+    XLA (``train.jit_compile``) only without op determinism: Keras refuses XLA under op determinism (not every
+    XLA kernel is deterministic), so ``train.deterministic`` wins.
     """
     import keras
     import tensorflow as tf
@@ -331,7 +334,8 @@ def configure_runtime(train_cfg: dict[str, Any]) -> Runtime:
         device = f"GPU x{len(gpus)}: " + ", ".join(names)
     else:
         device = f"CPU ({os.cpu_count()} logical cores visible)"
-    return Runtime(strategy, device, len(gpus), mixed, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    jit_compile = train_cfg["jit_compile"] and not train_cfg["deterministic"]
+    return Runtime(strategy, device, len(gpus), mixed, os.environ.get("CUDA_VISIBLE_DEVICES"), jit_compile)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,16 +423,18 @@ def _clear(folder: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_model(model_cfg: dict[str, Any], side: int, loss, learning_rate: float):
+def build_model(model_cfg: dict[str, Any], side: int, loss, learning_rate: float, jit_compile: bool = False):
     """The configured U-Net for ``side`` x ``side`` x 1 float32 inputs, compiled with Adam, ``loss`` and the
-    accuracy/Dice/IoU metrics (history keys ``accuracy``, ``dice``, ``iou``)."""
+    accuracy/Dice/IoU metrics (history keys ``accuracy``, ``dice``, ``iou``); ``jit_compile``: the training and
+    validation steps compiled by XLA."""
     import keras
 
     from mammoseg.model.losses import get_metrics
     from mammoseg.model.unet import build_unet, model_kwargs
 
     model = build_unet((side, side, 1), **model_kwargs(model_cfg))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss, metrics=get_metrics())
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss, metrics=get_metrics(),
+                  jit_compile=jit_compile)
     return model
 
 
@@ -683,7 +689,7 @@ def _compiled_model(model_cfg: dict[str, Any], train_cfg: dict[str, Any], side: 
     loss_name = train_cfg["loss"]
     loss = get_loss(loss_name, data.pos_weight if loss_name == "weighted_bce" else None)
     with runtime.strategy.scope():
-        return build_model(model_cfg, side, loss, train_cfg["learning_rate"])
+        return build_model(model_cfg, side, loss, train_cfg["learning_rate"], runtime.jit_compile)
 
 
 def training_datasets(data: TrainingData, train_cfg: dict[str, Any], epochs_done: int):
@@ -758,7 +764,8 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
     monitor, mode = monitor_of(train_cfg, bool(len(data.val_rows)))
     runtime = configure_runtime(train_cfg)
     _log(f"device: {runtime.device}; CUDA_VISIBLE_DEVICES={runtime.cuda_visible_devices!r}; "
-         f"mixed precision: {runtime.mixed_precision}; replicas: {runtime.strategy.num_replicas_in_sync}")
+         f"mixed precision: {runtime.mixed_precision}; XLA: {runtime.jit_compile}; "
+         f"replicas: {runtime.strategy.num_replicas_in_sync}")
     _log(f"fold {fold} of {train_cfg['folds']}: {len(data.train_rows)} training / {len(data.val_rows)} validation "
          f"patches of {side}x{side} px ({data.train_rows['patient_id'].nunique()} / "
          f"{data.val_rows['patient_id'].nunique()} patients); loss {train_cfg['loss']}"
@@ -813,6 +820,7 @@ def _report(state: TrainState, data: TrainingData, runtime: Runtime, monitor: st
         "device": runtime.device,
         "cuda_visible_devices": runtime.cuda_visible_devices,
         "mixed_precision": runtime.mixed_precision,
+        "jit_compile": runtime.jit_compile,
         "replicas": int(runtime.strategy.num_replicas_in_sync),
         "versions": _versions(),
         "config": {"model": model_cfg, "train": train_cfg, "patches": patch_cfg},
