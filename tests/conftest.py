@@ -1,8 +1,11 @@
-"""Shared fixtures: where the repository and the shared CBIS-DDSM data live."""
+"""Shared fixtures: where the repository and the shared CBIS-DDSM data live, and one finished tiny run."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,37 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def cbis_csv_dir() -> Path:
     return CBIS_CSV_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished run of the tiny workflow (tests/data/tiny.yaml) per test session: (workdir, resolved config,
+    the run's CompletedProcess).
+
+    Shared by every test that inspects a finished run or dry-runs a change against it. Such a test may add
+    variants beside it (other keyed folders) and may change an input for a dry run if it restores the bytes
+    after; it never deletes or damages the run's own outputs (tests that must, copy it or make their own run).
+    """
+    from mammoseg.config.resolve import resolve_config
+    from tinyrun import TINY, failure, snakemake
+
+    workdir = tmp_path_factory.mktemp("tiny-run")
+    shutil.copy(TINY, workdir / "config.yaml")
+    result = snakemake(workdir, timeout=1200)
+    assert result.returncode == 0, f"the tiny workflow failed:\n{failure(result)}"
+    return workdir, resolve_config([workdir / "config.yaml"]), result
+
+
+_SESSION_START = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite's wall time, also in reference epochs when ``make test`` measured one (mammoseg.timing) and
+    passed it as ``MAMMOSEG_REFERENCE_EPOCH_S``: times of different machines then compare."""
+    seconds = time.monotonic() - _SESSION_START
+    line = f"test session: {seconds:.0f} s"
+    reference = os.environ.get("MAMMOSEG_REFERENCE_EPOCH_S")
+    if reference:
+        line += (f" = {seconds / float(reference):.1f} reference epochs of {float(reference):.2f} s "
+                 f"({os.environ.get('MAMMOSEG_REFERENCE_CPU', 'this CPU')})")
+    terminalreporter.write_line(line)

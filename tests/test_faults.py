@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tinyrun import scheduled_jobs, snakemake
 
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic
 
@@ -230,53 +231,32 @@ def test_truncated_model_predict_cli_names_the_file(small_model, collection, tmp
 # --- Snakemake re-creates a damaged artefact on request ------------------------------------------------------------
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = dict(ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(workdir), "--configfile", str(workdir / "config.yaml"), "--workflow-profile", "none",
-               "--cores", "2", "--resources", "gpu=1", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def scheduled_rules(done: subprocess.CompletedProcess) -> dict[str, int]:
-    """{rule: count} from a dry run's 'Job stats' table ({} when nothing is to be done)."""
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    text = done.stdout + done.stderr
-    if "Nothing to be done" in text:
-        return {}
-    counts = {}
-    for line in text.split("Job stats:", 1)[1].splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    counts.pop("total", None)
-    return counts
-
-
 @pytest.mark.slow
 @pytest.mark.workflow
 def test_snakemake_recreates_truncated_shard_and_model_on_request(tmp_path):
-    shutil.copy(REPO / "tests" / "data" / "tiny.yaml", tmp_path / "config.yaml")
-    done = snakemake(tmp_path, "--until", "train")
+    # its own run up to training: after a whole run Snakemake does not rebuild a deleted intermediate file whose
+    # downstream outputs are complete, so the session's finished run would not show the deletion case
+    run = tmp_path
+    shutil.copy(REPO / "tests" / "data" / "tiny.yaml", run / "config.yaml")
+    done = snakemake(run, "--until", "train")
     assert done.returncode == 0, done.stderr[-5000:]
-    (shard,) = tmp_path.glob("results/patches/*/shard-0.h5")
-    (model,) = tmp_path.glob("results/models/*/fold-0/best.keras")
-    assert scheduled_rules(snakemake(tmp_path, "-n", "--until", "train")) == {}
+    (shard,) = run.glob("results/patches/*/shard-0.h5")
+    (model,) = run.glob("results/models/*/fold-0/best.keras")
+    assert scheduled_jobs(snakemake(run, "-n", "--until", "train")) == {}
 
     truncate(shard)
     truncate(model)
     # on request: the damaged file's rule (and only what depends on it) is scheduled
-    jobs = scheduled_rules(snakemake(tmp_path, "-n", "--until", "train", "--forcerun", str(shard.relative_to(tmp_path))))
+    jobs = scheduled_jobs(snakemake(run, "-n", "--until", "train", "--forcerun", str(shard.relative_to(run))))
     assert jobs.get("extract_shard") == 1 and "train" in jobs
-    jobs = scheduled_rules(snakemake(tmp_path, "-n", "--until", "train", "--forcerun", str(model.relative_to(tmp_path))))
+    jobs = scheduled_jobs(snakemake(run, "-n", "--until", "train", "--forcerun", str(model.relative_to(run))))
     assert jobs.get("train") == 1 and "extract_shard" not in jobs
     # deleting a damaged file has the same effect
     shard.unlink()
-    jobs = scheduled_rules(snakemake(tmp_path, "-n", "--until", "train"))
+    jobs = scheduled_jobs(snakemake(run, "-n", "--until", "train"))
     assert jobs.get("extract_shard") == 1 and "train" in jobs
     # and a real rerun rebuilds it whole
-    done = snakemake(tmp_path, "--until", "train", "--forcerun", str(model.relative_to(tmp_path)))
+    done = snakemake(run, "--until", "train", "--forcerun", str(model.relative_to(run)))
     assert done.returncode == 0, done.stderr[-5000:]
     from mammoseg.inference.predict import load_model
     from mammoseg.model.dataset import read_provenance

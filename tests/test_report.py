@@ -21,17 +21,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from tinyrun import failure, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "tiny.yaml"
 # The categories the rules give their report() outputs (workflow/rules/*.smk).
 CATEGORIES = ("0. Tables", "1. Data", "2. Patches", "3. Training", "4. Metrics", "5. Overlays")
 CHROMIUM_FLAGS = (
@@ -40,23 +38,6 @@ CHROMIUM_FLAGS = (
     # let the report's JavaScript run to completion before dumping or capturing
     "--virtual-time-budget=15000",
 )
-
-
-def job_environment() -> dict[str, str]:
-    """This environment, 2 cores at most (the rules' scripts run with Snakemake's own Python: no PATH needed)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def snakemake(workdir: Path, *args: str, timeout_s: int) -> subprocess.CompletedProcess:
-    command = [
-        "timeout", "-k", "10", str(timeout_s),
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1", *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=job_environment(), timeout=timeout_s + 60)
 
 
 def find_chromium() -> str:
@@ -102,15 +83,12 @@ def data_uri_bytes(uri: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """A finished tiny run and its report: (workdir, report path, html text)."""
-    workdir = tmp_path_factory.mktemp("report-run")
-    shutil.copy(TINY, workdir / "config.yaml")
-    run = snakemake(workdir, timeout_s=1200)
-    assert run.returncode == 0, f"workflow failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+def report(tiny_run):
+    """The session's finished tiny run (conftest.py) and its report: (workdir, report path, html text)."""
+    workdir, _, _ = tiny_run
     path = workdir / "report.html"
-    made = snakemake(workdir, "--report", str(path), timeout_s=300)
-    assert made.returncode == 0, f"--report failed:\n{made.stdout[-4000:]}\n{made.stderr[-4000:]}"
+    made = snakemake(workdir, "--report", str(path), timeout=300)
+    assert made.returncode == 0, f"--report failed:\n{failure(made)}"
     return workdir, path, path.read_text()
 
 

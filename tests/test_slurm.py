@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +25,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from mammoseg.config.resolve import resolve_config
+from tinyrun import TINY, job_environment, snakemake
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "tiny.yaml"
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 DEFAULT_PROFILE = REPO / "profiles" / "default" / "config.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -49,34 +50,6 @@ VOLATILE_COLUMNS = re.compile(r"(^|_)(time|seconds|duration|elapsed|timestamp)s?
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def job_environment(**extra: str) -> dict[str, str]:
-    """This process's environment with the venv's bin first on PATH, so jobs (local or SLURM) find `mammoseg`.
-
-    SLURM jobs inherit it (the plugin submits with ``--export=ALL``). Thread pools are capped at 2 because the
-    test machine has 2 cores.
-    """
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("OMP_NUM_THREADS", "2")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.update(extra)
-    return env
-
-
-def run_snakemake(workdir: Path, *args: str, env: dict[str, str], timeout_s: int) -> subprocess.CompletedProcess:
-    """Run the repository's workflow in ``workdir`` on ``workdir/config.yaml``, killed after ``timeout_s``.
-
-    ``timeout -k`` kills the whole run (Snakemake and its children) if it hangs, e.g. on a status query that
-    never returns.
-    """
-    command = [
-        "timeout", "-k", "10", str(timeout_s),
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
 
 
 def write_config(workdir: Path, **sections: dict) -> Path:
@@ -183,7 +156,7 @@ def test_snakemake_accepts_every_profile_key(tmp_path, profile_args):
     """A dry run reads the profile: an unknown key or a malformed value is an error before any DAG is built."""
     write_config(tmp_path)
     # no SLURM needed: a dry run never submits
-    result = run_snakemake(tmp_path, "-n", *profile_args, env=job_environment(), timeout_s=120)
+    result = snakemake(tmp_path, "-n", *profile_args, timeout=120, local=False)
     assert result.returncode == 0, tail(result)
     used = re.search(r"Using workflow specific profile (\S+)", result.stdout + result.stderr)
     assert used is not None, tail(result)
@@ -219,31 +192,24 @@ def slurm_cluster(tmp_path_factory):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tmp_path_factory):
-    deterministic = {"train": {"deterministic": True}}
-    local_dir = tmp_path_factory.mktemp("local")
+def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tiny_run, tmp_path_factory):
+    # the local run is the session's (conftest.py): the tiny config trains deterministically
+    local_dir, _, _ = tiny_run
     slurm_dir = tmp_path_factory.mktemp("slurm-run")
-    write_config(local_dir, **deterministic)
-    write_config(slurm_dir, **deterministic)
-
-    started = time.monotonic()
-    local = run_snakemake(local_dir, "--cores", "2", "--resources", "gpu=1", env=job_environment(), timeout_s=1200)
-    local_s = time.monotonic() - started
-    assert local.returncode == 0, "local run failed:\n" + tail(local)
+    write_config(slurm_dir)
+    assert resolve_config([slurm_dir / "config.yaml"])["train"]["deterministic"]
 
     profile = adapt_slurm_profile(slurm_dir / "site-profile", partition="debug", cpus=os.cpu_count() or 1,
                                   mem_mb=1000, logdir=slurm_dir / "slurm-logs")
     started = time.monotonic()
-    cluster = run_snakemake(slurm_dir, "--workflow-profile", str(profile),
-                            env=job_environment(**slurm_cluster["env"]), timeout_s=1500)
+    cluster = snakemake(slurm_dir, "--workflow-profile", str(profile), env=job_environment(**slurm_cluster["env"]),
+                        timeout=1500, local=False)
     slurm_s = time.monotonic() - started
-    print(f"\nSLURM bring-up {slurm_cluster['bring_up_s']:.1f} s; tiny run local {local_s:.0f} s, "
-          f"under SLURM {slurm_s:.0f} s")
+    print(f"\nSLURM bring-up {slurm_cluster['bring_up_s']:.1f} s; tiny run under SLURM {slurm_s:.0f} s")
     assert cluster.returncode == 0, "SLURM run failed:\n" + tail(cluster)
 
     # every job went through sbatch; each chunk's prediction and evaluation went in one submission
     from mammoseg.config.keys import stage_keys
-    from mammoseg.config.resolve import resolve_config
     from mammoseg.data.manifest import chunk_count, read_manifest
 
     config = resolve_config([slurm_dir / "config.yaml"])

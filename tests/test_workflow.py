@@ -1,6 +1,6 @@
 """Snakemake end to end on the tiny config, in a temporary folder: tables written and consistent, caching exact.
 
-One real run of the whole DAG (module fixture), then dry runs that check what a change re-schedules:
+One real run of the whole DAG (the session's ``tiny_run``, conftest.py), then dry runs that check what a change re-schedules:
 nothing after a finished run; one test image's jobs after that image changes; training and what follows (but
 no extraction) after a training parameter changes; one shard after one training case changes.
 """
@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,39 +22,10 @@ import yaml
 from mammoseg.config.keys import stage_keys
 from mammoseg.config.resolve import resolve_config
 from mammoseg.data.manifest import bucket_of, chunk_count, read_manifest
+from tinyrun import scheduled_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "data" / "tiny.yaml"
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the repository's workflow with the tiny config in ``workdir``."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    command = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1", *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def scheduled_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Parse the 'Job stats' table of a dry run into {rule: count}; {} when nothing is scheduled."""
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        match = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if not match:
-            break
-        counts[match.group(1)] = int(match.group(2))
-    counts.pop("total", None)
-    counts.pop("all", None)  # the default target, re-run whenever anything is
-    return counts
 
 
 @contextlib.contextmanager
@@ -87,14 +55,10 @@ def keys_of(*configfiles: Path, **overrides):
     return stage_keys(resolve_config(list(configfiles), overrides))
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny-run")
-    shutil.copy(TINY, workdir / "config.yaml")
-    result = snakemake(workdir)
-    assert result.returncode == 0, f"workflow failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
-    config = resolve_config([workdir / "config.yaml"])
-    return workdir, config, result
+@pytest.fixture()
+def finished_run(tiny_run):
+    """The session's finished tiny run (conftest.py)."""
+    return tiny_run
 
 
 def n_test_chunks(workdir: Path, config) -> int:
