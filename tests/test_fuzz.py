@@ -206,7 +206,7 @@ def test_fuzz_synthetic_dicom_reads_or_records_a_reason(synthetic_dicoms, tmp_pa
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=600)
 @given(data=st.data())
 def test_fuzz_synthetic_dicom_many(synthetic_dicoms, tmp_path_factory, data):
     fuzz_synthetic(synthetic_dicoms, tmp_path_factory.mktemp("f"), data)
@@ -243,7 +243,7 @@ def test_fuzz_real_mammogram_reads_or_records_a_reason(real_bytes, tmp_path_fact
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_fuzz_real_mammogram_many(real_bytes, tmp_path_factory, data):
     fuzz_real(real_bytes, tmp_path_factory.mktemp("r"), data)
@@ -309,7 +309,7 @@ def test_fuzz_restructure_one_case_tree(one_case_tree, tmp_path_factory, data):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=120)
 @given(data=st.data())
 def test_fuzz_restructure_one_case_tree_many(one_case_tree, tmp_path_factory, data):
     restructure_mutated(one_case_tree, tmp_path_factory.mktemp("t"), data)
