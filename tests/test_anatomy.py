@@ -176,7 +176,8 @@ def test_apply_anatomy_checks_its_inputs():
 # --------------------------------------------------------------------------------------------------------------
 # real mammograms: the 38 mias-dev mass images (masses never removed)
 # --------------------------------------------------------------------------------------------------------------
-MIAS_DEV = Path(os.environ.get("MAMMOSEG_MIAS_DEV", "/work/shared/data/mias-dev"))
+# beside the repository, as the rest of the suite and `make bench-real` read it
+MIAS_DEV = Path(os.environ.get("MAMMOSEG_MIAS_DEV", Path(__file__).resolve().parents[2] / "shared/data/mias-dev"))
 
 
 def _mias_images():
