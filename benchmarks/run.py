@@ -330,7 +330,7 @@ def _job_seconds(workdir: Path, rule: str) -> list[float]:
     return seconds
 
 
-def _stage_workdir(work: Path, n_test: int, **overrides: Any) -> Path:
+def _stage_workdir(work: Path, n_test: int, quick: bool = False, **overrides: Any) -> Path:
     """A demo workflow with ``n_test`` test images, trained for one epoch (enough to time inference)."""
     import yaml
 
@@ -341,6 +341,8 @@ def _stage_workdir(work: Path, n_test: int, **overrides: Any) -> Path:
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config = merge(demo, {"synth": {"n_train": 8, "n_test": n_test}, "train": {"epochs": 1},
                           "evaluate": {"bootstrap": 0}, "export": {"onnx": False}, **overrides})
+    if quick:  # a smoke test of the rows: half-size images
+        config = merge(config, {"synth": {"rows": 512, "cols": 320}})
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     # the test split's restructure too: it is a checkpoint, and until it has run no predict_chunk job exists for
     # a later `--until predict_chunk`
@@ -380,7 +382,7 @@ def bench_inference_stage(work: Path, quick: bool) -> list[dict]:
     once per chunk) against one Python process that loads the model once and predicts the same images."""
     rows, measured = [], {}
     for n_test in ([12] if quick else [12, 100]):
-        workdir = _stage_workdir(work, n_test)
+        workdir = _stage_workdir(work, n_test, quick)
         done, _ = _snakemake(workdir, "--until", "predict_chunk", "--forcerun", "predict_chunk", timeout=1800)
         if done.returncode:
             raise RuntimeError(f"prediction failed:\n{done.stderr[-3000:]}")
@@ -411,7 +413,7 @@ def bench_chunk_caching(work: Path, quick: bool) -> list[dict]:
     import pydicom
 
     n_test = 12 if quick else 100  # quick: the inference_stage row's workflow (same images and model) is reused
-    workdir = _stage_workdir(work, n_test, infer={"chunk_size": n_test // 4})
+    workdir = _stage_workdir(work, n_test, quick, infer={"chunk_size": n_test // 4})
     done, _ = _snakemake(workdir, timeout=1800)
     if done.returncode:
         raise RuntimeError(f"workflow failed:\n{done.stderr[-3000:]}")
