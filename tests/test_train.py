@@ -299,7 +299,7 @@ def test_deterministic_training_twice_gives_bit_identical_weights_and_history(tm
 def test_xla_compiles_the_training_step_unless_op_determinism_is_on(tmp_path, capsys, monkeypatch):
     """train.jit_compile: the model is compiled for XLA, the log and the report say so, the checkpoint reloads;
     train.deterministic turns it off (Keras refuses XLA under op determinism), and the run says so instead of a
-    silent downgrade."""
+    silent downgrade; a training after a deterministic one in the same process is not deterministic."""
     pytest.importorskip("tensorflow")
     import keras
 
@@ -323,6 +323,10 @@ def test_xla_compiles_the_training_step_unless_op_determinism_is_on(tmp_path, ca
     plain = train_module.train_model([shard], tmp_path / "deterministic", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
                                      train_cfg=_train_cfg(epochs=1, jit_compile=True, deterministic=True))
     assert compiled == [True, False] and plain["jit_compile"] is False and "XLA: False" in capsys.readouterr().out
+    # op determinism is process-wide: the deterministic training leaves it off again, so XLA works after it
+    again = train_module.train_model([shard], tmp_path / "again", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
+                                     train_cfg=_train_cfg(epochs=1, jit_compile=True))
+    assert compiled == [True, False, True] and again["jit_compile"] is True
 
 
 def test_monitor_of_names_the_quantity_and_its_direction():

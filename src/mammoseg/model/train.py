@@ -299,21 +299,40 @@ class Runtime:
     jit_compile: bool  # XLA for the training step: train.jit_compile, unless op determinism rules it out
 
 
+def op_determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on in this process (a process-wide switch)."""
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras itself reads
+
+    return bool(is_op_determinism_enabled())
+
+
+def set_op_determinism(enabled: bool) -> None:
+    """Turn TensorFlow's process-wide op determinism on or off (a second training in the same process must not
+    inherit the first one's setting: it would also silently lose XLA)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.config import disable_op_determinism
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        disable_op_determinism()
+
+
 def configure_runtime(train_cfg: dict[str, Any]) -> Runtime:
     """Seeds, op determinism, precision policy and distribution strategy from the validated ``train`` section.
 
     TensorFlow only sees the GPUs listed in ``CUDA_VISIBLE_DEVICES`` (Snakemake's ``gpu`` resource and SLURM set
     it); several visible GPUs use ``MirroredStrategy``, one GPU or the CPU the default strategy. Mixed precision
     (``mixed_float16``) is used with ``auto`` when a GPU is visible, always with ``on``, never with ``off``.
-    XLA (``train.jit_compile``) only without op determinism: Keras refuses XLA under op determinism (not every
+    Op determinism is set as ``train.deterministic`` says (a process-wide switch: :func:`train_model` restores it
+    afterwards). XLA (``train.jit_compile``) only without op determinism: Keras refuses XLA under it (not every
     XLA kernel is deterministic), so ``train.deterministic`` wins.
     """
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(train_cfg["seed"])
-    if train_cfg["deterministic"]:
-        tf.config.experimental.enable_op_determinism()
+    set_op_determinism(train_cfg["deterministic"])
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:  # share the GPU politely with other jobs instead of grabbing all its memory
         try:
@@ -334,7 +353,7 @@ def configure_runtime(train_cfg: dict[str, Any]) -> Runtime:
         device = f"GPU x{len(gpus)}: " + ", ".join(names)
     else:
         device = f"CPU ({os.cpu_count()} logical cores visible)"
-    jit_compile = train_cfg["jit_compile"] and not train_cfg["deterministic"]
+    jit_compile = train_cfg["jit_compile"] and not op_determinism_enabled()
     return Runtime(strategy, device, len(gpus), mixed, os.environ.get("CUDA_VISIBLE_DEVICES"), jit_compile)
 
 
@@ -762,6 +781,7 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
                          f"patches.normalise: {geometry.normalise}; re-run extraction")
     side = geometry.input_px
     monitor, mode = monitor_of(train_cfg, bool(len(data.val_rows)))
+    deterministic_before = op_determinism_enabled()
     runtime = configure_runtime(train_cfg)
     _log(f"device: {runtime.device}; CUDA_VISIBLE_DEVICES={runtime.cuda_visible_devices!r}; "
          f"mixed precision: {runtime.mixed_precision}; XLA: {runtime.jit_compile}; "
@@ -781,6 +801,7 @@ def train_model(shard_paths: Sequence[str | Path], out_dir: str | Path, *, model
         export_outputs(out_dir, resume_dir, state, report, title=f"{model_cfg['name']}: {train_cfg['loss']}")
     finally:
         keras.mixed_precision.set_global_policy("float32")  # the policy is global: leave it as found
+        set_op_determinism(deterministic_before)  # so is op determinism, which also rules out XLA
     _log(f"done: {state.epochs_done} epochs, best {monitor} {report['best_value']:.4f} at epoch "
          f"{state.best_epoch}; outputs in {out_dir}")
     return report
