@@ -635,7 +635,7 @@ def render_table(machine: dict, rows: list[dict], total_s: float) -> str:
         f"Machine: {machine['cpu']}; {machine['usable_cpus']} usable of {machine['logical_cpus']} logical CPUs; "
         f"{machine['ram_gib']} GiB RAM; {machine['os']}; Python {machine['python']}.",
         f"Versions: {versions}; git {machine['git_commit']}. Total wall time {total_s / 60:.1f} min"
-        + (f" = {total_s / machine['reference_epoch']['seconds']:.0f} reference epochs." if reference else "."),
+        + (f" = {total_s / reference['seconds']:.0f} reference epochs." if reference else "."),
         "",
         (f"Reference epoch (mammoseg.timing, measured at the start of this run): {reference['seconds']:.2f} s "
          f"on {reference['cpu']}." if reference else "Reference epoch: not measured (it failed)."),

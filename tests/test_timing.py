@@ -35,7 +35,7 @@ def test_cpu_description_names_the_model_the_vector_extensions_and_the_cores(tmp
 
 
 @pytest.mark.slow
-def test_a_real_measurement_gives_the_median_of_its_epochs():
+def test_a_real_measurement_reports_its_epochs_and_the_cpu():
     pytest.importorskip("tensorflow")
     reference = timing.measure_reference_epoch(epochs=1)  # `make test` measures the full one before the suite
     assert len(reference.epochs) == 1 and reference.epochs[0] > 0
