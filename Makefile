@@ -26,9 +26,9 @@ demo: install
 
 # The reference epoch (mammoseg.timing) is measured first, so the suite's time is also given in reference epochs.
 test: install
-	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m mammoseg.timing 2>/dev/null | tee $(VENV)/reference-epoch.txt
-	PATH="$(CURDIR)/$(BIN):$$PATH" MAMMOSEG_REFERENCE_EPOCH_S="$$(sed -n 's/^reference epoch: \([0-9.]*\) s.*/\1/p' $(VENV)/reference-epoch.txt)" \
-	MAMMOSEG_REFERENCE_CPU="$$(sed -n 's/.* on \(.*\)$$/\1/p' $(VENV)/reference-epoch.txt)" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m mammoseg.timing --json > $(VENV)/reference-epoch.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" MAMMOSEG_REFERENCE_EPOCH="$(CURDIR)/$(VENV)/reference-epoch.json" \
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-quick: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)

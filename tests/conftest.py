@@ -51,13 +51,31 @@ def tiny_run(tmp_path_factory):
 _SESSION_START = time.monotonic()
 
 
+def session_reference():
+    """The reference epoch ``make test`` measured before the suite (mammoseg.timing), read from the JSON file
+    that ``MAMMOSEG_REFERENCE_EPOCH`` names; None when the suite runs without it."""
+    path = os.environ.get("MAMMOSEG_REFERENCE_EPOCH")
+    if not path:
+        return None
+    from mammoseg.timing import read_reference
+
+    return read_reference(path)
+
+
+def pytest_report_header(config):
+    reference = session_reference()
+    if reference:
+        return (f"reference epoch: {reference.seconds:.2f} s (epochs {', '.join(f'{s:.2f}' for s in reference.epochs)})"
+                f" on {reference.cpu}, measured before the suite")
+    return None
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The suite's wall time, also in reference epochs when ``make test`` measured one (mammoseg.timing) and
-    passed it as ``MAMMOSEG_REFERENCE_EPOCH_S``: times of different machines then compare."""
+    """The suite's wall time, also in reference epochs when ``make test`` measured one (``session_reference``):
+    times of different machines then compare."""
     seconds = time.monotonic() - _SESSION_START
     line = f"test session: {seconds:.0f} s"
-    reference = os.environ.get("MAMMOSEG_REFERENCE_EPOCH_S")
+    reference = session_reference()
     if reference:
-        line += (f" = {seconds / float(reference):.1f} reference epochs of {float(reference):.2f} s "
-                 f"({os.environ.get('MAMMOSEG_REFERENCE_CPU', 'this CPU')})")
+        line += f" = {reference.multiple(seconds):.1f} reference epochs of {reference.seconds:.2f} s ({reference.cpu})"
     terminalreporter.write_line(line)

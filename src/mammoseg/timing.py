@@ -120,15 +120,27 @@ def measure_reference_epoch(epochs: int = REFERENCE_EPOCHS, seed: int = 0) -> Re
     return ReferenceEpoch(float(statistics.median(measured)), measured, cpu_description())
 
 
+def read_reference(path: str | Path) -> ReferenceEpoch:
+    """A measurement written by ``python -m mammoseg.timing --json`` (for example by ``make test`` before the
+    suite)."""
+    import json
+
+    values = json.loads(Path(path).read_text())
+    return ReferenceEpoch(float(values["seconds"]), tuple(float(s) for s in values["epochs"]), str(values["cpu"]))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mammoseg.timing [--seconds]``: print this machine's reference epoch (``--seconds``: the number
-    alone, for scripts)."""
+    """``python -m mammoseg.timing [--seconds | --json]``: measure and print this machine's reference epoch
+    (``--seconds``: the number alone; ``--json``: seconds, epochs and CPU, which :func:`read_reference` reads)."""
+    import json
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     reference = measure_reference_epoch()
     if "--seconds" in args:
         print(f"{reference.seconds:.3f}")
+    elif "--json" in args:
+        print(json.dumps(reference.as_dict()))
     else:
         print(f"reference epoch: {reference.seconds:.2f} s (epochs {', '.join(f'{s:.2f}' for s in reference.epochs)})"
               f" on {reference.cpu}")
