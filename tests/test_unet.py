@@ -86,6 +86,7 @@ def test_blurmax_down_step_is_max_then_binomial_blur():
     np.testing.assert_allclose(np.asarray(after(x, training=False))[0], _maxblur_by_hand(features), atol=1e-5)
 
 
+@pytest.mark.slow  # a real training
 def test_blurmax_kernels_stay_frozen_through_training():
     model = build_unet((16, 16, 1), depth=2, filters=3, downsampling="blurmax")
     frozen = {name: model.get_layer(name).get_weights()[0].copy() for name in ("enc0_blur", "enc1_blur")}

@@ -229,16 +229,30 @@ def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()} == before
 
 
-def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_threshold(finished_run):
+# Two folds with hard-negative mining and a calibrated operating point: one variant run serves the mining test
+# and the calibration test (each of the two would otherwise train the same two round-1 models).
+MINING = {"folds": 2, "hard_negatives": {"per_image": 2}}
+CALIBRATION = {"target_fppi": 1.0}
+VARIANT_OVERRIDES = ("train={folds: 2, hard_negatives: {per_image: 2}}", "evaluate={target_fppi: 1.0}")
+
+
+@pytest.fixture(scope="module")
+def mined_calibrated_run(tiny_run):
+    """The session's run, then its variant with ``MINING`` and ``CALIBRATION``: (workdir, config, dry-run jobs
+    the variant scheduled before it ran)."""
+    workdir, config, _ = tiny_run
+    jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", *VARIANT_OVERRIDES))
+    done = snakemake(workdir, "--config", *VARIANT_OVERRIDES)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, config, jobs
+
+
+def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_threshold(mined_calibrated_run):
     """evaluate.target_fppi: two folds, the threshold read off their out-of-fold candidates (rule calibrate), then
     the test images binarised at it and the out-of-fold ones at infer.threshold."""
-    workdir, config, _ = finished_run
-    overrides = ("train={folds: 2}", "evaluate={target_fppi: 1.0}")
-    jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", *overrides))
+    workdir, config, jobs = mined_calibrated_run
     assert jobs["calibrate"] == 1 and jobs["summarise"] == 2
-    done = snakemake(workdir, "--config", *overrides)
-    assert done.returncode == 0, done.stderr[-4000:]
-    where = folders(workdir, keys_of(workdir / "config.yaml", train={"folds": 2}, evaluate={"target_fppi": 1.0}))
+    where = folders(workdir, keys_of(workdir / "config.yaml", train=MINING, evaluate=CALIBRATION))
     point = json.loads((where["experiment"] / "operating_point.json").read_text())
     assert point["source"] == "calibrated" and point["calibration"]["expected_fppi"] <= 1.0
     thresholds = {image_set: {json.loads(p.read_text())["threshold"]
@@ -264,17 +278,15 @@ def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_thres
     assert again["threshold"] == point["threshold"]
 
 
-def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_false_positives(finished_run):
+def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_false_positives(mined_calibrated_run):
     """train.hard_negatives: round 1 is the same run without mining (shared models); per fold f, round-1 model f's
     maps of the images it was fit on give fold f's mined shard (rule mine), round-2 model f trains on the shards
     plus it, and the experiment uses round 2. No window of a fold's validation patients reaches its training."""
-    workdir, config, _ = finished_run
-    mining = {"folds": 2, "hard_negatives": {"per_image": 2}}
-    first, second = keys_of(workdir / "config.yaml", train={"folds": 2}), keys_of(workdir / "config.yaml",
-                                                                                   train=mining)
+    workdir, config, jobs = mined_calibrated_run
+    assert jobs["mine"] == 2 and jobs["train"] == 4, jobs
+    first = keys_of(workdir / "config.yaml", train={"folds": 2})
+    second = keys_of(workdir / "config.yaml", train=MINING, evaluate=CALIBRATION)
     assert first.model != second.model and first.patches == second.patches
-    done = snakemake(workdir, "--config", "train={folds: 2, hard_negatives: {per_image: 2}}")
-    assert done.returncode == 0, done.stderr[-4000:]
     results = workdir / "results"
     round1, round2 = results / "models" / first.model, results / "models" / second.model
     fold_of = json.loads((round1 / "splits.json").read_text())["fold_of"]
@@ -311,6 +323,6 @@ def test_hard_negative_mining_trains_a_second_round_on_the_first_rounds_false_po
     folder = folders(workdir, second)["data"] / "train"
     manifest = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
     with changed_pixel((folder / manifest["image_path"].iloc[0]).resolve()):
-        jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", "train={folds: 2, hard_negatives: {per_image: 2}}"))
+        jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", *VARIANT_OVERRIDES))
     assert jobs["extract_shard"] == 1 and jobs["mine"] == 2 and jobs["train"] == 4, jobs
     assert "restructure" not in jobs and "synth" not in jobs
