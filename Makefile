@@ -1,5 +1,5 @@
 # Two commands for a fresh machine with Python 3.11:  make demo  |  make test
-# Everything is installed into .venv (CPU TensorFlow by default; README "GPU install" for CUDA).
+# Everything is installed into .venv (CPU TensorFlow by default; README "GPU installation" for CUDA).
 
 PYTHON ?= python3.11
 VENV ?= .venv

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                         required=True)
     p = add("show", _config_show, "print the configuration exactly as the workflow resolves it", config)
     p.add_argument("--keys", action="store_true", help="also print the stage keys (result folder names)")
-    add("reference", _config_reference, "print the README's configuration reference (from the schema)", config)
+    add("reference", _config_reference, "print config/README.md's configuration reference (from the schema)", config)
 
     p = add("synth", _synth, "write the synthetic CBIS-DDSM-like demo dataset (DICOM tree + case CSVs)")
     p.add_argument("--out", required=True, help="output folder (gets CBIS-DDSM/, csv/, truth.json)")

@@ -135,7 +135,7 @@ def section_hash(*sections: Any) -> str:
 
 
 def config_reference_markdown() -> str:
-    """The README's configuration reference, generated from the schema (a test keeps the two in sync)."""
+    """The configuration reference of config/README.md, generated from the schema (a test keeps them in sync)."""
     spec_tree = schema()
     lines = ["| key | allowed | default | meaning |", "|---|---|---|---|"]
 
@@ -159,5 +159,5 @@ def config_reference_markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m mammoseg.config.schema  → the README's configuration reference
+if __name__ == "__main__":  # python -m mammoseg.config.schema  → the reference table of config/README.md
     print(config_reference_markdown())

@@ -52,7 +52,7 @@ root except the top-level entries of other collections, plus one per hidden fold
 
 Skip reasons (``skipped.csv`` column ``reason``)
 ------------------------------------------------
-See :data:`SKIP_REASONS`; the lead copies the table into the README.
+See :data:`SKIP_REASONS`; docs/usage.md lists them in a table that a test keeps equal to it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The operating threshold calibrated for a target FPPI on validation candidates (beyond the paper).
 
-The paper binarises at 0.5. Issue 13 measured 2.82 false positives per image at that threshold on held-out
-images; a CAD system is instead run at the threshold that gives an agreed false-positive rate. Here that threshold
-is read off the FROC curve (:func:`mammoseg.evaluation.froc.froc_curve`, its conventions unchanged) of candidates
-that the model did not train on (out-of-fold predictions of the training images) and is then applied unchanged to
-the test images. This module never sees which images its candidates come from: keeping test images out is the
-caller's job (the workflow passes out-of-fold candidates only).
+The paper binarises at 0.5, which left 2.82 false positives per image on held-out real mammograms; a CAD system is
+instead run at the threshold that gives an agreed false-positive rate. Here that threshold is read off the FROC
+curve (:func:`mammoseg.evaluation.froc.froc_curve`, its conventions unchanged) of candidates that the model did not
+train on (out-of-fold predictions of the training images) and is then applied unchanged to the test images. This
+module never sees which images its candidates come from: keeping test images out is the caller's job (the workflow
+passes out-of-fold candidates only).
 
 Conventions:
 

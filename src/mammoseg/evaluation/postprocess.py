@@ -1,11 +1,12 @@
 """Candidate post-processing of a probability map (beyond the paper): small candidates out, at most k per image;
 and the operating mask, the map binarised at the operating threshold pixel by pixel or candidate by candidate.
 
-Issue 13 measured paper-mode false positives at 2.82 per image, many of them small or low-scoring next to the
-true mass. :func:`postprocess` removes from the map itself the candidates (as :mod:`mammoseg.evaluation.froc`
-defines them: 8-connected components of ``prob_u8 >= threshold_level(candidate_threshold)``, scored by their
-maximum) that are smaller than ``min_area`` pixels, then all but the ``top_k`` highest-scoring ones, so that
-everything after it (operating-threshold mask, candidates, FROC, DICOM SEG, overlays) sees the same map.
+On held-out real mammograms paper-mode inference left 2.82 false positives per image, many of them small or
+low-scoring next to the true mass. :func:`postprocess` removes from the map itself the candidates (as
+:mod:`mammoseg.evaluation.froc` defines them: 8-connected components of
+``prob_u8 >= threshold_level(candidate_threshold)``, scored by their maximum) that are smaller than ``min_area``
+pixels, then all but the ``top_k`` highest-scoring ones, so that everything after it (operating-threshold mask,
+candidates, FROC, DICOM SEG, overlays) sees the same map.
 
 Conventions:
 
@@ -19,7 +20,7 @@ Conventions:
 
 :func:`operating_mask` binarises at the operating threshold. ``binarise="threshold"`` (the paper) keeps the pixels
 at or above it; on real tissue a region whose peak passes the threshold then breaks into several components, each
-a false positive of its own (four false components per image where the FROC counted one candidate, issue 13).
+a false positive of its own (about four false components per image where the FROC counted one candidate).
 ``binarise="candidates"`` keeps each candidate whose maximum reaches the threshold, whole: every mark is one FROC
 candidate, so the operating point lies on the FROC curve and a threshold calibrated on candidates
 (:mod:`mammoseg.evaluation.calibrate`) gives the false positives per image it was calibrated for.

@@ -1,7 +1,7 @@
 """Where a mass can be: the breast region and, on MLO views, the pectoral muscle to leave out (beyond the paper).
 
-Issue 13 measured paper-mode false positives on held-out mammograms sitting on the pectoral muscle at the top of
-MLO views, on the image's top edge and on background labels. :func:`apply_anatomy` zeroes the probability map
+On held-out real mammograms, paper-mode false positives sat on the pectoral muscle at the top of MLO views, on
+the image's top edge and on background labels. :func:`apply_anatomy` zeroes the probability map
 outside the breast (``infer.breast_mask``) and on the pectoral muscle (``infer.exclude_pectoral``, MLO only), so
 that every later step (thresholding, candidates, FROC, SEG) sees the cleaned map. NumPy, SciPy and scikit-image
 only: never imports TensorFlow.

@@ -8,7 +8,7 @@ from mammoseg.errors import InputError
 
 __all__ = ["READ_REASONS", "DicomReadError"]
 
-#: The reason codes of :class:`DicomReadError`, the same codes that ``skipped.csv`` uses (README, "reason" table).
+#: The reason codes of :class:`DicomReadError`, the same codes that ``skipped.csv`` uses (docs/usage.md, reasons).
 READ_REASONS = ("zero_byte", "not_dicom", "truncated", "no_pixel_data", "bad_header", "undecodable", "unreadable")
 
 

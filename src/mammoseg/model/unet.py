@@ -88,7 +88,7 @@ def build_unet(
         (bilinear x2 then a ``kernel_size`` convolution); both map to the skip connection's filter count.
     downsampling : ``"max"`` (2 x 2 max pooling, stride 2) or ``"blurmax"`` (max over 2 x 2 at stride 1, then
         :data:`BLUR_KERNEL` at stride 2, zero-padded: the pooled map changes less when the input moves by a few
-        pixels; the network's answer on real mammograms did not, README row 33). The blur is a frozen depthwise
+        pixels; on real mammograms the network's answer did not, docs/real-data.md). The blur is a frozen depthwise
         convolution, so the model stays plain Keras layers.
     kernel_size : side of the convolution kernels in pixels.
     max_filters : cap on the filters of a level; ``None`` or 0 = no cap.

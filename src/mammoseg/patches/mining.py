@@ -1,6 +1,6 @@
 """Hard-negative mining (beyond the paper): lesion-free training windows where a first model was wrong.
 
-Issue 13 found paper-mode false positives on round fibroglandular nodules and dense tissue. Random lesion-free
+On real mammograms paper-mode false positives sat on round fibroglandular nodules and dense tissue. Random lesion-free
 windows (``patches.n_negative``) rarely land on them; these windows do. The rule chain, per fold f: round-1 model
 f -> probability maps of the training images it was fit on (image set ``fit-<f>``) -> :func:`run_mine` -> one
 extra shard -> round-2 model f trains on the extraction shards plus it. Classic in-sample mining: the windows are
