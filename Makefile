@@ -6,6 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE_ARGS ?=
+# Two pytest workers (pytest-xdist): much of a test's time is a Snakemake job starting, a SLURM status poll or a
+# subprocess importing TensorFlow, which leaves a core idle. tests/conftest.py keeps the tiny run on one worker
+# and each file's fixtures on one worker. PYTEST_PARALLEL= runs the suite in one process.
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 
 .PHONY: demo test test-quick test-slow lint bench bench-demo bench-real report clean install
 
@@ -28,10 +32,10 @@ demo: install
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m mammoseg.timing --json > $(VENV)/reference-epoch.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" MAMMOSEG_REFERENCE_EPOCH="$(CURDIR)/$(VENV)/reference-epoch.json" \
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-quick: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml

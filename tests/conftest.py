@@ -51,6 +51,18 @@ def tiny_run(tmp_path_factory):
 _SESSION_START = time.monotonic()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test of the session's
+    tiny run goes to one worker, so the run is made once and no two Snakemake processes share its folder; every
+    other test goes with its file, so a module's expensive fixtures (a trained model, a SLURM cluster, a DICOM
+    collection) are built once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(name=group))
+
+
 def session_reference():
     """The reference epoch ``make test`` measured before the suite (mammoseg.timing), read from the JSON file
     that ``MAMMOSEG_REFERENCE_EPOCH`` names; None when the suite runs without it."""
