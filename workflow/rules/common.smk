@@ -8,9 +8,9 @@ from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import stage_keys, stage_settings
-from mammoseg.config.schema import section_hash
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
+from mammoseg.inference.studies import experiment_config, is_studies_set, studies_set
 from mammoseg.patches.mining import first_round_config
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
@@ -32,8 +32,11 @@ N_SHARDS = config["patches"]["n_shards"]
 FOLDS = list(range(config["train"]["folds"]))
 # out-of-fold predictions of the training images exist only with cross-validation
 IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
-# new studies (studies.root): predicted by the experiment's model(s), no ground truth
+# new studies (studies.root): predicted by the experiment's model(s), no ground truth. Their image set is named
+# after the folder and the files in it (mammoseg.inference.studies.studies_set): another folder, or a changed one,
+# is another image set, indexed and predicted anew, and the findings of every folder coexist.
 STUDIES_ROOT = config["studies"]["root"]
+STUDIES_SET = studies_set(STUDIES_ROOT) if STUDIES_ROOT else ""
 
 # One folder per stage key (mammoseg.config.keys): the path of an artefact says what made it.
 SYNTH = f"{R}/synth/{KEYS.synth}"
@@ -58,8 +61,10 @@ EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
 CALIBRATED = config["evaluate"]["target_fppi"] > 0
 OPERATING_POINT = f"{EXPERIMENT}/operating_point.json"
 SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
-# the studies' folder is named after what it reads: another folder is another set of studies
-STUDIES = f"{R}/studies/studies-{section_hash(os.path.abspath(STUDIES_ROOT))[:8]}" if STUDIES_ROOT else ""
+STUDIES = f"{R}/studies/{STUDIES_SET}" if STUDIES_ROOT else ""
+# what the experiment records (config.yaml): the run's configuration without the studies folder, so a studies run
+# leaves the experiment's record, its report and the demo's dry run as they were
+EXPERIMENT_CONFIG = experiment_config(config)
 
 
 def log_path(rule_name, *parts):
@@ -88,7 +93,7 @@ def _manifest_rows(path, mtime):
 
 
 def manifest_rows(split):
-    path = manifest_path(split) if split != "studies" else checkpoints.index_studies.get().output.manifest
+    path = manifest_path(split) if not is_studies_set(split) else checkpoints.index_studies.get().output.manifest
     return _manifest_rows(path, os.path.getmtime(path))
 
 
@@ -105,13 +110,13 @@ def set_split(image_set):
 
 def set_manifest(image_set):
     """The manifest of an image set: the test split, the training split (out of fold) or the new studies."""
-    if image_set == "studies":
-        return f"{STUDIES}/manifest.csv"
+    if is_studies_set(image_set):
+        return f"{R}/studies/{image_set}/manifest.csv"
     return f"{DATA}/{set_split(image_set)}/manifest.csv"
 
 
 def set_rows(image_set):
-    return manifest_rows("studies" if image_set == "studies" else set_split(image_set))
+    return manifest_rows(image_set if is_studies_set(image_set) else set_split(image_set))
 
 
 def n_chunks(image_set):
@@ -157,7 +162,7 @@ def one_of(keys):
 
 def print_run_summary():
     """Print the evaluation summaries (written by `summarise`) as the last thing a successful run shows."""
-    for image_set in IMAGE_SETS + (["studies"] if STUDIES_ROOT else []):
+    for image_set in IMAGE_SETS + ([STUDIES_SET] if STUDIES_ROOT else []):
         path = f"{EXPERIMENT}/{image_set}/summary.txt"
         if os.path.exists(path):
             print(f"\n{open(path).read().strip()}")

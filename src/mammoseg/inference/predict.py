@@ -268,7 +268,8 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
                 fold_of: Mapping[str, int] | None = None) -> list[ImageTask]:  # fmt: skip
     """The images of manifest ``rows`` with the models that predict them, sorted by image id.
 
-    ``image_set`` ``test`` or ``studies``: every image by the mean of all ``models`` (one per fold). ``oof``: each
+    ``image_set`` ``test``, ``studies`` or ``studies-<folder key>`` (new studies): every image by the mean of all
+    ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
     ``fit-<f>`` (:func:`fit_set`): the training images fold f's model was fit on (patients of the other folds),
@@ -282,7 +283,7 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     def task(image_id: str, row: Mapping[str, str], chosen: Sequence[str]) -> ImageTask:
         return ImageTask(image_id, str(base / row["image_path"]), tuple(map(str, chosen)), row.get("view", "") or "")
 
-    if image_set in ("test", "studies"):
+    if image_set == "test" or image_set.startswith("studies"):
         return [task(i, row, models) for i, row in sorted(images.items())]
     if fold_of is None or not (image_set == "oof" or image_set.startswith(FIT_SET)):
         raise ValueError(f"image set {image_set!r}: out-of-fold and fit predictions need the cross-validation's "

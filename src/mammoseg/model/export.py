@@ -353,7 +353,7 @@ def _training_data(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
 
 
 #: config keys that hold local paths: meaningless to whoever receives the model, and they can name people
-_LOCAL_PATHS = {("results",), ("data", "root"), ("data", "csv_dir")}
+_LOCAL_PATHS = {("results",), ("data", "root"), ("data", "csv_dir"), ("studies", "root")}
 
 
 def _shareable_config(config: dict[str, Any]) -> dict[str, Any]:
