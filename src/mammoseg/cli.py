@@ -143,17 +143,21 @@ def _findings_label(models: list[str], keys) -> str:
 
 def _predict(args, config):
     from mammoseg.config.keys import stage_keys
-    from mammoseg.inference.studies import run_studies
+    from mammoseg.inference.studies import configured_models, run_studies
 
-    if len(args.model) > 1 and not args.ensemble:
+    if args.model and len(args.model) > 1 and not args.ensemble:
         raise InputError(f"{len(args.model)} --model files given ({', '.join(args.model)}): give one, or add "
                          f"--ensemble to predict with the mean of them (the folds of one cross-validation)")
-    source = f"the plan {args.plan}" if args.plan else _config_source(args)
-    print(f"mammoseg predict: windows and normalisation from {source}")
+    models, plan = (args.model, args.plan) if args.model else configured_models(config)
+    plan = args.plan or plan
+    source = f"the plan {plan}" if plan else _config_source(args)
+    print(f"mammoseg predict: {len(models)} model(s) ({', '.join(models)}); windows and normalisation from {source}")
     keys = stage_keys(config)
-    label = _findings_label(args.model, keys)
-    run_studies(args.inputs, args.model, args.out, config=config, plan=args.plan, experiment=label,
-                operating_point=args.operating_point, geometry_source=source)
+    operating_point = args.operating_point
+    if not args.model and operating_point is None and config["evaluate"]["target_fppi"] > 0:
+        operating_point = Path(config["results"]) / "experiments" / keys.experiment / "operating_point.json"
+    run_studies(args.inputs, models, args.out, config=config, plan=plan, experiment=_findings_label(models, keys),
+                operating_point=operating_point, geometry_source=source)
 
 
 def _evaluate(args, config):
@@ -245,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", _predict, "new studies through a trained model: probability maps, masks, overlays, DICOM "
                                  "SEG and candidate tables of DICOM files or folders (no ground truth needed)")
-    p.add_argument("--model", required=True, nargs="+", action="extend",
-                   help=".keras model; several only with --ensemble")
+    p.add_argument("--model", nargs="+", action="extend",
+                   help=".keras model; several only with --ensemble (default: the models the workflow trained with "
+                        "this configuration, every fold, and their plan)")
     p.add_argument("--ensemble", action="store_true",
                    help="predict with the mean of several --model files (the folds of one cross-validation)")
     p.add_argument("--plan", help="plan.json of the model's patches (default: geometry from the configuration)")

@@ -37,6 +37,7 @@ __all__ = [
     "trained_on_synthetic",
     "synthetic_model_warning",
     "run_summarise_studies",
+    "configured_models",
     "run_studies",
 ]
 
@@ -177,6 +178,30 @@ def run_summarise_studies(chunk_dirs: Sequence[str | Path], out_dir: str | Path,
 # --------------------------------------------------------------------------------------------------------------
 # mammoseg predict
 # --------------------------------------------------------------------------------------------------------------
+def configured_models(config: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """The models the workflow predicts new studies with under this configuration (every fold's
+    ``infer.checkpoint``, their mean when there are several) and their plan, where the workflow wrote them
+    (``results/models/<model key>/``, ``results/patches/<patches key>/plan.json``).
+
+    Raises
+    ------
+    InputError
+        A fold model is missing: the configuration has not been trained (here).
+    """
+    from mammoseg.config.keys import stage_keys
+
+    keys = stage_keys(config)
+    results = Path(config["results"])
+    models = [results / "models" / keys.model / f"fold-{f}" / f"{config['infer']['checkpoint']}.keras"
+              for f in range(config["train"]["folds"])]
+    missing = [str(path) for path in models if not path.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no trained model of this configuration (run the workflow with it first, "
+                         f"or give --model and --configfile/--plan of the model to use)")
+    plan = results / "patches" / keys.patches / "plan.json"
+    return [str(path) for path in models], str(plan) if plan.is_file() else None
+
+
 def _check_models(models: Sequence[str], geometry, geometry_source: str) -> None:
     """Load every model once before anything is written, and refuse one whose input does not take the windows of
     ``geometry``, saying where that geometry came from and how to give the model's own."""
