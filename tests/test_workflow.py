@@ -259,7 +259,8 @@ def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
 
 
 def test_the_dry_run_refuses_a_studies_folder_without_mammograms(finished_run, tmp_path):
-    """As for data.root: a missing folder, an empty one or one without a DICOM file fails the dry run, naming it."""
+    """As for data.root: a missing folder, an empty one or one without a DICOM file fails the dry run with one
+    line naming it and exit status 2, as mammoseg predict does (test_studies.py)."""
     workdir, _, _ = finished_run
     (tmp_path / "empty").mkdir()
     (tmp_path / "files").mkdir()
@@ -268,8 +269,9 @@ def test_the_dry_run_refuses_a_studies_folder_without_mammograms(finished_run, t
     for name, reason in (("missing", "no such folder"), ("empty", "no file in this folder"),
                          ("files", "none of its 2 files is a DICOM file")):
         done = snakemake(workdir, "-n", "--config", f"studies={{root: '{tmp_path / name}'}}")
-        assert done.returncode != 0
-        assert f"'studies.root' = '{tmp_path / name}': {reason}" in done.stdout + done.stderr
+        assert done.returncode == 2
+        assert f"mammoseg: error: 'studies.root' = '{tmp_path / name}': {reason}" in done.stderr.splitlines()
+        assert "Traceback" not in done.stderr and 'File "' not in done.stderr
 
 
 def test_a_calibrated_variant_binarises_the_test_images_at_the_out_of_fold_threshold(finished_run):

@@ -4,24 +4,32 @@
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import stage_keys, stage_settings
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
+from mammoseg.errors import InputError
 from mammoseg.inference.studies import experiment_config, is_studies_set, studies_set
 from mammoseg.patches.mining import first_round_config
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
 # as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
-_resolved = resolve_config(
-    list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
-    parse_overrides(workflow.config_settings.config_args),
-)
+# A bad configuration, or a data or studies folder that is not there, is the user's to fix: one line naming the
+# key or file and exit status 2, as from the mammoseg command, instead of Snakemake's report of an exception.
+try:
+    _resolved = resolve_config(
+        list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
+        parse_overrides(workflow.config_settings.config_args),
+    )
+    check_data_paths(_resolved)
+except InputError as exc:
+    print(f"mammoseg: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 config.clear()
 config.update(_resolved)
-check_data_paths(config)
 
 KEYS = stage_keys(config)
 SETTINGS = stage_settings(config)
@@ -167,3 +175,5 @@ def print_run_summary():
         if os.path.exists(path):
             print(f"\n{open(path).read().strip()}")
     print(f"\nresults of this run: {EXPERIMENT}/ (resolved configuration in config.yaml)")
+    if STUDIES_ROOT:  # the report holds what its configuration makes: these findings with this studies.root
+        print(f"findings of {STUDIES_ROOT}: {EXPERIMENT}/{STUDIES_SET}/ (in the report made with the same --config)")
