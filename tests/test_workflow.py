@@ -270,7 +270,8 @@ def test_the_dry_run_refuses_a_studies_folder_without_mammograms(finished_run, t
                          ("files", "none of its 2 files is a DICOM file")):
         done = snakemake(workdir, "-n", "--config", f"studies={{root: '{tmp_path / name}'}}")
         assert done.returncode == 2
-        assert f"mammoseg: error: 'studies.root' = '{tmp_path / name}': {reason}" in done.stderr.splitlines()
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("mammoseg: error:")]
+        assert line.startswith(f"mammoseg: error: 'studies.root' = '{tmp_path / name}': {reason}"), line
         assert "Traceback" not in done.stderr and 'File "' not in done.stderr
 
 
