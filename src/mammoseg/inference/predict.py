@@ -244,7 +244,7 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
 
 
 def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str], *, views: bool = False) -> list[ImageTask]:
-    """Every (image_id, path) predicted by the mean of the same ``models`` (files given to ``mammoseg predict``).
+    """Every (image_id, path) predicted by the mean of the same ``models`` (files given to :func:`run_predict_files`).
 
     ``views``: read each file's view (:func:`mammoseg.data.restructure.view_position`, the manifest's rule),
     needed only to exclude the pectoral muscle.
@@ -327,8 +327,10 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
 def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
     """(image_id, path) of every file given or found (recursively) in the folders given, hidden files excluded.
 
-    The image id is the path relative to the folder given (or the file's stem), made safe as a file name.
-    Non-DICOM files are kept here and refused, with a reason, when they are read.
+    The image id is the path relative to the folder given (or the file's stem), made safe as a file name: no
+    header is read. New studies are named from their headers instead, as the workflow names them
+    (:mod:`mammoseg.inference.studies`). Non-DICOM files are kept here and refused, with a reason, when they are
+    read.
     """
     from mammoseg.io.names import safe_name
 
@@ -351,7 +353,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
 
 def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
                       config: Mapping[str, Any], plan: str | Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """``mammoseg predict``: probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``.
+    """Probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``, nothing else: the
+    prediction stage alone (the benchmarks time it); ``mammoseg predict`` is
+    :func:`mammoseg.inference.studies.run_studies`.
 
     The window geometry and the normalisation come from ``plan`` (the model's ``plan.json``, also in an exported
     model's folder) or else from ``config['patches']``, which must then be the model's.
