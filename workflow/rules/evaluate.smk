@@ -149,7 +149,8 @@ rule summarise_studies:
             labels={"table": "summary of the findings"},
         ),
     wildcard_constraints:
-        # the studies of the configured folder only: another folder's findings are its own set's
+        # the studies of the configured folder only (another folder's findings were made with its own root);
+        # without studies.root no image set is new studies and the pattern matches none of the real ones
         image_set=one_of([STUDIES_SET]) if STUDIES_ROOT else "studies-none",
     params:
         experiment=KEYS.experiment,
