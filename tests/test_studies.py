@@ -143,3 +143,26 @@ def test_a_synthetic_demo_model_is_known_from_its_card_or_its_configuration(tmp_
         trained_on_synthetic(real, [model])
     warning = synthetic_model_warning(True)
     assert len(warning.splitlines()) == 1 and "synthetic" in warning and synthetic_model_warning(False) == ""
+
+
+def test_a_folder_whose_dicom_files_are_all_unreadable_is_refused_when_indexed(tmp_path, capsys):
+    """Past the plan-time check (a DICM marker is there) but no mammogram kept: indexing refuses the folder, with the
+    skip reasons, on both routes (the workflow's index_studies job and mammoseg predict)."""
+    from mammoseg.data.restructure import run_index_studies
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (folder / "broken.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00garbage")
+    check_studies_folder(folder)
+    config = resolve_config([], {"studies": {"root": str(folder)}})
+    with pytest.raises(InputError, match=re.escape(f"{folder}: no readable DICOM mammogram to predict (1 files:")):
+        run_index_studies(config, tmp_path / "index")
+    assert not (tmp_path / "index" / "manifest.csv").exists()
+    from mammoseg.model.unet import build_unet
+
+    model = tmp_path / "model.keras"
+    build_unet((32, 32, 1), depth=2, filters=4).save(model)
+    code = main(["predict", "--config", "patches={n: 6, downscale: 2}", "--model", str(model), "--out",
+                 str(tmp_path / "out"), str(folder)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"mammoseg predict: error: {folder}: no readable DICOM mammogram"), err
