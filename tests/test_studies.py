@@ -166,3 +166,23 @@ def test_a_folder_whose_dicom_files_are_all_unreadable_is_refused_when_indexed(t
                  str(tmp_path / "out"), str(folder)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"mammoseg predict: error: {folder}: no readable DICOM mammogram"), err
+
+
+def test_findings_are_labelled_with_the_experiment_only_for_its_own_models(tmp_path):
+    """Another model's findings are not labelled with the configuration's experiment: they carry a hash of the
+    model files (also in the DICOM SEG's algorithm version)."""
+    import hashlib
+
+    from mammoseg.cli import _findings_label
+    from mammoseg.config.keys import stage_keys
+
+    keys = stage_keys(resolve_config([], {}))
+    own = tmp_path / "results" / "models" / keys.model / "fold-0" / "best.keras"
+    other = tmp_path / "elsewhere" / "best.keras"
+    for path, content in ((own, b"own"), (other, b"other")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+    assert _findings_label([str(own)], keys) == keys.experiment
+    digest = hashlib.sha256(hashlib.sha256(b"other").hexdigest().encode()).hexdigest()[:8]
+    assert _findings_label([str(other)], keys) == f"model-{digest}"
+    assert _findings_label([str(own), str(other)], keys).startswith("model-")
