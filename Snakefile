@@ -21,7 +21,7 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     split="train|test",
-    image_set=r"test|oof|studies|fit-\d+",
+    image_set=r"test|oof|studies-[A-Za-z0-9._-]+|fit-\d+",
     k=r"\d+",
     c=r"\d+",
     f=r"\d+",
@@ -58,7 +58,7 @@ rule all:
         f"{EXPERIMENT}/model",
         f"{EXPERIMENT}/report",
         expand(f"{EXPERIMENT}/{{image_set}}/summary.csv", image_set=IMAGE_SETS),
-        [f"{EXPERIMENT}/studies/findings.csv"] if STUDIES_ROOT else [],
+        [f"{EXPERIMENT}/{STUDIES_SET}/findings.csv"] if STUDIES_ROOT else [],
 
 
 onsuccess:

@@ -35,6 +35,9 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from tinyrun import scheduled_jobs  # noqa: E402
 
 #: Commands that are not run here, and why.
 NOT_RUN = {
@@ -45,13 +48,16 @@ NOT_RUN = {
 
 
 def readme_commands(readme: str) -> list[str]:
-    """Every command of the README's ```bash blocks, continuation lines joined, comments dropped."""
+    """Every command of the README's ```bash blocks, continuation lines joined, comments dropped, then every
+    command quoted in its text (`.venv/bin/...`)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
         for command in block.replace("\\\n", " ").splitlines():
             command = re.sub(r"\s+#.*$", "", command).strip()
             if command:
                 commands.append(re.sub(r"\s+", " ", command))
+    outside_blocks = re.sub(r"```.*?```", "", readme, flags=re.S)
+    commands += [re.sub(r"\s+", " ", c) for c in re.findall(r"`(\.venv/bin/[^`]+)`", outside_blocks)]
     return commands
 
 
@@ -59,6 +65,7 @@ def test_readme_commands_are_found(repo_root):
     commands = readme_commands((repo_root / "README.md").read_text())
     assert any(c.startswith(".venv/bin/snakemake") and "config/paper.yaml" in c for c in commands)
     assert any(c.startswith(".venv/bin/mammoseg predict") for c in commands)
+    assert any(c.startswith(".venv/bin/snakemake --report") for c in commands)
     assert all(c.startswith((".venv/bin/", "make ")) for c in commands), [c for c in commands
                                                                         if not c.startswith((".venv/bin/", "make "))]
 
@@ -68,7 +75,8 @@ def test_readme_commands_are_found(repo_root):
 def test_every_readme_command_runs_as_written_without_an_activated_environment(repo_root, tmp_path):
     """In a copy of the repository with the installed .venv and a finished (small) demo run, every README command
     runs from the root with the venv NOT on PATH: Snakemake commands as dry runs (the real runs are long; the
-    data paths point at a synthetic download), mammoseg commands for real."""
+    data paths point at a synthetic download) but the report, mammoseg commands for real. A new threshold
+    trains and predicts nothing, and the demo's own dry run schedules nothing after them."""
     copy = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=repo_root, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
@@ -83,15 +91,21 @@ def test_every_readme_command_runs_as_written_without_an_activated_environment(r
     bin_dir = str(venv / "bin")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)
-    env.update(OMP_NUM_THREADS="2", TF_CPP_MIN_LOG_LEVEL="2")
+    # the copy's own package: the venv's editable install may point at another checkout of the repository
+    env.update(OMP_NUM_THREADS="2", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(copy / "src"))
 
     def run(command: str, timeout: int = 900) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True,
                               timeout=timeout)
 
-    # a small demo run (the demo's model name, so `results/models/demo-*` exists) and a synthetic "download"
-    done = run('.venv/bin/snakemake --cores 2 --resources gpu=1 --config "synth={n_train: 6, n_test: 2, rows: 512, '
-               'cols: 320}" "train={epochs: 1}" "export={onnx: false}" "evaluate={bootstrap: 20}"', timeout=1500)
+    # the demo made small (config/config.yaml of the copy, so every command that uses the demo's configuration
+    # finds its results: mammoseg predict its models), a finished run of it and a synthetic "download"
+    demo = yaml.safe_load((copy / "config" / "config.yaml").read_text())
+    for section, values in {"synth": {"n_train": 6, "n_test": 2, "rows": 512, "cols": 320}, "train": {"epochs": 1},
+                            "export": {"onnx": False}, "evaluate": {"bootstrap": 20}}.items():
+        demo[section] = {**demo.get(section, {}), **values}
+    (copy / "config" / "config.yaml").write_text(yaml.safe_dump(demo, sort_keys=False))
+    done = run(".venv/bin/snakemake --cores 2 --resources gpu=1", timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     download = tmp_path / "download"
     assert run(f".venv/bin/mammoseg synth --out {download}").returncode == 0
@@ -107,9 +121,19 @@ def test_every_readme_command_runs_as_written_without_an_activated_environment(r
             continue
         for placeholder, path in places.items():
             command = command.replace(placeholder, path)
-        if command.startswith(".venv/bin/snakemake") and " -n" not in command:
+        if command.startswith(".venv/bin/snakemake") and " -n" not in command and "--report" not in command:
             command += " -n"
         done = run(command)
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-        ran.append(command)
-    assert len(ran) >= 10, ran
+        ran.append((command, done))
+    assert len(ran) >= 10, [command for command, _ in ran]
+    assert (copy / "report.html").is_file()
+    assert (copy / "results" / "new-studies" / "findings.csv").is_file()
+    # what the README says of a new threshold: no training, no prediction, evaluation and summaries again
+    # (and the new experiment folder's record, report pages and model export: all three name the threshold)
+    (threshold,) = [done for command, done in ran if "infer={threshold: 0.4}" in command]
+    jobs = scheduled_jobs(threshold)
+    assert set(jobs) == {"evaluate_chunk", "summarise", "experiment_config", "report_pages", "export_model"}, jobs
+    # and the demo's own dry run (the README's plain `snakemake -n`) still schedules nothing
+    (plain,) = [done for command, done in ran if command.startswith(".venv/bin/snakemake -n --cores all")]
+    assert scheduled_jobs(plain) == {}, plain.stdout[-2000:]

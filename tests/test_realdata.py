@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -153,6 +154,10 @@ def test_mammoseg_predict_on_a_folder_of_real_mammograms(tmp_path):
     sources = sorted(cases.rglob("*.dcm"))
     assert len(findings) == len(sources) == 8 and set(findings["status"]) == {"evaluated"}
     by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sources}
+    # named as the workflow names new studies: P_<id>_<SIDE>_<VIEW> of the PatientID, not the file name
+    names = {re.search(r"P_\d+_(LEFT|RIGHT)_(CC|MLO)", str(pydicom.dcmread(p, stop_before_pixels=True).PatientID))
+             .group(0) for p in sources}
+    assert set(findings["image_id"]) == names
     for image_id in findings["image_id"]:
         for suffix in (".mask.png", ".overlay.png", ".json"):
             assert (tmp_path / "out" / "findings" / f"{image_id}{suffix}").is_file()

@@ -196,3 +196,30 @@ def test_table_pages_render_their_tables_in_headless_chromium(report, tmp_path):
         text = visible_text(dom)
         for word in words:
             assert str(word) in text, (name, word)
+
+
+def test_a_studies_run_s_report_embeds_its_findings(tiny_run, tmp_path):
+    """With studies.root, the report of that configuration holds the studies' findings table, their summary (with
+    the warning of a model trained on the synthetic demo) and the overlay of each study."""
+    from mammoseg.inference.studies import studies_set
+
+    workdir, _, _ = tiny_run
+    where = run_folders(workdir)
+    manifest = pd.read_csv(where["data"] / "test" / "manifest.csv", dtype=str, keep_default_na=False)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    first = manifest.iloc[0]
+    shutil.copy((where["data"] / "test" / first["image_path"]).resolve(), studies / "scan.dcm")
+    with_studies = ("--config", f"studies={{root: '{studies}'}}")
+    done = snakemake(workdir, *with_studies)
+    assert done.returncode == 0, failure(done)
+    path = tmp_path / "report.html"
+    made = snakemake(workdir, "--report", str(path), *with_studies, timeout=300)
+    assert made.returncode == 0, f"--report failed:\n{failure(made)}"
+    embedded = {(workdir / p).resolve(): e for p, e in embedded_json(path.read_text(), "results").items()}
+    folder = where["experiment"] / studies_set(studies)
+    (overlay,) = folder.glob(f"chunk-*/{first['image_id']}.overlay.png")
+    for result in (folder / "findings.csv", folder / "summary.txt", overlay):
+        assert data_uri_bytes(embedded[result.resolve()]["data_uri"]) == result.read_bytes(), result.name
+    summary = (folder / "summary.txt").read_text()
+    assert f"new studies of {studies}" in summary and "warning: this model was trained on the synthetic" in summary

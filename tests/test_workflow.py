@@ -205,28 +205,74 @@ def test_changed_training_case_reextracts_one_shard(finished_run):
 
 def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
     """studies.root: any folder of mammograms, no truth: masks, overlays, DICOM SEGs and candidate tables; a file
-    that is not a mammogram is a recorded skip; the test split's results are not touched."""
+    that is not a mammogram is a recorded skip. Two folders in a row are each predicted as themselves and their
+    findings coexist; the test split's results are not touched and the run's own dry run still schedules nothing."""
+    from mammoseg.inference.studies import studies_set
+
     workdir, config, _ = finished_run
     where = folders(workdir, stage_keys(config))
-    studies = tmp_path / "new studies"
     manifest = pd.read_csv(where["data"] / "test/manifest.csv", dtype=str, keep_default_na=False)
-    for k, relative in enumerate(sorted(set(manifest["image_path"]))[:2]):
-        (studies / f"visit {k}").mkdir(parents=True)
-        shutil.copy((where["data"] / "test" / relative).resolve(), studies / f"visit {k}" / "scan.dcm")
-    (studies / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    images = sorted(set(manifest["image_path"]))
+    first, second = tmp_path / "new studies", tmp_path / "second"
+    for k, relative in enumerate(images[:2]):
+        (first / f"visit {k}").mkdir(parents=True)
+        shutil.copy((where["data"] / "test" / relative).resolve(), first / f"visit {k}" / "scan.dcm")
+    (first / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    second.mkdir()
+    shutil.copy((where["data"] / "test" / images[2]).resolve(), second / "scan.dcm")
     before = {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()}
-    done = snakemake(workdir, "--config", f"studies={{root: '{studies}'}}")
-    assert done.returncode == 0, done.stderr[-4000:]
-    findings = pd.read_csv(where["experiment"] / "studies/findings.csv", dtype=str, keep_default_na=False)
-    assert len(findings) == 2 and set(findings["status"]) == {"evaluated"}
-    for image_id in findings["image_id"]:
-        chunk = next((where["experiment"] / "studies").glob(f"chunk-*/{image_id}.json")).parent
-        for suffix in (".mask.png", ".overlay.png", ".seg.dcm"):
-            assert (chunk / f"{image_id}{suffix}").is_file(), suffix
-        assert json.loads((chunk / f"{image_id}.json").read_text())["truth"] == "unknown"
-    (skipped,) = (workdir / "results" / "studies").glob("studies-*/skipped.csv")
+    record = (where["experiment"] / "config.yaml").read_bytes()
+    findings = {}
+    for folder, n in ((first, 2), (second, 1)):
+        done = snakemake(workdir, "--config", f"studies={{root: '{folder}'}}")
+        assert done.returncode == 0, done.stderr[-4000:]
+        image_set = studies_set(folder)
+        assert f"new studies of {folder}" in done.stdout + done.stderr
+        table = pd.read_csv(where["experiment"] / image_set / "findings.csv", dtype=str, keep_default_na=False)
+        assert len(table) == n and set(table["status"]) == {"evaluated"}
+        findings[folder] = (image_set, table)
+        for image_id in table["image_id"]:
+            chunk = next((where["experiment"] / image_set).glob(f"chunk-*/{image_id}.json")).parent
+            for suffix in (".mask.png", ".overlay.png", ".seg.dcm"):
+                assert (chunk / f"{image_id}{suffix}").is_file(), suffix
+            assert json.loads((chunk / f"{image_id}.json").read_text())["truth"] == "unknown"
+        # the tiny model was trained on the synthetic demo: its findings say so
+        assert "warning: this model was trained on the synthetic demo data" in (
+            where["experiment"] / image_set / "summary.txt").read_text()
+    # each folder predicted as itself: its own images, named as the test split names them, findings side by side
+    test_ids = dict(zip(manifest["image_path"], manifest["image_id"]))
+    assert set(findings[first][1]["image_id"]) == {test_ids[p] for p in images[:2]}
+    assert set(findings[second][1]["image_id"]) == {test_ids[images[2]]}
+    assert findings[first][0] != findings[second][0]
+    again = pd.read_csv(where["experiment"] / findings[first][0] / "findings.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(again, findings[first][1])
+    skipped = workdir / "results" / "studies" / findings[first][0] / "skipped.csv"
     assert pd.read_csv(skipped)["reason"].tolist() == ["not_dicom"]
     assert {p: p.stat().st_mtime_ns for p in (where["experiment"] / "test").rglob("*") if p.is_file()} == before
+    assert (where["experiment"] / "config.yaml").read_bytes() == record
+    assert scheduled_jobs(snakemake(workdir, "-n")) == {}
+    assert scheduled_jobs(snakemake(workdir, "-n", "--config", f"studies={{root: '{second}'}}")) == {}
+    # a file added to a folder makes it other studies: indexed and predicted again
+    shutil.copy((where["data"] / "test" / images[0]).resolve(), second / "added.dcm")
+    jobs = scheduled_jobs(snakemake(workdir, "-n", "--config", f"studies={{root: '{second}'}}"))
+    assert jobs["index_studies"] == 1 and jobs["summarise_studies"] == 1
+
+
+def test_the_dry_run_refuses_a_studies_folder_without_mammograms(finished_run, tmp_path):
+    """As for data.root: a missing folder, an empty one or one without a DICOM file fails the dry run with one
+    line naming it and exit status 2, as mammoseg predict does (test_studies.py)."""
+    workdir, _, _ = finished_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "files" / "notes.txt").write_text("no image\n")
+    for name, reason in (("missing", "no such folder"), ("empty", "no file in this folder"),
+                         ("files", "none of its 2 files is a DICOM file")):
+        done = snakemake(workdir, "-n", "--config", f"studies={{root: '{tmp_path / name}'}}")
+        assert done.returncode == 2
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("mammoseg: error:")]
+        assert line.startswith(f"mammoseg: error: 'studies.root' = '{tmp_path / name}': {reason}"), line
+        assert "Traceback" not in done.stderr and 'File "' not in done.stderr
 
 
 # Two folds with hard-negative mining and a calibrated operating point: one variant run serves the mining test

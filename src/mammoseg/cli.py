@@ -12,6 +12,7 @@ and the reason, and exit status 2; any other error is a bug and shows its traceb
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -116,12 +117,47 @@ def _model_summary(args, config):
     print(json.dumps(run_summary(config), indent=2))
 
 
+def _config_source(args: argparse.Namespace) -> str:
+    """Where the resolved configuration came from, in words (for messages that depend on it)."""
+    from mammoseg.config.resolve import default_configfiles
+
+    files = args.configfile or default_configfiles(Path.cwd())
+    if files:
+        return "the configuration " + " + ".join(map(str, files)) + (" with --config" if args.config else "")
+    return (f"the schema's defaults (no --configfile given, and no config/config.yaml in {Path.cwd()})"
+            + (" with --config" if args.config else ""))
+
+
+def _findings_label(models: list[str], keys) -> str:
+    """What names the findings (tables, DICOM SEG algorithm version): the configuration's experiment when the
+    models are its own (they lie in its model folder), else ``model-<hash of the model files>``."""
+    from mammoseg.io.checksum import sha256_of
+
+    if all(f"/{keys.model}/" in Path(model).resolve().as_posix() for model in models):
+        return keys.experiment
+    paths = [Path(model) for model in models]
+    if not all(path.is_file() for path in paths):
+        return "model"  # a missing file is refused, with its name, when the models are loaded
+    return "model-" + hashlib.sha256(";".join(sha256_of(path) for path in paths).encode()).hexdigest()[:8]
+
+
 def _predict(args, config):
     from mammoseg.config.keys import stage_keys
-    from mammoseg.evaluation.evaluate import run_studies
+    from mammoseg.inference.studies import configured_models, run_studies
 
-    run_studies(args.inputs, args.model, args.out, config=config, plan=args.plan,
-                experiment=stage_keys(config).experiment, operating_point=args.operating_point)
+    if args.model and len(args.model) > 1 and not args.ensemble:
+        raise InputError(f"{len(args.model)} --model files given ({', '.join(args.model)}): give one, or add "
+                         f"--ensemble to predict with the mean of them (the folds of one cross-validation)")
+    models, plan = (args.model, args.plan) if args.model else configured_models(config)
+    plan = args.plan or plan
+    source = f"the plan {plan}" if plan else _config_source(args)
+    print(f"mammoseg predict: {len(models)} model(s) ({', '.join(models)}); windows and normalisation from {source}")
+    keys = stage_keys(config)
+    operating_point = args.operating_point
+    if not args.model and operating_point is None and config["evaluate"]["target_fppi"] > 0:
+        operating_point = Path(config["results"]) / "experiments" / keys.experiment / "operating_point.json"
+    run_studies(args.inputs, models, args.out, config=config, plan=plan, experiment=_findings_label(models, keys),
+                operating_point=operating_point, geometry_source=source)
 
 
 def _evaluate(args, config):
@@ -213,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", _predict, "new studies through a trained model: probability maps, masks, overlays, DICOM "
                                  "SEG and candidate tables of DICOM files or folders (no ground truth needed)")
-    p.add_argument("--model", required=True, nargs="+", action="extend",
-                   help=".keras model(s); several (the folds) are averaged")
+    p.add_argument("--model", nargs="+", action="extend",
+                   help=".keras model; several only with --ensemble (default: the models the workflow trained with "
+                        "this configuration, every fold, and their plan)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="predict with the mean of several --model files (the folds of one cross-validation)")
     p.add_argument("--plan", help="plan.json of the model's patches (default: geometry from the configuration)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--operating-point", help="operating_point.json of a calibrated experiment (needed when "

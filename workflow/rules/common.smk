@@ -4,24 +4,32 @@
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import stage_keys, stage_settings
-from mammoseg.config.schema import section_hash
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
+from mammoseg.errors import InputError
+from mammoseg.inference.studies import experiment_config, is_studies_set, studies_set
 from mammoseg.patches.mining import first_round_config
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
 # as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
-_resolved = resolve_config(
-    list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
-    parse_overrides(workflow.config_settings.config_args),
-)
+# A bad configuration, or a data or studies folder that is not there, is the user's to fix: one line naming the
+# key or file and exit status 2, as from the mammoseg command, instead of Snakemake's report of an exception.
+try:
+    _resolved = resolve_config(
+        list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
+        parse_overrides(workflow.config_settings.config_args),
+    )
+    check_data_paths(_resolved)
+except InputError as exc:
+    print(f"mammoseg: error: {exc}", file=sys.stderr)
+    sys.exit(2)
 config.clear()
 config.update(_resolved)
-check_data_paths(config)
 
 KEYS = stage_keys(config)
 SETTINGS = stage_settings(config)
@@ -32,8 +40,11 @@ N_SHARDS = config["patches"]["n_shards"]
 FOLDS = list(range(config["train"]["folds"]))
 # out-of-fold predictions of the training images exist only with cross-validation
 IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
-# new studies (studies.root): predicted by the experiment's model(s), no ground truth
+# new studies (studies.root): predicted by the experiment's model(s), no ground truth. Their image set is named
+# after the folder and the files in it (mammoseg.inference.studies.studies_set): another folder, or a changed one,
+# is another image set, indexed and predicted anew, and the findings of every folder coexist.
 STUDIES_ROOT = config["studies"]["root"]
+STUDIES_SET = studies_set(STUDIES_ROOT) if STUDIES_ROOT else ""
 
 # One folder per stage key (mammoseg.config.keys): the path of an artefact says what made it.
 SYNTH = f"{R}/synth/{KEYS.synth}"
@@ -58,8 +69,10 @@ EXPERIMENT = f"{R}/experiments/{KEYS.experiment}"
 CALIBRATED = config["evaluate"]["target_fppi"] > 0
 OPERATING_POINT = f"{EXPERIMENT}/operating_point.json"
 SOURCE = f"{SYNTH}/CBIS-DDSM" if SYNTHETIC else config["data"]["root"]
-# the studies' folder is named after what it reads: another folder is another set of studies
-STUDIES = f"{R}/studies/studies-{section_hash(os.path.abspath(STUDIES_ROOT))[:8]}" if STUDIES_ROOT else ""
+STUDIES = f"{R}/studies/{STUDIES_SET}" if STUDIES_ROOT else ""
+# what the experiment records (config.yaml): the run's configuration without the studies folder, so a studies run
+# leaves the experiment's record, its report and the demo's dry run as they were
+EXPERIMENT_CONFIG = experiment_config(config)
 
 
 def log_path(rule_name, *parts):
@@ -88,7 +101,7 @@ def _manifest_rows(path, mtime):
 
 
 def manifest_rows(split):
-    path = manifest_path(split) if split != "studies" else checkpoints.index_studies.get().output.manifest
+    path = manifest_path(split) if not is_studies_set(split) else checkpoints.index_studies.get().output.manifest
     return _manifest_rows(path, os.path.getmtime(path))
 
 
@@ -105,13 +118,13 @@ def set_split(image_set):
 
 def set_manifest(image_set):
     """The manifest of an image set: the test split, the training split (out of fold) or the new studies."""
-    if image_set == "studies":
-        return f"{STUDIES}/manifest.csv"
+    if is_studies_set(image_set):
+        return f"{R}/studies/{image_set}/manifest.csv"
     return f"{DATA}/{set_split(image_set)}/manifest.csv"
 
 
 def set_rows(image_set):
-    return manifest_rows("studies" if image_set == "studies" else set_split(image_set))
+    return manifest_rows(image_set if is_studies_set(image_set) else set_split(image_set))
 
 
 def n_chunks(image_set):
@@ -157,8 +170,10 @@ def one_of(keys):
 
 def print_run_summary():
     """Print the evaluation summaries (written by `summarise`) as the last thing a successful run shows."""
-    for image_set in IMAGE_SETS + (["studies"] if STUDIES_ROOT else []):
+    for image_set in IMAGE_SETS + ([STUDIES_SET] if STUDIES_ROOT else []):
         path = f"{EXPERIMENT}/{image_set}/summary.txt"
         if os.path.exists(path):
             print(f"\n{open(path).read().strip()}")
     print(f"\nresults of this run: {EXPERIMENT}/ (resolved configuration in config.yaml)")
+    if STUDIES_ROOT:  # the report holds what its configuration makes: these findings with this studies.root
+        print(f"findings of {STUDIES_ROOT}: {EXPERIMENT}/{STUDIES_SET}/ (in the report made with the same --config)")

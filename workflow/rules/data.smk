@@ -75,8 +75,8 @@ checkpoint index_studies:
     conda:
         "../../envs/data.yaml"
     log:
-        log_path("index_studies", os.path.basename(STUDIES) or "none"),
+        log_path("index_studies", STUDIES_SET or "none"),
     benchmark:
-        benchmark_path("index_studies", os.path.basename(STUDIES) or "none")
+        benchmark_path("index_studies", STUDIES_SET or "none")
     script:
         "../scripts/index_studies.py"

@@ -96,7 +96,7 @@ rule experiment_config:
         config=f"{EXPERIMENT}/config.yaml",
         stage_keys=f"{EXPERIMENT}/keys.json",
     params:
-        config=config,
+        config=EXPERIMENT_CONFIG,
         stage_keys=KEYS.as_dict(),
     conda:
         "../../envs/evaluate.yaml"
@@ -133,6 +133,7 @@ rule export_model:
 rule summarise_studies:
     input:
         chunks=chunk_folders,
+        operating_point=operating_point_input,
     output:
         findings=report(
             f"{EXPERIMENT}/{{image_set}}/findings.csv",
@@ -141,9 +142,16 @@ rule summarise_studies:
             labels={"table": "findings per image"},
         ),
         candidates=f"{EXPERIMENT}/{{image_set}}/candidates.csv",
-        text=f"{EXPERIMENT}/{{image_set}}/summary.txt",
+        text=report(
+            f"{EXPERIMENT}/{{image_set}}/summary.txt",
+            caption="../report/findings_summary.rst",
+            category="6. New studies",
+            labels={"table": "summary of the findings"},
+        ),
     wildcard_constraints:
-        image_set="studies",
+        # the studies of the configured folder only (another folder's findings were made with its own root);
+        # without studies.root no image set is new studies and the pattern matches none of the real ones
+        image_set=one_of([STUDIES_SET]) if STUDIES_ROOT else "studies-none",
     params:
         experiment=KEYS.experiment,
     conda:

@@ -1,10 +1,11 @@
-"""Rule summarise_studies: findings and candidates of the new studies (mammoseg.evaluation.summary)."""
+"""Rule summarise_studies: findings and candidates of the new studies (mammoseg.inference.studies)."""
 
 from pathlib import Path
 
-from mammoseg.evaluation.summary import summarise_findings
+from mammoseg.inference.studies import run_summarise_studies
 from mammoseg.jobs import logged_job
 
 with logged_job(snakemake):
-    summarise_findings(snakemake.input.chunks, Path(snakemake.output.findings).parent,
-                       experiment=snakemake.params.experiment, threshold=snakemake.config["infer"]["threshold"])
+    run_summarise_studies(snakemake.input.chunks, Path(snakemake.output.findings).parent, config=snakemake.config,
+                          image_set=snakemake.wildcards.image_set, experiment=snakemake.params.experiment,
+                          operating_point=(snakemake.input.operating_point or [None])[0])

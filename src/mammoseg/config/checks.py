@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from mammoseg.errors import ConfigError
+from mammoseg.errors import ConfigError, InputError
 
 __all__ = ["check_data_paths"]
 
@@ -26,13 +26,17 @@ def _readable_folder(key: str, value: str) -> None:
 
 
 def check_data_paths(config: Mapping[str, Any]) -> None:
-    """For ``data.source: cbis``: ``data.root`` is set and a readable folder, and so is ``data.csv_dir`` if set.
+    """For ``data.source: cbis``: ``data.root`` is set and a readable folder, and so is ``data.csv_dir`` if set;
+    ``studies.root``, when set, is a readable folder holding at least one DICOM file
+    (:func:`mammoseg.inference.studies.check_studies_folder`, the check ``mammoseg predict`` makes too).
 
     Raises
     ------
     ConfigError
         Naming the key, its value and what is wrong.
     """
+    if config["studies"]["root"]:
+        _studies_folder(config["studies"]["root"])
     data = config["data"]
     if data["source"] != "cbis":
         return
@@ -41,3 +45,12 @@ def check_data_paths(config: Mapping[str, Any]) -> None:
     _readable_folder("data.root", data["root"])
     if data["csv_dir"]:
         _readable_folder("data.csv_dir", data["csv_dir"])
+
+
+def _studies_folder(value: str) -> None:
+    from mammoseg.inference.studies import check_studies_folder
+
+    try:
+        check_studies_folder(value)
+    except InputError as exc:
+        raise ConfigError(f"'studies.root' = {value!r}: {str(exc).removeprefix(f'{value}: ')}") from None

@@ -62,6 +62,7 @@ import os
 import re
 import shutil
 import uuid
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,9 +616,13 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
     """
     rows = []
     for folder in map(Path, folders):
-        if not folder.is_dir():
+        if folder.is_file():  # a single file given (mammoseg predict): read as a folder holding only it
+            entries, folder = [folder], folder.parent
+        elif folder.is_dir():
+            entries = sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+        else:
             raise InputError(f"{folder}: {key} names no folder")
-        for entry in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        for entry in entries:
             hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts if ignored_reason(part)), "")
             if hidden:
                 plan.skip("ignored", f"{entry}: {hidden}", source=str(entry))
@@ -862,20 +867,28 @@ def run_restructure(config: dict, source_root: str | Path, out_dir: str | Path, 
     )  # fmt: skip
 
 
-def run_index_studies(config: dict, out_dir: str | Path, threads: int = 1) -> dict:
+def run_index_studies(config: dict, out_dir: str | Path, threads: int = 1,
+                      roots: list[str | Path] | None = None) -> dict:  # fmt: skip
     """Stage ``index_studies``: the mammograms of ``studies.root`` (new studies, outside the CBIS splits, no ground
     truth) as a manifest of images without ROI and ``pathology`` '' (truth unknown), linked like restructured
-    images, with ``skipped.csv``; found = kept + skipped."""
+    images, with ``skipped.csv``; found = kept + skipped. ``roots``: the folders or files to index instead
+    (``mammoseg predict``). Nothing kept is an :class:`InputError` naming the folders: there is nothing to
+    predict."""
     out_dir = Path(out_dir)
+    roots = [config["studies"]["root"]] if roots is None else list(roots)
+    shown = ", ".join(map(str, roots))
     plan = Plan()
-    plan_normals([config["studies"]["root"]], "studies", config["data"]["abnormality"], plan, threads=threads,
-                 pathology="", key="studies.root")
+    plan_normals(roots, "studies", config["data"]["abnormality"], plan, threads=threads, pathology="",
+                 key="studies.root")
+    if not plan.manifest:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(Counter(s["reason"] for s in plan.skipped).items()))
+        raise InputError(f"{shown}: no readable DICOM mammogram to predict ({len(plan.skipped)} files: "
+                         f"{counts or 'none'})")
     manifest, skipped = write_outputs(plan, out_dir, config["data"]["link"])
     found, kept = len(plan.images_found) + plan.stray, int(manifest["image_id"].nunique())
     if found != kept + len(skipped):  # a bug, never bad input
         raise AssertionError(f"accounting broken: found {found} != kept {kept} + skipped {len(skipped)}")
     reasons = ", ".join(f"{k} {v}" for k, v in skipped["reason"].value_counts().sort_index().items()) or "none"
-    line = (f"studies {config['studies']['root']}: found {found} = kept {kept} + skipped {len(skipped)} ({reasons})"
-            f" -> {out_dir}")
+    line = f"studies {shown}: found {found} = kept {kept} + skipped {len(skipped)} ({reasons}) -> {out_dir}"
     print(line)
     return {"found": found, "kept": kept, "skipped": len(skipped), "text": line}

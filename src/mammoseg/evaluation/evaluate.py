@@ -336,25 +336,3 @@ def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir
     print(f"chunk {chunk}: {sum(p['status'] == 'evaluated' for p in payloads)} images evaluated -> {out_dir}")
     return payloads
 
-
-def run_studies(inputs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
-                config: Mapping[str, Any], plan: str | Path | None = None, experiment: str = "",
-                operating_point: str | Path | None = None) -> dict[str, Any]:
-    """``mammoseg predict``: new studies (DICOM files or folders, no ground truth) through a trained model or fold
-    ensemble, outside the workflow: ``out_dir/probabilities/`` (maps and ``predictions.csv``),
-    ``out_dir/findings/`` (per image: mask, overlay, DICOM SEG, JSON with candidates and marks) and
-    ``out_dir/findings.csv``, ``candidates.csv``, ``summary.txt``."""
-    from mammoseg.evaluation.calibrate import evaluation_threshold
-    from mammoseg.evaluation.summary import summarise_findings
-    from mammoseg.inference.predict import collect_images, run_predict_files
-
-    threshold = evaluation_threshold(config, "studies", operating_point)
-    out_dir = Path(out_dir)
-    images = collect_images(inputs)
-    run_predict_files(inputs, models, out_dir / "probabilities", config=config, plan=plan)
-    rows = [{"roi_id": "", "image_id": image_id, "patient_id": image_id, "image_path": str(Path(path).resolve()),
-             "mask_path": "", "pathology": ""} for image_id, path in images]
-    evaluate_chunk(out_dir / "probabilities", rows, Path("/"), out_dir / "findings", threshold=threshold,
-                   evaluate=config["evaluate"], experiment=experiment)
-    return summarise_findings([out_dir / "findings"], out_dir, experiment=experiment or "mammoseg",
-                              threshold=threshold)

@@ -350,10 +350,11 @@ FINDING_COLUMNS = ("image_id", "status", "reason", "marks", "marked_px", "max_sc
 
 
 def summarise_findings(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *, experiment: str,
-                       threshold: float) -> dict[str, Any]:  # fmt: skip
+                       threshold: float, source: str = "", warning: str = "") -> dict[str, Any]:  # fmt: skip
     """The tables of new studies (no ground truth): ``findings.csv`` (one row per image: marks at the operating
     threshold, their pixels, the highest score, the candidates; images that could not be predicted with their
-    reason), ``candidates.csv`` (every candidate: score, area, position) and ``summary.txt``."""
+    reason), ``candidates.csv`` (every candidate: score, area, position) and ``summary.txt``, which names the
+    studies' ``source`` (folder) and ends with ``warning`` (a line about the model, when there is one)."""
     records = read_image_records(chunk_dirs)
     out_dir = Path(out_dir)
     findings, candidates = [], []
@@ -370,10 +371,12 @@ def summarise_findings(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *,
     write_csv_atomic(out_dir / "findings.csv", table)
     write_csv_atomic(out_dir / "candidates.csv", pd.DataFrame(candidates))
     evaluated = table[table["status"] == "evaluated"]
-    text = (f"mammoseg findings of {experiment} on {len(records)} new studies (no ground truth): "
+    text = (f"mammoseg findings of {experiment} on {len(records)} new studies"
+            + (f" of {source}" if source else "") + " (no ground truth): "
             f"{int((evaluated['marks'] > 0).sum())} of {len(evaluated)} predicted images marked at threshold "
             f"{threshold:g} ({int(evaluated['marks'].sum())} marks)"
-            + (f"; {len(records) - len(evaluated)} not predicted (findings.csv)" if len(evaluated) < len(records) else ""))
+            + (f"; {len(records) - len(evaluated)} not predicted (findings.csv)" if len(evaluated) < len(records) else "")
+            + (f"\n  {warning}" if warning else ""))
     write_text_atomic(out_dir / "summary.txt", text + "\n")
     print(text)
     return {"text": text, "findings": table}

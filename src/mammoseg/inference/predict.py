@@ -244,7 +244,7 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
 
 
 def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str], *, views: bool = False) -> list[ImageTask]:
-    """Every (image_id, path) predicted by the mean of the same ``models`` (files given to ``mammoseg predict``).
+    """Every (image_id, path) predicted by the mean of the same ``models`` (files given to :func:`run_predict_files`).
 
     ``views``: read each file's view (:func:`mammoseg.data.restructure.view_position`, the manifest's rule),
     needed only to exclude the pectoral muscle.
@@ -268,7 +268,8 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
                 fold_of: Mapping[str, int] | None = None) -> list[ImageTask]:  # fmt: skip
     """The images of manifest ``rows`` with the models that predict them, sorted by image id.
 
-    ``image_set`` ``test`` or ``studies``: every image by the mean of all ``models`` (one per fold). ``oof``: each
+    ``image_set`` ``test``, ``studies`` or ``studies-<folder key>`` (new studies): every image by the mean of all
+    ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
     ``fit-<f>`` (:func:`fit_set`): the training images fold f's model was fit on (patients of the other folds),
@@ -282,7 +283,7 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     def task(image_id: str, row: Mapping[str, str], chosen: Sequence[str]) -> ImageTask:
         return ImageTask(image_id, str(base / row["image_path"]), tuple(map(str, chosen)), row.get("view", "") or "")
 
-    if image_set in ("test", "studies"):
+    if image_set == "test" or image_set.startswith("studies"):
         return [task(i, row, models) for i, row in sorted(images.items())]
     if fold_of is None or not (image_set == "oof" or image_set.startswith(FIT_SET)):
         raise ValueError(f"image set {image_set!r}: out-of-fold and fit predictions need the cross-validation's "
@@ -326,8 +327,10 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
 def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
     """(image_id, path) of every file given or found (recursively) in the folders given, hidden files excluded.
 
-    The image id is the path relative to the folder given (or the file's stem), made safe as a file name.
-    Non-DICOM files are kept here and refused, with a reason, when they are read.
+    The image id is the path relative to the folder given (or the file's stem), made safe as a file name: no
+    header is read. New studies are named from their headers instead, as the workflow names them
+    (:mod:`mammoseg.inference.studies`). Non-DICOM files are kept here and refused, with a reason, when they are
+    read.
     """
     from mammoseg.io.names import safe_name
 
@@ -350,7 +353,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
 
 def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
                       config: Mapping[str, Any], plan: str | Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """``mammoseg predict``: probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``.
+    """Probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``, nothing else: the
+    prediction stage alone (the benchmarks time it); ``mammoseg predict`` is
+    :func:`mammoseg.inference.studies.run_studies`.
 
     The window geometry and the normalisation come from ``plan`` (the model's ``plan.json``, also in an exported
     model's folder) or else from ``config['patches']``, which must then be the model's.

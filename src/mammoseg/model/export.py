@@ -78,6 +78,11 @@ _INTENDED_USE = (
     "not validated for clinical use. Trained on windows of scanned film mammograms (CBIS-DDSM); other sources, "
     "digital mammography in particular, are outside the training distribution."
 )
+#: The intended use of a model trained on the synthetic demo data (data.source: synthetic).
+_DEMO_USE = (
+    "A test of the mammoseg pipeline only: trained on the synthetic demo data (data.source: synthetic), drawn blobs "
+    "on smooth backgrounds, not on mammograms. Its marks on real mammograms mean nothing."
+)
 
 
 def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan: Plan,
@@ -250,7 +255,7 @@ def _model_card(paths: list[Path], models: list, side: int, plan: Plan, config: 
         "format": "mammoseg model card 1",
         "name": config["experiment"] or config["model"]["name"],
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "intended_use": _INTENDED_USE,
+        "intended_use": _DEMO_USE if config["data"]["source"] == "synthetic" else _INTENDED_USE,
         "files": {"saved_model": SAVED_MODEL_DIR, "onnx": onnx},
         "signature": _signature(side),
         "ensemble": {
@@ -353,7 +358,7 @@ def _training_data(fingerprint: dict[str, Any] | None) -> dict[str, Any]:
 
 
 #: config keys that hold local paths: meaningless to whoever receives the model, and they can name people
-_LOCAL_PATHS = {("results",), ("data", "root"), ("data", "csv_dir")}
+_LOCAL_PATHS = {("results",), ("data", "root"), ("data", "csv_dir"), ("studies", "root")}
 
 
 def _shareable_config(config: dict[str, Any]) -> dict[str, Any]:
