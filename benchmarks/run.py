@@ -381,7 +381,7 @@ def bench_inference_stage(work: Path, quick: bool) -> list[dict]:
     """Issue 17: the prediction stage as Snakemake runs it (chunks of infer.chunk_size images, the model loaded
     once per chunk) against one Python process that loads the model once and predicts the same images."""
     rows, measured = [], {}
-    for n_test in ([12] if quick else [12, 100]):
+    for n_test in ([8] if quick else [12, 100]):
         workdir = _stage_workdir(work, n_test, quick)
         done, _ = _snakemake(workdir, "--until", "predict_chunk", "--forcerun", "predict_chunk", timeout=1800)
         if done.returncode:
@@ -412,7 +412,7 @@ def bench_chunk_caching(work: Path, quick: bool) -> list[dict]:
     """Issue 17: after a run in chunks, a dry run with one changed test image schedules only that image's chunk."""
     import pydicom
 
-    n_test = 12 if quick else 100  # quick: the inference_stage row's workflow (same images and model) is reused
+    n_test = 8 if quick else 100  # quick: the inference_stage row's workflow (same images and model) is reused
     workdir = _stage_workdir(work, n_test, quick, infer={"chunk_size": n_test // 4})
     done, _ = _snakemake(workdir, timeout=1800)
     if done.returncode:
