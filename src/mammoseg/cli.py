@@ -70,8 +70,8 @@ def _fingerprint(args, config):
 
 
 def _plan(args, config):
-    from mammoseg.config.fingerprint import run_plan
     from mammoseg.config.keys import stage_keys
+    from mammoseg.config.plan import run_plan
 
     run_plan(config["patches"], stage_keys(config).patches, args.manifest, args.out)
 
@@ -125,9 +125,8 @@ def _predict(args, config):
 
 
 def _evaluate(args, config):
-    from mammoseg.evaluation.evaluate import run_evaluate_chunk
-
     from mammoseg.config.keys import stage_keys
+    from mammoseg.evaluation.evaluate import run_evaluate_chunk
 
     run_evaluate_chunk(args.predictions, args.manifest, args.out, chunk=args.chunk, config=config,
                        image_set=args.image_set, experiment=stage_keys(config).experiment,

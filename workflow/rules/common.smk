@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
-from mammoseg.config.keys import stage_keys, stage_settings
-from mammoseg.config.schema import section_hash
+from mammoseg.config.keys import first_round_config, stage_keys, stage_settings
 from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
+from mammoseg.config.schema import section_hash
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
-from mammoseg.patches.mining import first_round_config
+from mammoseg.model.folds import FIT_SET, fit_set
 
 # Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
 # as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.

@@ -70,8 +70,8 @@ rule mine:
         splits=lambda wildcards: f"{R}/models/{ROUND1.model}/splits.json",
         training_splits=f"{MODELS}/splits.json",
         predictions=lambda wildcards: expand(
-            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/fit-{wildcards.f}/chunk-{{c}}",
-            c=range(n_chunks(f"fit-{wildcards.f}")),
+            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/{fit_set(int(wildcards.f))}/chunk-{{c}}",
+            c=range(n_chunks(fit_set(int(wildcards.f)))),
         ),
         files=lambda wildcards: files_of(manifest_rows("train"), f"{DATA}/train"),
     output:

@@ -22,8 +22,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from mammoseg.config.schema import read_config_file, schema, validate_config
+from mammoseg.config.schema import in_schema_order, read_config_file, schema, validate_config
 from mammoseg.errors import ConfigError
+from mammoseg.io.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["DEMO_CONFIG", "default_configfiles", "parse_overrides", "merge", "resolve_config", "config_yaml"]
 
@@ -98,25 +99,14 @@ def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[st
         raise ConfigError(f"{exc} (config from {sources}{', --config' if overrides else ''})") from None
 
 
-def _in_schema_order(value: Any, spec: Mapping[str, Any]) -> Any:
-    properties = spec.get("properties")
-    if not isinstance(value, Mapping) or not properties:
-        return value
-    ordered = {key: _in_schema_order(value[key], properties[key]) for key in properties if key in value}
-    ordered.update({key: v for key, v in value.items() if key not in ordered})
-    return ordered
-
-
 def config_yaml(config: Mapping[str, Any]) -> str:
     """The configuration as YAML, keys in the schema's order (what ``mammoseg config show`` prints)."""
-    return yaml.safe_dump(_in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
 
 
 def write_resolved(config: Mapping[str, Any], keys: Mapping[str, str], out_config: str | Path,
                    out_keys: str | Path) -> None:  # fmt: skip
     """Write a run's resolved configuration (YAML) and its stage keys (JSON) beside its results."""
-    from mammoseg.io.atomic import write_json_atomic, write_text_atomic
-
     header = "# The resolved configuration of this experiment (mammoseg config show prints the same).\n"
     write_text_atomic(out_config, header + config_yaml(config))
     write_json_atomic(out_keys, dict(keys))
