@@ -119,8 +119,8 @@ def test_stage_packages_import_only_earlier_stages(position):
     one, so each can be read, tested and reused with only its predecessors."""
     stage = STAGE_PACKAGES[position]
     later = set(STAGE_PACKAGES[position + 1:])
-    top_level = ({path.stem for path in SOURCE.glob("*.py")} | {path.parent.name for path in SOURCE.glob("*/__init__.py")}) \
-        - set(STAGE_PACKAGES) - {"__init__", "errors"}
+    modules = {path.stem for path in SOURCE.glob("*.py")} | {path.parent.name for path in SOURCE.glob("*/__init__.py")}
+    top_level = modules - set(STAGE_PACKAGES) - {"__init__", "errors"}
     wrong = import_graph()[stage] & (later | top_level)
     assert not wrong, f"mammoseg.{stage} imports {sorted(wrong)}, which come after it"
 

@@ -144,7 +144,8 @@ def extract_all(manifest: Path, out_dir: Path, n_shards: int = 1, **overrides) -
 
 def load_shard(path: Path):
     with h5py.File(path, "r") as h5:
-        return h5["images"][()], h5["masks"][()], read_table(h5, "provenance"), read_table(h5, "skipped"), dict(h5.attrs)
+        return h5["images"][()], h5["masks"][()], read_table(h5, "provenance"), read_table(h5,
+                                                                                           "skipped"), dict(h5.attrs)
 
 
 def read_table_attrs(path: Path) -> dict:

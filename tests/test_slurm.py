@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tinyrun import TINY, job_environment, snakemake
 
 from mammoseg.config.resolve import resolve_config
-from tinyrun import TINY, job_environment, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"

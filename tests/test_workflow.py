@@ -1,6 +1,7 @@
 """Snakemake end to end on the tiny config, in a temporary folder: tables written and consistent, caching exact.
 
-One real run of the whole DAG (the session's ``tiny_run``, conftest.py), then dry runs that check what a change re-schedules:
+One real run of the whole DAG (the session's ``tiny_run``, conftest.py), then dry runs that check what a change
+re-schedules:
 nothing after a finished run; one test image's jobs after that image changes; training and what follows (but
 no extraction) after a training parameter changes; one shard after one training case changes.
 """
@@ -18,11 +19,11 @@ import pandas as pd
 import pydicom
 import pytest
 import yaml
+from tinyrun import scheduled_jobs, snakemake
 
 from mammoseg.config.keys import stage_keys
 from mammoseg.config.resolve import resolve_config
 from mammoseg.data.manifest import bucket_of, chunk_count, read_manifest
-from tinyrun import scheduled_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 

@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", _evaluate, "metrics, masks and overlays of one chunk of predictions")
     p.add_argument("--predictions", required=True, help="a prediction chunk folder (predictions.csv, *.prob.npz)")
     p.add_argument("--manifest", required=True, help="manifest.csv of the collection")
-    p.add_argument("--chunk", type=int, required=True, help="chunk index (the images of the manifest in chunks of infer.chunk_size)")
+    p.add_argument("--chunk", type=int, required=True,
+                   help="chunk index (the images of the manifest in chunks of infer.chunk_size)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-set", default="test", choices=["test", "oof", "studies"],
                    help="out-of-fold images are binarised at infer.threshold, the others at the calibrated one")

@@ -63,11 +63,13 @@ STUDIES = f"{R}/studies/studies-{section_hash(os.path.abspath(STUDIES_ROOT))[:8]
 
 
 def log_path(rule_name, *parts):
-    return f"{R}/logs/{rule_name}/" + "/".join(parts) + ".log"
+    """The log of one job of a rule: results/logs/<rule>/<parts...>.log."""
+    return os.path.join(R, "logs", rule_name, *parts) + ".log"
 
 
 def benchmark_path(rule_name, *parts):
-    return f"{R}/benchmarks/{rule_name}/" + "/".join(parts) + ".tsv"
+    """The benchmark table of one job of a rule: results/benchmarks/<rule>/<parts...>.tsv."""
+    return os.path.join(R, "benchmarks", rule_name, *parts) + ".tsv"
 
 
 def restructure_inputs(wildcards):

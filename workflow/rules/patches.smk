@@ -51,7 +51,10 @@ rule patch_manifest:
             labels={"table": "ROIs without patches"},
         ),
         grid=report(
-            f"{PATCHES}/patches.png", caption="../report/patches.rst", category="2. Patches", labels={"figure": "patches"}
+            f"{PATCHES}/patches.png",
+            caption="../report/patches.rst",
+            category="2. Patches",
+            labels={"figure": "patches"},
         ),
     conda:
         "../../envs/data.yaml"

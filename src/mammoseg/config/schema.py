@@ -56,7 +56,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = sorted(schema.get("properties", {}))
         return f"{error.message} at '{key}'; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"'{key}' = {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+        allowed_values = ", ".join(map(str, error.validator_value))
+        return f"'{key}' = {error.instance!r} is not allowed; allowed values: {allowed_values}"
     hint = schema.get("description")
     return f"'{key}': {error.message}" + (f" ({hint})" if hint else "")
 

@@ -30,7 +30,8 @@ from typing import Any
 from mammoseg.config.plan import patch_geometry
 from mammoseg.errors import InputError
 
-__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "load_model", "parameter_counts", "run_summary",
+__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "load_model", "parameter_counts",
+           "run_summary",
            "model_kwargs"]
 
 

@@ -17,7 +17,8 @@ Shard layout (``s = 2**n // downscale``)
 root attributes: :data:`ROOT_ATTRIBUTES`
 
 Images are assigned to shards by a stable hash of ``image_id`` (:func:`mammoseg.data.manifest.bucket_of`), so
-all ROIs of one image are in one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name and renamed
+all ROIs of one image are in one shard and a changed image rebuilds exactly one shard. Files are written under a
+temporary name and renamed
 (:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5 writes
 through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
 ``OSError`` naming the shard (the CLI: one line, exit 2), never in an HDF5 crash.
@@ -350,7 +351,8 @@ def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -
     needed = max_patches * patch_size * patch_size * 5 + (1 << 20)  # float32 image + uint8 mask per pixel
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise NoSpaceError(errno.ENOSPC, f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
+        raise NoSpaceError(errno.ENOSPC,
+                           f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
                                     f" needed ({max_patches} patches of {patch_size}x{patch_size} px), "
                                     f"{free / 2**20:.1f} MiB free")
 
@@ -379,7 +381,8 @@ def _collection_batches(groups: dict[str, list[dict]], base: Path, params: Patch
 
 def write_shard(out_path: str | Path, image_batches: Iterable[list[tuple[dict, np.ndarray, np.ndarray]]], *,
                 max_patches: int, patch_size: int, compression: str | None, image_compression: str | None,
-                tables: PatchTables, attrs: dict[str, Any], extra_attrs: dict[str, Any] | None = None) -> int:  # fmt: skip
+                tables: PatchTables, attrs: dict[str, Any], extra_attrs: dict[str,
+                                                                              Any] | None = None) -> int:  # fmt: skip
     """Write patches into one HDF5 shard (layout in the module docstring), atomically; the one shard writer.
 
     Parameters
