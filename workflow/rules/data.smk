@@ -10,7 +10,7 @@ rule synth:
     params:
         settings=SETTINGS["synth"],
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("synth", KEYS.synth),
     benchmark:
@@ -35,7 +35,7 @@ checkpoint restructure:
         source=SOURCE,
     threads: 4
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("restructure", KEYS.data, "{split}"),
     benchmark:
@@ -51,7 +51,7 @@ rule fingerprint:
     output:
         report(FINGERPRINT, caption="../report/fingerprint.rst", category="1. Data", labels={"table": "fingerprint"}),
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("fingerprint", KEYS.data),
     benchmark:
@@ -73,7 +73,7 @@ checkpoint index_studies:
         root=STUDIES_ROOT,
     threads: 4
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("index_studies", os.path.basename(STUDIES) or "none"),
     benchmark:

@@ -23,7 +23,7 @@ rule evaluate_chunk:
     group:
         "inference"
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("evaluate_chunk", KEYS.experiment, "{image_set}", "chunk-{c}"),
     benchmark:
@@ -39,7 +39,7 @@ rule calibrate:
     output:
         OPERATING_POINT,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("calibrate", KEYS.experiment),
     benchmark:
@@ -82,7 +82,7 @@ rule summarise:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("summarise", KEYS.experiment, "{image_set}"),
     benchmark:
@@ -99,7 +99,7 @@ rule experiment_config:
         config=config,
         stage_keys=KEYS.as_dict(),
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("experiment_config", KEYS.experiment),
     benchmark:
@@ -121,7 +121,7 @@ rule export_model:
     params:
         export=config["export"],
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("export_model", KEYS.experiment),
     benchmark:
@@ -147,7 +147,7 @@ rule summarise_studies:
     params:
         experiment=KEYS.experiment,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("summarise_studies", KEYS.experiment, "{image_set}"),
     benchmark:
@@ -173,7 +173,7 @@ rule report_pages:
         experiment=KEYS.experiment,
         image_sets=IMAGE_SETS,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("report_pages", KEYS.experiment),
     benchmark:

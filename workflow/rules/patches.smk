@@ -12,7 +12,7 @@ rule plan:
         settings=SETTINGS["patches"],
         key=KEYS.patches,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("plan", KEYS.patches),
     benchmark:
@@ -29,7 +29,7 @@ rule extract_shard:
     output:
         f"{PATCHES}/shard-{{k}}.h5",
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("extract_shard", KEYS.patches, "shard-{k}"),
     benchmark:
@@ -57,7 +57,7 @@ rule patch_manifest:
             labels={"figure": "patches"},
         ),
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("patch_manifest", KEYS.patches),
     benchmark:

@@ -20,7 +20,7 @@ rule predict_chunk:
     group:
         "inference"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("predict_chunk", "{run}", "{image_set}", "chunk-{c}"),
     benchmark:

@@ -15,7 +15,7 @@ rule splits:
         folds=config["train"]["folds"],
         seed=config["train"]["seed"],
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("splits", "{model}"),
     benchmark:
@@ -52,7 +52,7 @@ rule train:
         gpu=1,
     threads: workflow.cores
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("train", "{model}", "fold-{f}"),
     benchmark:
@@ -77,7 +77,7 @@ rule mine:
     output:
         f"{MODELS}/fold-{{f}}/hard_negatives.h5",
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("mine", KEYS.model, "fold-{f}"),
     benchmark:
