@@ -2,6 +2,7 @@
 # that read the restructured manifests once the `restructure` checkpoint has run.
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -70,6 +71,27 @@ def log_path(rule_name, *parts):
 def benchmark_path(rule_name, *parts):
     """The benchmark table of one job of a rule: results/benchmarks/<rule>/<parts...>.tsv."""
     return os.path.join(R, "benchmarks", rule_name, *parts) + ".tsv"
+
+
+# Each rule declares mem_mb (MB) and runtime (minutes) for a CBIS-DDSM-scale run on CPU nodes: defaults that a
+# cluster profile's set-resources overrides per rule (profiles/slurm). Those that grow with the data are functions
+# of the job's inputs, which Snakemake measures when it schedules the job.
+def scaled_by_input(base, per_mb):
+    """A resource of ``base`` plus ``per_mb`` per MB of the job's input files, rounded up."""
+    return lambda wildcards, input: math.ceil(base + per_mb * input.size_mb)
+
+
+def training_runtime(wildcards, input):
+    """Minutes for one fold: every epoch reads every patch of the shards once (on CPU about 20 MB of float32
+    patches a minute through the U-Net); half an hour for the start, the callbacks and the model folder."""
+    return math.ceil(30 + config["train"]["epochs"] * input.size_mb / 20)
+
+
+def export_memory(wildcards, input):
+    """MB for exporting the fold models, mostly input.size_mb (the .keras files) times what mammoseg.export
+    measured: a SavedModel peaks at about 6 times the weights (2.2 GB for the paper's 350 MB U-Net), the ONNX
+    conversion at about 50 to 65 times; 8 and 65 here, plus TensorFlow itself."""
+    return math.ceil(4000 + (65 if config["export"]["onnx"] else 8) * input.size_mb)
 
 
 def restructure_inputs(wildcards):

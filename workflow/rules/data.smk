@@ -9,6 +9,9 @@ rule synth:
         truth=f"{SYNTH}/truth.json",
     params:
         settings=SETTINGS["synth"],
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
         "../../envs/base.yaml"
     log:
@@ -33,6 +36,9 @@ checkpoint restructure:
     params:
         settings=SETTINGS["data"],
         source=SOURCE,
+    resources:
+        mem_mb=4000,
+        runtime=120,
     threads: 4
     conda:
         "../../envs/base.yaml"
@@ -50,6 +56,9 @@ rule fingerprint:
         test=f"{DATA}/test/manifest.csv",
     output:
         report(FINGERPRINT, caption="../report/fingerprint.rst", category="1. Data", labels={"table": "fingerprint"}),
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:
@@ -71,6 +80,9 @@ checkpoint index_studies:
         ),
     params:
         root=STUDIES_ROOT,
+    resources:
+        mem_mb=2000,
+        runtime=60,
     threads: 4
     conda:
         "../../envs/base.yaml"

@@ -20,6 +20,9 @@ rule evaluate_chunk:
     params:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(5, per_mb=0.05),
     group:
         "inference"
     conda:
@@ -38,6 +41,9 @@ rule calibrate:
         chunks=lambda wildcards: expand(f"{EXPERIMENT}/oof/chunk-{{c}}", c=range(n_chunks("oof"))),
     output:
         OPERATING_POINT,
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:
@@ -81,6 +87,9 @@ rule summarise:
     params:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
         "../../envs/base.yaml"
     log:
@@ -98,6 +107,9 @@ rule experiment_config:
     params:
         config=config,
         stage_keys=KEYS.as_dict(),
+    resources:
+        mem_mb=1000,
+        runtime=5,
     conda:
         "../../envs/base.yaml"
     log:
@@ -120,6 +132,9 @@ rule export_model:
         directory(f"{EXPERIMENT}/model"),
     params:
         export=config["export"],
+    resources:
+        mem_mb=export_memory,
+        runtime=60,
     conda:
         "../../envs/tensorflow.yaml"
     log:
@@ -146,6 +161,9 @@ rule summarise_studies:
         image_set="studies",
     params:
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
         "../../envs/base.yaml"
     log:
@@ -172,6 +190,9 @@ rule report_pages:
     params:
         experiment=KEYS.experiment,
         image_sets=IMAGE_SETS,
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:

@@ -11,6 +11,9 @@ rule plan:
     params:
         settings=SETTINGS["patches"],
         key=KEYS.patches,
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:
@@ -28,6 +31,9 @@ rule extract_shard:
         files=shard_files,
     output:
         f"{PATCHES}/shard-{{k}}.h5",
+    resources:
+        mem_mb=4000,
+        runtime=scaled_by_input(10, per_mb=0.02),
     conda:
         "../../envs/base.yaml"
     log:
@@ -56,6 +62,9 @@ rule patch_manifest:
             category="2. Patches",
             labels={"figure": "patches"},
         ),
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:

@@ -16,6 +16,8 @@ rule predict_chunk:
         # {run} = {model key}/{inference key}, one of the pairs this configuration makes (common.smk)
         run=one_of(PREDICTION_RUNS),
     resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(10, per_mb=0.1),
         gpu=1,
     group:
         "inference"

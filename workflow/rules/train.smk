@@ -14,6 +14,9 @@ rule splits:
     params:
         folds=config["train"]["folds"],
         seed=config["train"]["seed"],
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
         "../../envs/base.yaml"
     log:
@@ -49,7 +52,12 @@ rule train:
         # the model key's `model` and `train` sections (params, so that Snakemake compares exactly these)
         settings=lambda wildcards: stage_settings(CONFIG_OF_MODEL[wildcards.model])["model"],
     resources:
+        mem_mb=8000,
+        runtime=training_runtime,
         gpu=1,
+    # an interrupted training continues from its last finished epoch (the fold's _resume/ folder): a retry
+    # after a node failure or a time limit loses at most one epoch
+    retries: 2
     threads: workflow.cores
     conda:
         "../../envs/tensorflow.yaml"
@@ -76,6 +84,9 @@ rule mine:
         files=lambda wildcards: files_of(manifest_rows("train"), f"{DATA}/train"),
     output:
         f"{MODELS}/fold-{{f}}/hard_negatives.h5",
+    resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(10, per_mb=0.05),
     conda:
         "../../envs/tensorflow.yaml"
     log:
