@@ -73,7 +73,7 @@ def benchmark_path(rule_name, *parts):
     return os.path.join(R, "benchmarks", rule_name, *parts) + ".tsv"
 
 
-# Each rule declares mem_mb (MB) and runtime (minutes) for a CBIS-DDSM-scale run on CPU nodes: defaults that a
+# The rules declare mem_mb (MB) and runtime (minutes) for a CBIS-DDSM-scale run on CPU nodes, defaults that a
 # cluster profile's set-resources overrides per rule (profiles/slurm). Those that grow with the data are functions
 # of the job's inputs, which Snakemake measures when it schedules the job.
 def scaled_by_input(base, per_mb):
