@@ -50,8 +50,8 @@ def dataset_fingerprint(manifests: list[pd.DataFrame]) -> dict[str, Any]:
                 "rois_per_image_max": int(lesions.groupby("image_id").size().max()) if len(lesions) else 0,
                 "image_rows_px": _size_stats(images["image_rows"]),
                 "image_cols_px": _size_stats(images["image_cols"]),
-                "pathology": {str(k): int(n) for k, n in rows["pathology"].replace("",
-                                                                                   "unknown").value_counts().items()},
+                "pathology": {str(k): int(n)
+                              for k, n in rows["pathology"].replace("", "unknown").value_counts().items()},
             }
     shared = sorted(patients.get("train", set()) & patients.get("test", set()))
     if shared:

@@ -70,8 +70,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict[str,
-                                                                                                               Any]:
+def resolve_config(configfiles: Sequence[str | Path] = (),
+                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Schema defaults, then each of ``configfiles`` in order, then ``overrides``; validated.
 
     Parameters

@@ -622,8 +622,8 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
         if not folder.is_dir():
             raise InputError(f"{folder}: {key} names no folder")
         for entry in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
-            hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts if ignored_reason(part)),
-                          "")
+            hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts
+                           if ignored_reason(part)), "")
             if hidden:
                 plan.skip("ignored", f"{entry}: {hidden}", source=str(entry))
                 continue
@@ -746,8 +746,8 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
     for folder, names in placed.items():
         _remove_stale(out_dir / folder, names)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    skipped = pd.DataFrame(plan.skipped, columns=SKIPPED_COLUMNS).sort_values(["reason", "roi_id", "image_id",
-                                                                               "source_path"])
+    skipped = pd.DataFrame(plan.skipped, columns=SKIPPED_COLUMNS)
+    skipped = skipped.sort_values(["reason", "roi_id", "image_id", "source_path"])
     skipped["source_path"] = [os.path.abspath(p) if p else "" for p in skipped["source_path"]]
     write_csv_atomic(out_dir / "manifest.csv", manifest)
     write_csv_atomic(out_dir / "skipped.csv", skipped)
