@@ -9,16 +9,19 @@ from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.keys import first_round_config, stage_keys, stage_settings
-from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
+from mammoseg.config.resolve import default_configfiles, resolve_workflow_config
 from mammoseg.config.schema import section_hash
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
 from mammoseg.model.folds import FIT_SET, fit_set
 
-# Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
-# as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
-_resolved = resolve_config(
-    list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
-    parse_overrides(workflow.config_settings.config_args),
+# Schema defaults <- the `config` Snakemake hands over (the --configfile files, or the config a calling workflow
+# passes to its `module` statement; the demo, config/config.yaml beside this workflow, when neither gives one)
+# <- --config, parsed as YAML. `config` is then the resolved configuration, which the scripts receive.
+_resolved = resolve_workflow_config(
+    config,
+    config_args=workflow.config_settings.config_args,
+    configfiles=workflow.config_settings.configfiles,
+    demo_files=default_configfiles(Path(workflow.current_basedir).parents[1]),
 )
 config.clear()
 config.update(_resolved)
