@@ -274,8 +274,8 @@ def plan_dataset(*, n_train: int, n_test: int, seed: int, quirks: bool, abnormal
     ``quirks``: ROI k (counted over the dataset) has swapped numbering on disk when k % 5 == 2 and its crop
     and mask in separate studies when k % 7 == 3; two-file ROI series are labelled 'cropped images' in
     NBIA layouts when k % 4 == 1; mass margins are the literal 'NA' when k % 6 == 0; train image 1 has
-    ids [1, 3] and test image 1 has ids [2] (id gaps); the last ROI of the first train image with two or more ROIs gets
-    a mask of the wrong size.
+    ids [1, 3] and test image 1 has ids [2] (id gaps); the last ROI of the first train image with two or more
+    ROIs gets a mask of the wrong size.
     """
     if abnormality not in COLLECTION_NAMES:
         raise ValueError(f"abnormality must be 'mass' or 'calc', got {abnormality!r}")

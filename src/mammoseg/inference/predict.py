@@ -1,11 +1,10 @@
 """Stage ``predict``: probability maps for a chunk of full mammograms, the model loaded once per chunk.
 
-A prediction job handles every image of one chunk (:func:`mammoseg.data.manifest.bucket_of`, the stable hash that
-also assigns shards, over :func:`~mammoseg.data.manifest.chunk_count` chunks), so TensorFlow is imported and each model
-loaded once per chunk instead of once per image, and
-the next image is read and decoded in a background thread while the network runs on the current one. An image
-whose file cannot be read is recorded in the chunk's ``predictions.csv`` with its reason and the others are
-still predicted: one bad file never stops the workflow.
+A prediction job handles every image of one chunk (:func:`mammoseg.data.manifest.bucket_of`, the stable hash that also
+assigns shards, over :func:`~mammoseg.data.manifest.chunk_count` chunks), so TensorFlow is imported and each model
+loaded once per chunk instead of once per image, and the next image is read and decoded in a background thread while the
+network runs on the current one. An image whose file cannot be read is recorded in the chunk's ``predictions.csv`` with
+its reason and the others are still predicted: one bad file never stops the workflow.
 
 Outputs of a chunk (a folder, written under a temporary name and renamed when complete):
 ``{image_id}.prob.npz`` (``prob``: uint8 (rows, cols) = round(p × 255); ``meta``: JSON text) per predicted image,
@@ -243,9 +242,8 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     ``image_set`` ``test`` or ``studies``: every image by the mean of all ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
-    ``fit-<f>`` (:func:`mammoseg.model.folds.fit_set`): the training images fold f's model was fit on (patients of the
-    other folds),
-    by that model: where hard-negative mining looks for its false positives.
+    ``fit-<f>`` (:func:`mammoseg.model.folds.fit_set`): the training images fold f's model was fit on (patients of
+    the other folds), by that model: where hard-negative mining looks for its false positives.
     """
     images: dict[str, Mapping[str, str]] = {}
     for row in rows:

@@ -31,8 +31,7 @@ from mammoseg.config.plan import patch_geometry
 from mammoseg.errors import InputError
 
 __all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "load_model", "parameter_counts",
-           "run_summary",
-           "model_kwargs"]
+           "run_summary", "model_kwargs"]
 
 
 #: How the encoder halves the resolution: ``max`` = 2 x 2 max pooling (the paper); ``blurmax`` = MaxBlurPool.

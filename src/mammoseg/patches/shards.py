@@ -16,11 +16,10 @@ Shard layout (``s = 2**n // downscale``)
 ``skipped/``    one 1-D dataset per column of :data:`SKIPPED_COLUMNS`
 root attributes: :data:`ROOT_ATTRIBUTES`
 
-Images are assigned to shards by a stable hash of ``image_id`` (:func:`mammoseg.data.manifest.bucket_of`), so
-all ROIs of one image are in one shard and a changed image rebuilds exactly one shard. Files are written under a
-temporary name and renamed
-(:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5 writes
-through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
+Images are assigned to shards by a stable hash of ``image_id`` (:func:`mammoseg.data.manifest.bucket_of`), so all ROIs
+of one image are in one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name
+and renamed (:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5
+writes through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
 ``OSError`` naming the shard (the CLI: one line, exit 2), never in an HDF5 crash.
 
 This module imports neither TensorFlow nor (at import time) h5py/pandas.
