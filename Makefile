@@ -37,8 +37,11 @@ test: install
 test-quick: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
+# Snakemake's own lint of the rules, their format (snakefmt) and the Python's (ruff); configured in pyproject.toml.
 lint: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint --configfile config/config.yaml
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/ruff check .
 
 bench: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/run.py

@@ -21,7 +21,7 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     split="train|test",
-    image_set=r"test|oof|studies-[A-Za-z0-9._-]+|fit-\d+",
+    image_set=rf"test|oof|studies-[A-Za-z0-9._-]+|{FIT_SET}\d+",
     k=r"\d+",
     c=r"\d+",
     f=r"\d+",

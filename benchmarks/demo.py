@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{f['tpr_at_1_fppi']:.3f} | {f['cpm']:.3f} | "
                      f"{'met' if all(r['goals_met'].values()) else 'MISSED'} |")
     all_met = all(all(r["goals_met"].values()) for r in records)
-    lines += ["", f"Goals (TPR at 0.5 FPPI >= 1.0, pooled Dice >= 0.75) met by every seed: {'yes' if all_met else 'NO'}. "
+    lines += ["",
+              f"Goals (TPR at 0.5 FPPI >= 1.0, pooled Dice >= 0.75) met by every seed: {'yes' if all_met else 'NO'}. "
               f"A new user's run (seed {first['seed']}, data stages included) within {BUDGET_REFERENCE_EPOCHS:g} "
               f"reference epochs: {'yes' if within else 'NO'} ({first['reference_epochs']:.1f})."]
     text = "\n".join(lines) + "\n"

@@ -17,6 +17,8 @@ import pydicom
 
 from mammoseg.config import validate_config
 from mammoseg.data.layouts import detect_layout, find_case_root, index_tree, list_files
+from mammoseg.data.manifest import read_manifest
+from mammoseg.inference.predict import make_predictor
 from mammoseg.inference.sliding import (
     _pad_to_window,
     _skip_reason,
@@ -24,13 +26,12 @@ from mammoseg.inference.sliding import (
     paper_crop_box,
     paper_windows,
 )
-from mammoseg.inference.predict import make_predictor
 from mammoseg.io.dicom import header_record
 from mammoseg.model.dataset import ShardReader, make_dataset, read_provenance
 from mammoseg.model.train import build_model, configure_runtime
 from mammoseg.patches.geometry import preprocess_window
-from mammoseg.data.manifest import read_manifest
 from mammoseg.patches.shards import extract_shard
+
 
 # ---- from mammoseg.data.layouts -------------------------------------------------------------------------------
 def benchmark_indexing(root: str | Path, *, collection_prefix: str | None = None, repeats: int = 3) -> dict:
@@ -196,7 +197,8 @@ def benchmark_extraction_memory(manifest_csv: str | Path, out_path: str | Path, 
         "import json, sys\n"
         "import h5py, pandas, pydicom, numpy\n"
         "from mammoseg.patches.shards import extract_shard\n"
-        "import mammoseg.io.dicom, mammoseg.io.masks  # noqa: F401 - imported before the baseline, as extraction needs\n"
+        # imported before the baseline, as extraction needs them
+        "import mammoseg.io.dicom, mammoseg.io.masks  # noqa: F401\n"
         "def status(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key + ':'):\n"
@@ -370,7 +372,7 @@ def measure_peak_rss(config: dict, model_path: str | Path, image_path: str | Pat
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"inference subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    line = [l for l in done.stdout.splitlines() if l.startswith("RSS_JSON=")][-1]
+    line = [out for out in done.stdout.splitlines() if out.startswith("RSS_JSON=")][-1]
     report = json.loads(line[len("RSS_JSON="):])
     kib = int(report["maxrss_kib"])
     return {"peak_rss_mib": kib / 1024, "peak_rss_gib": kib / 1024**2, "seconds": seconds, "meta": report["meta"]}

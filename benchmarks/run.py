@@ -204,8 +204,7 @@ def bench_extraction_demo(work: Path, quick: bool) -> list[dict]:
 
 
 def bench_read_vs_train(work: Path, quick: bool) -> list[dict]:
-    from measures import benchmark_read_rate
-    from measures import benchmark_training
+    from measures import benchmark_read_rate, benchmark_training
 
     manifest = demo_manifest(work, 8 if quick else 24)
     shards = demo_shards(work, manifest)
@@ -225,10 +224,10 @@ def bench_read_vs_train(work: Path, quick: bool) -> list[dict]:
 
 def bench_inference(work: Path, quick: bool) -> list[dict]:
     import numpy as np
-
-    from mammoseg.io.dicom import read_mammogram
     from measures import benchmark_inference
+
     from mammoseg.inference.predict import load_model
+    from mammoseg.io.dicom import read_mammogram
 
     images = real_mammograms()
     if images:
@@ -315,7 +314,8 @@ def bench_dag(work: Path, quick: bool) -> list[dict]:
         times.append(seconds)
     jobs = _job_count(done.stdout + done.stderr)
     measured = (f"{n_rows[0]}+{n_rows[1]} kept ROIs (train+test), {jobs} jobs: snakemake -n "
-                f"{times[0]:.1f} s cold, {times[1]:.1f} s warm (tree {tree_s:.0f} s, restructure {restructure_s:.0f} s)")
+                f"{times[0]:.1f} s cold, {times[1]:.1f} s warm "
+                f"(tree {tree_s:.0f} s, restructure {restructure_s:.0f} s)")
     return [row("dry-run DAG build at CBIS mass scale (seconds)", measured, round(max(times), 2), "<= 15 s",
                 max(times) <= 15, {"dry_run_s": times, "jobs": jobs, "manifest_rows": n_rows,
                                    "tree_s": tree_s, "restructure_s": restructure_s})]
@@ -483,8 +483,8 @@ def bench_inference_memory(work: Path, quick: bool) -> list[dict]:
 
 def bench_extraction_memory(work: Path, quick: bool) -> list[dict]:
     import pandas as pd
-
     from measures import benchmark_extraction_memory
+
     from mammoseg.data.synth import generate_dataset
     from mammoseg.testing.trees import tree_from_csv
 
@@ -577,7 +577,8 @@ def describe_machine() -> dict[str, Any]:
     return {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
         "ram_gib": ram_gib, "os": platform.platform(), "python": platform.python_version(),
-        "versions": versions, "git_commit": commit or "unknown", "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions, "git_commit": commit or "unknown",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
     }
 
 

@@ -38,8 +38,9 @@ def tiny_run(tmp_path_factory):
     variants beside it (other keyed folders) and may change an input for a dry run if it restores the bytes
     after; it never deletes or damages the run's own outputs (tests that must, copy it or make their own run).
     """
-    from mammoseg.config.resolve import resolve_config
     from tinyrun import TINY, failure, snakemake
+
+    from mammoseg.config.resolve import resolve_config
 
     workdir = tmp_path_factory.mktemp("tiny-run")
     shutil.copy(TINY, workdir / "config.yaml")

@@ -196,7 +196,8 @@ def _mias_images():
 @pytest.mark.realdata
 def test_mias_dev_masses_are_never_removed():
     """Every mass circle's tissue pixels (>= 5 % of the image maximum, i.e. not background) survive the breast
-    mask and the pectoral exclusion; the muscle, where found, has its centroid in the top half of the image and the chest-wall half of the breast."""
+    mask and the pectoral exclusion; the muscle, where found, has its centroid in the top half of the image and the
+    chest-wall half of the breast."""
     seen = 0
     for folder, image, masses in _mias_images():
         keep = apply_anatomy(np.full(image.shape, 255, np.uint8), image, None, "MLO", breast_mask=True,

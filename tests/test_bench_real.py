@@ -72,7 +72,8 @@ def test_skips_cleanly_without_data(tmp_path):
 
 
 def test_a_folder_without_case_csvs_is_not_data(real, tmp_path):
-    assert real.missing_data_reason(tmp_path) and "mass_case_description_train_set.csv" in real.missing_data_reason(tmp_path)
+    reason = real.missing_data_reason(tmp_path)
+    assert reason and "mass_case_description_train_set.csv" in reason
     (tmp_path / "mass_case_description_train_set.csv").write_text("")
     assert real.missing_data_reason(tmp_path) == ""
 

@@ -13,9 +13,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from mammoseg.io.dicom import DicomReadError, header_record, read_header, read_mammogram
+from mammoseg.io.dicomwrite import DicomHeader, build_dataset
 from mammoseg.io.masks import binary_fraction, mask_from_pixels, read_mask
 from mammoseg.io.names import safe_name
-from mammoseg.io.dicomwrite import DicomHeader, build_dataset
 
 HEADER = DicomHeader("Mass-Training_P_00001_LEFT_CC", "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6", "full mammogram images",
                      "20160720", "L", "CC")  # fmt: skip
@@ -279,7 +279,8 @@ def test_safe_name_rejects_empty(text):
 
 
 def test_hostile_patient_id_survives_indexing(tmp_path):
-    header = DicomHeader("../../evil\x00" + "x" * 60, "1.2", "1.2.3", "1.2.3.4", "ROI mask images", "20160720", "L", "CC")
+    header = DicomHeader("../../evil\x00" + "x" * 60, "1.2", "1.2.3", "1.2.3.4", "ROI mask images", "20160720", "L",
+                         "CC")
     path = write(tmp_path / "h.dcm", np.zeros((4, 4), np.uint8), header=header)
     record = header_record(path)
     assert record["readable"] and record["PatientID"].startswith("../../evil\x00")

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from dicom_helpers import write_test_dicom
+from PIL import Image
 from sklearn.metrics import f1_score, jaccard_score
 
-from PIL import Image
-
-from mammoseg.errors import InputError
 from mammoseg.config import validate_config
+from mammoseg.errors import InputError
 from mammoseg.evaluation import evaluate, summary
 from mammoseg.inference import predict
-from dicom_helpers import write_test_dicom
 
 SHAPE = (64, 80)
 HIT, MISSED_LEVEL, FP_LEVEL = 230, 100, 200  # uint8 probability levels (0.90, 0.39, 0.78)
@@ -153,7 +152,7 @@ def test_froc_over_candidate_scores_by_hand(evaluated):
 
 def test_pooled_metrics_against_concatenated_masks(evaluated):
     _, lesions, probs, _, summary_, _ = evaluated
-    truth = np.concatenate([np.any(list(l.values()), axis=0).ravel() for l in lesions.values()])
+    truth = np.concatenate([np.any(list(masks.values()), axis=0).ravel() for masks in lesions.values()])
     pred = np.concatenate([(probs[k] >= 128).ravel() for k in lesions])
     s = summary_["summary"][0]
     assert s["pooled_dice"] == pytest.approx(f1_score(truth, pred))
@@ -226,10 +225,12 @@ def test_a_normal_image_with_a_planted_false_positive_counts_one_fp_and_no_lesio
     write_test_dicom(manifest.parent / "images" / "P_4_RIGHT_CC.dcm", np.full(SHAPE, 900, dtype=np.uint16))
     predict.save_prediction(clean, chunk / "P_4_RIGHT_CC.prob.npz", {"mode": "paper"})
     status = pd.read_csv(chunk / "predictions.csv", dtype=str, keep_default_na=False)
-    extra = [{"image_id": i, "status": "predicted", "reason": "", "message": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
+    extra = [{"image_id": i, "status": "predicted", "reason": "", "message": ""} for i in ("P_3_LEFT_MLO",
+                                                                                           "P_4_RIGHT_CC")]
     pd.concat([status, pd.DataFrame(extra)]).to_csv(chunk / "predictions.csv", index=False)
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    normals = [{"roi_id": "", "image_id": i, "patient_id": i[:3], "split": "test", "abnormality_id": "0", "pathology": "NORMAL",
+    normals = [{"roi_id": "", "image_id": i, "patient_id": i[:3], "split": "test", "abnormality_id": "0",
+                "pathology": "NORMAL",
                 "image_path": f"images/{i}.dcm", "mask_path": ""} for i in ("P_3_LEFT_MLO", "P_4_RIGHT_CC")]
     pd.concat([table, pd.DataFrame(normals)]).to_csv(manifest, index=False)
     out = tmp_path / "experiment" / "test" / "chunk-0"

@@ -1,4 +1,4 @@
-"""Model export (mammoseg.model.export): SavedModel served in a fresh process, ONNX, fold means, the model card."""
+"""Model export (mammoseg.export): SavedModel served in a fresh process, ONNX, fold means, the model card."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mammoseg.errors import InputError  # noqa: E402
 from mammoseg.config import validate_config  # noqa: E402
 from mammoseg.config.plan import Plan, build_plan  # noqa: E402
-from mammoseg.model.export import MODEL_CARD_FIELDS, export_model  # noqa: E402
+from mammoseg.errors import InputError  # noqa: E402
+from mammoseg.export import MODEL_CARD_FIELDS, export_model  # noqa: E402
 from mammoseg.model.unet import build_unet, count_parameters, model_kwargs, parameter_counts  # noqa: E402
 
 #: 128 px windows downscaled by 4: a 32 px network input, as small as a depth-2 U-Net allows comfortably
@@ -293,7 +293,7 @@ def test_export_replaces_an_earlier_one(folds, tmp_path):
 
 def test_failed_check_leaves_no_folder(folds, tmp_path, monkeypatch):
     """A failure inside the export (here: the SavedModel check) leaves neither the folder nor a temporary one."""
-    from mammoseg.model import export
+    from mammoseg import export
 
     monkeypatch.setattr(export, "MAX_EXPORT_DIFFERENCE", -1.0)
     with pytest.raises(ValueError, match="SavedModel differs"):

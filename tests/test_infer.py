@@ -8,13 +8,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from dicom_helpers import write_test_dicom
 
+from mammoseg.config.plan import PatchGeometry
+from mammoseg.errors import InputError
 from mammoseg.evaluation.metrics import binarise
 from mammoseg.inference import predict
 from mammoseg.inference import sliding as infer
-from mammoseg.config.plan import PatchGeometry
-from mammoseg.errors import InputError
-from dicom_helpers import write_test_dicom
 from mammoseg.inference.sliding import BreastSide
 
 WINDOW, DOWNSCALE = 32, 4  # model input s = 8
@@ -340,10 +340,10 @@ def test_a_chunk_with_a_bad_image_predicts_the_others_and_records_it(oracle_mode
 
 
 def test_the_breast_mask_option_zeroes_the_map_outside_the_breast_and_nothing_else(oracle_model_path, tmp_path):
+    import keras
+
     from mammoseg.config import validate_config
     from mammoseg.inference.anatomy import breast_mask
-
-    import keras
 
     inverse = keras.saving.load_model(oracle_model_path)  # dark -> 1: the background would be all foreground
     inverse.get_layer("oracle").set_weights([np.full((1, 1, 1, 1), -20.0, np.float32), np.array([10.0], np.float32)])
@@ -440,6 +440,7 @@ def test_paper_mode_on_a_real_mammogram_with_an_untrained_model():
 @pytest.mark.slow
 def test_benchmark_batched_beats_per_window_predict():
     import measures
+
     from mammoseg.io.dicom import read_mammogram
 
     image = read_mammogram(_real_cases()[0]["lcc"])

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mammoseg.errors import InputError
-
 from mammoseg.data.layouts import (
     INDEX_COLUMNS,
     LAYOUTS,
@@ -17,6 +15,7 @@ from mammoseg.data.layouts import (
     index_tree,
     parse_case_name,
 )
+from mammoseg.errors import InputError
 
 synth = pytest.importorskip("mammoseg.data.synth", reason="mammoseg.data.synth (the tree generator) is not there yet")
 

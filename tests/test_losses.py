@@ -60,15 +60,6 @@ def test_weighted_bce_needs_a_weight():
         losses.get_loss("weighted_bce")
 
 
-def test_pos_weight_balances_the_classes():
-    y, _ = _arrays()
-    n_white = int(y.sum())
-    weight = losses.pos_weight_from_counts(y.size - n_white, n_white)
-    assert weight * n_white == pytest.approx(y.size - n_white)
-    with pytest.raises(ValueError, match="no lesion pixel"):
-        losses.pos_weight_from_counts(100, 0)
-
-
 def test_soft_dice_and_bce_dice_match_numpy():
     y, p = _arrays()
     assert float(losses.get_loss("dice")(y, p)) == pytest.approx(_np_soft_dice_loss(y, p), rel=1e-5)

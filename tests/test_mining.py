@@ -1,4 +1,4 @@
-"""Hard-negative mining (mammoseg.patches.mining): windows on planted false positives, and the mined shard."""
+"""Hard-negative mining (mammoseg.mining): windows on planted false positives, and the mined shard."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mammoseg.mining import fp_components, mine_windows, run_mine
 from mammoseg.patches.geometry import preprocess_window
-from mammoseg.patches.mining import fp_components, mine_windows, run_mine
 from mammoseg.patches.shards import PROVENANCE_COLUMNS, read_table
 
 WINDOW = 64
@@ -140,11 +140,12 @@ def test_shapes_must_agree():
 def mined(tmp_path):
     """Two training images with one lesion each, one normal image (no ROI) and a test image; first-round
     predictions with one planted false positive per training image."""
+    from test_shards import Lesion, extract_all, write_collection, write_dicom
+
     from mammoseg.config.plan import build_plan
     from mammoseg.config.schema import validate_config
     from mammoseg.data.manifest import read_manifest
     from mammoseg.inference.predict import save_prediction
-    from test_shards import Lesion, extract_all, write_collection, write_dicom
 
     shape = (192, 160)
     images = {"P_00001_LEFT_MLO": (shape, [Lesion(20, 20, 40, 44)]),
@@ -206,8 +207,8 @@ def test_run_mine_writes_extraction_layout_with_named_zero_mask_patches(mined):
 
 def test_mined_patches_are_normalised_as_the_plan_says():
     from mammoseg.config.plan import PatchGeometry
+    from mammoseg.mining import mined_patches
     from mammoseg.patches.geometry import image_intensity_range
-    from mammoseg.patches.mining import mined_patches
 
     image = np.random.default_rng(6).uniform(100, 200, (128, 96)).astype(np.float32)
     image[:32, :32] += 300
@@ -246,9 +247,8 @@ def test_images_without_a_prediction_are_recorded(mined, tmp_path):
 
 
 def test_the_first_round_is_the_plain_runs_model_whatever_the_mining_settings():
-    from mammoseg.config.keys import stage_keys
+    from mammoseg.config.keys import first_round_config, stage_keys
     from mammoseg.config.schema import validate_config
-    from mammoseg.patches.mining import first_round_config
 
     plain = validate_config({"train": {"folds": 3, "epochs": 7}})
     mining = validate_config({"train": {"folds": 3, "epochs": 7, "hard_negatives": {"per_image": 4, "min_prob": 0.3}}})

@@ -112,9 +112,9 @@ def test_the_evaluate_stage_measures_the_post_processed_map(tmp_path):
     import json
 
     from PIL import Image
+    from test_evaluate import CONFIG, HIT, build_case
 
     from mammoseg.evaluation import evaluate
-    from test_evaluate import CONFIG, HIT, build_case
 
     manifest, lesions, probs, chunk = build_case(tmp_path)
     config = {**CONFIG, "evaluate": {**CONFIG["evaluate"], "postprocess": {"min_area": 0, "top_k": 1}}}
@@ -200,10 +200,10 @@ def test_the_evaluate_stage_binarises_candidate_by_candidate(tmp_path):
     import json
 
     from PIL import Image
+    from test_evaluate import CONFIG, _box, build_case
 
     from mammoseg.evaluation import evaluate, summary
     from mammoseg.inference import predict
-    from test_evaluate import CONFIG, _box, build_case
 
     manifest, lesions, probs, chunk = build_case(tmp_path)
     faded = probs["P_1_LEFT_CC"].copy()

@@ -284,7 +284,8 @@ def test_leak_check_finds_planted_values(tmp_path):
 def test_derived_artefacts_carry_no_identifying_values(identified_tree, tmp_path):
     pytest.importorskip("tensorflow")
     from mammoseg.config import validate_config
-    from mammoseg.config.fingerprint import run_fingerprint, run_plan
+    from mammoseg.config.fingerprint import run_fingerprint
+    from mammoseg.config.plan import run_plan
     from mammoseg.data.restructure import restructure_collection
     from mammoseg.evaluation.evaluate import run_evaluate_chunk
     from mammoseg.evaluation.summary import run_summarise

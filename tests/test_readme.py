@@ -36,7 +36,6 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-
 from tinyrun import scheduled_jobs  # noqa: E402
 
 #: Commands that are not run here, and why.

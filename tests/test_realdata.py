@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import CBIS_CSV_DIR
 
-from mammoseg.io.dicom import header_record, read_mammogram, read_stored_pixels
 from mammoseg.data.layouts import index_tree, parse_case_name
 from mammoseg.data.restructure import restructure_collection
-
-from conftest import CBIS_CSV_DIR
+from mammoseg.io.dicom import header_record, read_mammogram, read_stored_pixels
 
 pytestmark = pytest.mark.realdata
 

@@ -201,7 +201,7 @@ def test_table_pages_render_their_tables_in_headless_chromium(report, tmp_path):
 def test_a_studies_run_s_report_embeds_its_findings(tiny_run, tmp_path):
     """With studies.root, the report of that configuration holds the studies' findings table, their summary (with
     the warning of a model trained on the synthetic demo) and the overlay of each study."""
-    from mammoseg.inference.studies import studies_set
+    from mammoseg.studies import studies_set
 
     workdir, _, _ = tiny_run
     where = run_folders(workdir)

@@ -10,14 +10,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from dicom_helpers import write_test_dicom
 from pydicom.uid import JPEG2000Lossless
 
-from mammoseg.io.dicom import read_mammogram
-from mammoseg.io.masks import read_mask
-from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
 from mammoseg.config import validate_config
 from mammoseg.data.layouts import LAYOUTS
-from dicom_helpers import write_test_dicom
 from mammoseg.data.restructure import (
     MANIFEST_COLUMNS,
     SKIP_REASONS,
@@ -27,6 +24,9 @@ from mammoseg.data.restructure import (
     summary_text,
 )
 from mammoseg.errors import InputError
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid
+from mammoseg.io.masks import read_mask
 
 synth = pytest.importorskip("mammoseg.data.synth", reason="mammoseg.data.synth (the tree generator) is not there yet")
 
@@ -107,7 +107,8 @@ def test_calcifications_same_code(tmp_path):
     truth = json.loads((root / "truth.json").read_text())
     summary = restructure_collection(root, tmp_path / "out", abnormality="calc", split="train", progress=False)
     manifest, _ = _check_accounting(summary, tmp_path / "out")
-    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"] if r["split"] == "train" and r["fate"] == "kept"}
+    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"]
+                                       if r["split"] == "train" and r["fate"] == "kept"}
     assert (manifest["abnormality"] == "calc").all() and summary["collection"] == "Calc-Training"
     # the calc CSV's own attributes reach the manifest; the mass-only columns stay empty
     csv = pd.read_csv(root / "csv" / "calc_case_description_train_set.csv", dtype=str, keep_default_na=False)
@@ -159,7 +160,8 @@ def test_tree_from_real_csv_rows(tmp_path, cbis_csv_dir):
     csv = cbis_csv_dir / "mass_case_description_test_set.csv"
     tree_from_csv([csv], tmp_path / "tree", layout="nbia", limit=60)
     truth = json.loads((tmp_path / "tree" / "truth.json").read_text())
-    summary = restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="test", progress=False)
+    summary = restructure_collection(tmp_path / "tree", tmp_path / "out", abnormality="mass", split="test",
+                                     progress=False)
     manifest, skipped = _check_accounting(summary, tmp_path / "out")
     kept = {r["roi_id"] for r in truth["rois"] if r["fate"] == "kept"}
     assert set(manifest["roi_id"]) == kept and summary["found"] == len(truth["rois"]) + len(truth["images"])
@@ -193,7 +195,8 @@ def test_works_without_csv(tmp_path):
                                      progress=False)  # fmt: skip
     manifest, _ = _check_accounting(summary, tmp_path / "out")
     assert summary["csv"] == "" and (manifest["pathology"] == "").all()
-    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"] if r["split"] == "train" and r["fate"] == "kept"}
+    assert set(manifest["roi_id"]) == {r["roi_id"] for r in truth["rois"]
+                                       if r["split"] == "train" and r["fate"] == "kept"}
 
 
 # --- hand-built bad inputs -----------------------------------------------------------------------------------
@@ -276,7 +279,8 @@ def bad_tree(tmp_path) -> Path:
     # 9 hostile header values: unusable PatientID in an unusable folder; usable folder rescues a bad PatientID
     evil = "../../../../tmp/evil/\x00" + "A" * 300
     _write(root, "Mass-Training_evil_..", "000000.dcm", _mask(), patient_id=evil)
-    _write(root, t.format(7), "000000.dcm", _image(7), patient_id="/etc/passwd\x00", description="full mammogram images")
+    _write(root, t.format(7), "000000.dcm", _image(7), patient_id="/etc/passwd\x00",
+           description="full mammogram images")
     _write(root, t.format(7) + "_1", "000000.dcm", _mask(), patient_id="..")
     # 10 another collection's file inside a Mass-Training folder
     _write(root, t.format(8), "000000.dcm", _image(8), patient_id="Calc-Training_P_00008_LEFT_CC")
@@ -354,7 +358,8 @@ def test_every_file_of_the_collection_is_accounted_for(tmp_path):
     summary = restructure_collection(root, out, abnormality="mass", split="train", progress=False)
     _, skipped = _check_accounting(summary, out)
     # every file on disk except the other collection's case folders (Mass-Test: its own run accounts for them)
-    on_disk = [p for p in case_root.rglob("*") if p.is_file() and not p.relative_to(case_root).parts[0].startswith("Mass-Test_")]
+    on_disk = [p for p in case_root.rglob("*")
+               if p.is_file() and not p.relative_to(case_root).parts[0].startswith("Mass-Test_")]
     assert summary["files_found"] == len(on_disk)
     reasons = dict(zip(skipped["source_path"], skipped["reason"]))
     for name in (case_root / ".DS_Store", series / "._000000.dcm", series / "Thumbs.db"):

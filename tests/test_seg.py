@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import JPEG2000Lossless, RLELossless, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 hd = pytest.importorskip("highdicom")
 
 from dicom_helpers import write_test_dicom  # noqa: E402  (tests/ is on sys.path)
 from test_privacy import IDENTIFYING, NEEDLES, texts_of  # noqa: E402
 
-from mammoseg.errors import InputError
 from mammoseg import __version__  # noqa: E402
+from mammoseg.errors import InputError  # noqa: E402
 from mammoseg.io import seg as seg_module  # noqa: E402
 from mammoseg.io.seg import COPIED_ATTRIBUTES, build_seg, write_seg  # noqa: E402
 

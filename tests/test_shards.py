@@ -14,10 +14,11 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from mammoseg.data.manifest import bucket_of
 from mammoseg.errors import InputError
-from mammoseg.patches import shards
 from mammoseg.io.dicom import read_mammogram
 from mammoseg.io.masks import read_mask
+from mammoseg.patches import shards
 from mammoseg.patches.geometry import downscale_mask, preprocess_window
 from mammoseg.patches.shards import (
     PROVENANCE_COLUMNS,
@@ -26,7 +27,6 @@ from mammoseg.patches.shards import (
     render_grid,
     run_extract,
     run_patch_manifest,
-    shard_of,
 )
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,7 +144,8 @@ def extract_all(manifest: Path, out_dir: Path, n_shards: int = 1, **overrides) -
 
 def load_shard(path: Path):
     with h5py.File(path, "r") as h5:
-        return h5["images"][()], h5["masks"][()], read_table(h5, "provenance"), read_table(h5, "skipped"), dict(h5.attrs)
+        return h5["images"][()], h5["masks"][()], read_table(h5, "provenance"), read_table(h5,
+                                                                                           "skipped"), dict(h5.attrs)
 
 
 def read_table_attrs(path: Path) -> dict:
@@ -315,17 +316,17 @@ def test_shard_membership_does_not_change_patches(tmp_path):
             np.testing.assert_array_equal(imgs[i], img1[j])
             np.testing.assert_array_equal(msks[i], msk1[j])
             assert (prov1.loc[j, ["crop_row", "crop_col"]].tolist() == [row.crop_row, row.crop_col])
-            assert shard_of(row.image_id, 3) == attrs["shard_index"]
+            assert bucket_of(row.image_id, 3) == attrs["shard_index"]
             seen += 1
     assert seen == len(prov1)
 
 
-def test_shard_of_stable_and_groups_images(tmp_path):
+def test_bucket_of_stable_and_groups_images(tmp_path):
     # independent computation of the documented rule
     for image_id in ["P_00001_LEFT_CC", "P_01234_RIGHT_MLO", "x"]:
         expected = int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % 7
-        assert shard_of(image_id, 7) == expected
-    counts = np.bincount([shard_of(f"P_{i:05d}_LEFT_CC", 4) for i in range(400)], minlength=4)
+        assert bucket_of(image_id, 7) == expected
+    counts = np.bincount([bucket_of(f"P_{i:05d}_LEFT_CC", 4) for i in range(400)], minlength=4)
     assert counts.min() > 60  # roughly balanced
     manifest = random_collection(tmp_path, 10)
     paths = extract_all(manifest, tmp_path / "out", n_shards=4)
@@ -339,7 +340,7 @@ def test_shard_of_stable_and_groups_images(tmp_path):
 def test_empty_shard_is_valid(tmp_path):
     manifest = write_collection(tmp_path, {"P_00001_LEFT_CC": ((128, 128), [Lesion(10, 10, 20, 20)])})
     n_shards = 5
-    empty_index = next(k for k in range(n_shards) if k != shard_of("P_00001_LEFT_CC", n_shards))
+    empty_index = next(k for k in range(n_shards) if k != bucket_of("P_00001_LEFT_CC", n_shards))
     path = tmp_path / "empty.h5"
     info = extract_shard(manifest, path, shard_index=empty_index, n_shards=n_shards, **PARAMS)
     images, masks, prov, skipped, attrs = load_shard(path)
@@ -356,7 +357,6 @@ def test_manifest_without_rows_gives_empty_shards(tmp_path):
     info = extract_shard(manifest, tmp_path / "s.h5", shard_index=0, n_shards=2, **PARAMS)
     images, _, prov, skipped, _ = load_shard(tmp_path / "s.h5")
     assert info["n_patches"] == info["n_rois"] == 0 and images.shape == (0, 16, 16) and prov.empty and skipped.empty
-    assert shards.shard_input_files(manifest, 0, 2) == []
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
@@ -447,16 +447,6 @@ def test_patch_manifest_grid_and_stage_entries(tmp_path):
     nonempty = next(p for p in paths if load_shard(p)[0].shape[0])
     info = render_grid(nonempty, png, n=4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 1 <= len(info["rows"]) <= 4
-
-
-def test_shard_input_files_cover_only_own_images(tmp_path):
-    manifest = random_collection(tmp_path, 6)
-    frame = pd.read_csv(manifest)
-    for k in range(3):
-        files = shards.shard_input_files(manifest, k, 3)
-        mine = frame[[shard_of(i, 3) == k for i in frame.image_id]]
-        expected = {str((tmp_path / p).resolve()) for p in [*mine.image_path, *mine.mask_path]}
-        assert set(files) == expected
 
 
 def test_import_is_tensorflow_free():

@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tinyrun import TINY, job_environment, snakemake
 
 from mammoseg.config.resolve import resolve_config
-from tinyrun import TINY, job_environment, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -63,6 +63,12 @@ def write_config(workdir: Path, **sections: dict) -> Path:
     return path
 
 
+def workflow_rules() -> list[str]:
+    """The names of the workflow's rules and checkpoints but ``all`` (read from the Snakefile and the rule files)."""
+    texts = [path.read_text() for path in [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]]
+    return sorted(set(re.findall(r"^(?:rule|checkpoint) (\w+):", "\n".join(texts), re.M)) - {"all"})
+
+
 def adapt_slurm_profile(dest: Path, *, partition: str, cpus: int, mem_mb: int, logdir: Path) -> Path:
     """profiles/slurm adapted to a site, as docs/cluster.md describes, written to ``dest/config.yaml``.
 
@@ -80,6 +86,8 @@ def adapt_slurm_profile(dest: Path, *, partition: str, cpus: int, mem_mb: int, l
         **profile["default-resources"], "slurm_partition": partition,
         "mem_mb": min(mem_mb, profile["default-resources"]["mem_mb"]), "runtime": 30,
     }
+    for rule in workflow_rules():  # every rule declares its own mem_mb and runtime: cap them all
+        profile["set-resources"].setdefault(rule, {})
     for resources in profile["set-resources"].values():
         resources.update(slurm_partition=partition, mem_mb=min(mem_mb, resources.get("mem_mb", mem_mb)), runtime=30)
         if "cpus_per_gpu" in resources:
@@ -164,6 +172,15 @@ def test_snakemake_accepts_every_profile_key(tmp_path, profile_args):
     assert used.group(1).rstrip("/").endswith(expected), used.group(1)
 
 
+def test_adapted_profile_caps_every_rules_memory(tmp_path):
+    """The rules declare their own mem_mb (above the test node's): the adapted profile caps each of them."""
+    profile = yaml.safe_load((adapt_slurm_profile(tmp_path, partition="debug", cpus=2, mem_mb=1000,
+                                                  logdir=tmp_path / "logs") / "config.yaml").read_text())
+    assert {"train", "restructure", "synth", "export_model"} <= set(workflow_rules())
+    for rule in workflow_rules():
+        assert profile["set-resources"][rule]["mem_mb"] <= 1000, rule
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Slow: a real SLURM
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,3 +256,4 @@ def test_tiny_workflow_under_slurm_equals_local_run(slurm_cluster, tiny_run, tmp
         slurm_table = read_table(slurm_dir / "results" / relative)
         assert len(local_table) > 0, f"{relative} is empty in the local run"
         pd.testing.assert_frame_equal(slurm_table, local_table, check_exact=True, obj=relative)
+

@@ -1,4 +1,4 @@
-"""New studies (mammoseg.inference.studies): each folder its own image set, checked before anything runs, on both
+"""New studies (mammoseg.studies): each folder its own image set, checked before anything runs, on both
 routes (the workflow's dry run and ``mammoseg predict``); a model trained on the synthetic demo says so."""
 
 from __future__ import annotations
@@ -9,14 +9,20 @@ import re
 
 import numpy as np
 import pytest
-
 from dicom_helpers import write_test_dicom
+
 from mammoseg.cli import main
 from mammoseg.config.checks import check_data_paths
 from mammoseg.config.resolve import resolve_config
+from mammoseg.data.studies import check_studies_folder
 from mammoseg.errors import ConfigError, InputError
-from mammoseg.inference.studies import (check_studies_folder, experiment_config, is_studies_set, studies_set,
-                                        synthetic_model_warning, trained_on_synthetic)
+from mammoseg.studies import (
+    experiment_config,
+    is_studies_set,
+    studies_set,
+    synthetic_model_warning,
+    trained_on_synthetic,
+)
 
 
 def a_dicom(path):

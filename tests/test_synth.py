@@ -14,12 +14,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from conftest import CBIS_CSV_DIR
 from scipy import ndimage
 
 from mammoseg.data.synth import LAYOUTS, generate_dataset, run_synth, write_case_csv
 from mammoseg.testing.trees import tree_from_csv
-
-from conftest import CBIS_CSV_DIR
 
 UID = r"1\.3\.6\.1\.4\.1\.9590\.100\.1\.2\.\d+"
 TOP = r"(Mass|Calc)-(Training|Test)_P_\d{5}_(LEFT|RIGHT)_(CC|MLO)(_\d+)?"

@@ -17,8 +17,8 @@ import pytest
 
 from mammoseg.config import validate_config
 from mammoseg.model.folds import assign_folds
-from mammoseg.patches.shards import PROVENANCE_COLUMNS
 from mammoseg.model.train import split_for_fold, split_train_val
+from mammoseg.patches.shards import PROVENANCE_COLUMNS
 
 SIDE = 32  # patch side in pixels: patches n=5, downscale 1
 PATCH_CFG = {"n": 5, "downscale": 1, "n_shifted": 2}
@@ -70,8 +70,8 @@ def write_tiny_shard(path: Path, n_patients: int = 6, lesions: int = 2, copies: 
 
 
 def _provenance(n_patients=20, lesions=2, copies=5):
-    rows = [{"patient_id": f"P_{p:05d}", "roi_id": f"P_{p:05d}_LEFT_CC_{l}", "copy_index": c}
-            for p in range(n_patients) for l in range(lesions) for c in range(copies)]
+    rows = [{"patient_id": f"P_{p:05d}", "roi_id": f"P_{p:05d}_LEFT_CC_{k}", "copy_index": c}
+            for p in range(n_patients) for k in range(lesions) for c in range(copies)]
     return pd.DataFrame(rows)
 
 
@@ -345,7 +345,8 @@ def test_monitor_of_names_the_quantity_and_its_direction():
 
 
 @pytest.mark.slow  # a real training: tracing the step alone costs about a reference epoch
-@pytest.mark.parametrize("monitor,key,pick", [("pooled_dice", "val_pooled_dice", "idxmax"), ("loss", "val_loss", "idxmin")])
+@pytest.mark.parametrize("monitor,key,pick", [("pooled_dice", "val_pooled_dice", "idxmax"),
+                                              ("loss", "val_loss", "idxmin")])
 def test_best_checkpoint_follows_train_monitor(tmp_path, monitor, key, pick):
     pytest.importorskip("tensorflow")
     from mammoseg.model.train import train_model

@@ -1,6 +1,7 @@
 """Snakemake end to end on the tiny config, in a temporary folder: tables written and consistent, caching exact.
 
-One real run of the whole DAG (the session's ``tiny_run``, conftest.py), then dry runs that check what a change re-schedules:
+One real run of the whole DAG (the session's ``tiny_run``, conftest.py), then dry runs that check what a change
+re-schedules:
 nothing after a finished run; one test image's jobs after that image changes; training and what follows (but
 no extraction) after a training parameter changes; one shard after one training case changes.
 """
@@ -18,11 +19,11 @@ import pandas as pd
 import pydicom
 import pytest
 import yaml
+from tinyrun import scheduled_jobs, snakemake
 
 from mammoseg.config.keys import stage_keys
 from mammoseg.config.resolve import resolve_config
 from mammoseg.data.manifest import bucket_of, chunk_count, read_manifest
-from tinyrun import scheduled_jobs, snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slow]
 
@@ -207,7 +208,7 @@ def test_new_studies_are_predicted_without_ground_truth(finished_run, tmp_path):
     """studies.root: any folder of mammograms, no truth: masks, overlays, DICOM SEGs and candidate tables; a file
     that is not a mammogram is a recorded skip. Two folders in a row are each predicted as themselves and their
     findings coexist; the test split's results are not touched and the run's own dry run still schedules nothing."""
-    from mammoseg.inference.studies import studies_set
+    from mammoseg.studies import studies_set
 
     workdir, config, _ = finished_run
     where = folders(workdir, stage_keys(config))

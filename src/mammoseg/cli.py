@@ -71,8 +71,8 @@ def _fingerprint(args, config):
 
 
 def _plan(args, config):
-    from mammoseg.config.fingerprint import run_plan
     from mammoseg.config.keys import stage_keys
+    from mammoseg.config.plan import run_plan
 
     run_plan(config["patches"], stage_keys(config).patches, args.manifest, args.out)
 
@@ -143,7 +143,7 @@ def _findings_label(models: list[str], keys) -> str:
 
 def _predict(args, config):
     from mammoseg.config.keys import stage_keys
-    from mammoseg.inference.studies import configured_models, run_studies
+    from mammoseg.studies import configured_models, run_studies
 
     if args.model and len(args.model) > 1 and not args.ensemble:
         raise InputError(f"{len(args.model)} --model files given ({', '.join(args.model)}): give one, or add "
@@ -161,9 +161,8 @@ def _predict(args, config):
 
 
 def _evaluate(args, config):
-    from mammoseg.evaluation.evaluate import run_evaluate_chunk
-
     from mammoseg.config.keys import stage_keys
+    from mammoseg.evaluation.evaluate import run_evaluate_chunk
 
     run_evaluate_chunk(args.predictions, args.manifest, args.out, chunk=args.chunk, config=config,
                        image_set=args.image_set, experiment=stage_keys(config).experiment,
@@ -263,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", _evaluate, "metrics, masks and overlays of one chunk of predictions")
     p.add_argument("--predictions", required=True, help="a prediction chunk folder (predictions.csv, *.prob.npz)")
     p.add_argument("--manifest", required=True, help="manifest.csv of the collection")
-    p.add_argument("--chunk", type=int, required=True, help="chunk index (the images of the manifest in chunks of infer.chunk_size)")
+    p.add_argument("--chunk", type=int, required=True,
+                   help="chunk index (the images of the manifest in chunks of infer.chunk_size)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-set", default="test", choices=["test", "oof", "studies"],
                    help="out-of-fold images are binarised at infer.threshold, the others at the calibrated one")

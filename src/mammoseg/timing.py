@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mammoseg.model.unet import build_unet
+
 # The yardstick's definition (see the module docstring): frozen.
 REFERENCE_NETWORK = {"depth": 4, "filters": 16, "batch_norm": True, "max_filters": None}
 REFERENCE_SIDE = 64  # px, square, one channel
@@ -85,8 +87,6 @@ def epoch_seconds(epochs: int = REFERENCE_EPOCHS, seed: int = 0, *, filters: int
     """
     import keras
     import numpy as np
-
-    from mammoseg.model.unet import build_unet
 
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)

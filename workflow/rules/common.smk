@@ -2,27 +2,31 @@
 # that read the restructured manifests once the `restructure` checkpoint has run.
 
 import functools
+import math
 import os
 import re
 import sys
 from pathlib import Path
 
 from mammoseg.config.checks import check_data_paths
-from mammoseg.config.keys import stage_keys, stage_settings
-from mammoseg.config.resolve import default_configfiles, parse_overrides, resolve_config
+from mammoseg.config.keys import first_round_config, stage_keys, stage_settings
+from mammoseg.config.resolve import default_configfiles, resolve_workflow_config
 from mammoseg.data.manifest import chunk_count, files_of, images_of, read_manifest, rows_of_bucket
 from mammoseg.errors import InputError
-from mammoseg.inference.studies import experiment_config, is_studies_set, studies_set
-from mammoseg.patches.mining import first_round_config
+from mammoseg.studies import experiment_config, is_studies_set, studies_set
+from mammoseg.model.folds import FIT_SET, fit_set
 
-# Schema defaults <- --configfile files (the demo, config/config.yaml, when none is given) <- --config, parsed
-# as YAML. Snakemake's own `config` is replaced by the resolved one, which the scripts receive.
+# Schema defaults <- the `config` Snakemake hands over (the --configfile files, or the config a calling workflow
+# passes to its `module` statement; the demo, config/config.yaml beside this workflow, when neither gives one)
+# <- --config, parsed as YAML. `config` is then the resolved configuration, which the scripts receive.
 # A bad configuration, or a data or studies folder that is not there, is the user's to fix: one line naming the
 # key or file and exit status 2, as from the mammoseg command, instead of Snakemake's report of an exception.
 try:
-    _resolved = resolve_config(
-        list(workflow.config_settings.configfiles) or default_configfiles(workflow.basedir),
-        parse_overrides(workflow.config_settings.config_args),
+    _resolved = resolve_workflow_config(
+        config,
+        config_args=workflow.config_settings.config_args,
+        configfiles=workflow.config_settings.configfiles,
+        demo_files=default_configfiles(Path(workflow.current_basedir).parents[1]),
     )
     check_data_paths(_resolved)
 except InputError as exc:
@@ -41,7 +45,7 @@ FOLDS = list(range(config["train"]["folds"]))
 # out-of-fold predictions of the training images exist only with cross-validation
 IMAGE_SETS = ["test", "oof"] if len(FOLDS) > 1 else ["test"]
 # new studies (studies.root): predicted by the experiment's model(s), no ground truth. Their image set is named
-# after the folder and the files in it (mammoseg.inference.studies.studies_set): another folder, or a changed one,
+# after the folder and the files in it (mammoseg.studies.studies_set): another folder, or a changed one,
 # is another image set, indexed and predicted anew, and the findings of every folder coexist.
 STUDIES_ROOT = config["studies"]["root"]
 STUDIES_SET = studies_set(STUDIES_ROOT) if STUDIES_ROOT else ""
@@ -76,11 +80,34 @@ EXPERIMENT_CONFIG = experiment_config(config)
 
 
 def log_path(rule_name, *parts):
-    return f"{R}/logs/{rule_name}/" + "/".join(parts) + ".log"
+    """The log of one job of a rule: results/logs/<rule>/<parts...>.log."""
+    return os.path.join(R, "logs", rule_name, *parts) + ".log"
 
 
 def benchmark_path(rule_name, *parts):
-    return f"{R}/benchmarks/{rule_name}/" + "/".join(parts) + ".tsv"
+    """The benchmark table of one job of a rule: results/benchmarks/<rule>/<parts...>.tsv."""
+    return os.path.join(R, "benchmarks", rule_name, *parts) + ".tsv"
+
+
+# The rules declare mem_mb (MB) and runtime (minutes) for a CBIS-DDSM-scale run on CPU nodes, defaults that a
+# cluster profile's set-resources overrides per rule (profiles/slurm). Those that grow with the data are functions
+# of the job's inputs, which Snakemake measures when it schedules the job.
+def scaled_by_input(base, per_mb):
+    """A resource of ``base`` plus ``per_mb`` per MB of the job's input files, rounded up."""
+    return lambda wildcards, input: math.ceil(base + per_mb * input.size_mb)
+
+
+def training_runtime(wildcards, input):
+    """Minutes for one fold: every epoch reads every patch of the shards once (on CPU about 20 MB of float32
+    patches a minute through the U-Net); half an hour for the start, the callbacks and the model folder."""
+    return math.ceil(30 + config["train"]["epochs"] * input.size_mb / 20)
+
+
+def export_memory(wildcards, input):
+    """MB for exporting the fold models, mostly input.size_mb (the .keras files) times what mammoseg.export
+    measured: a SavedModel peaks at about 6 times the weights (2.2 GB for the paper's 350 MB U-Net), the ONNX
+    conversion at about 50 to 65 times; 8 and 65 here, plus TensorFlow itself."""
+    return math.ceil(4000 + (65 if config["export"]["onnx"] else 8) * input.size_mb)
 
 
 def restructure_inputs(wildcards):

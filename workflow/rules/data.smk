@@ -9,8 +9,11 @@ rule synth:
         truth=f"{SYNTH}/truth.json",
     params:
         settings=SETTINGS["synth"],
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("synth", KEYS.synth),
     benchmark:
@@ -33,9 +36,12 @@ checkpoint restructure:
     params:
         settings=SETTINGS["data"],
         source=SOURCE,
+    resources:
+        mem_mb=4000,
+        runtime=120,
     threads: 4
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("restructure", KEYS.data, "{split}"),
     benchmark:
@@ -50,8 +56,11 @@ rule fingerprint:
         test=f"{DATA}/test/manifest.csv",
     output:
         report(FINGERPRINT, caption="../report/fingerprint.rst", category="1. Data", labels={"table": "fingerprint"}),
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("fingerprint", KEYS.data),
     benchmark:
@@ -71,9 +80,12 @@ checkpoint index_studies:
         ),
     params:
         root=STUDIES_ROOT,
+    resources:
+        mem_mb=2000,
+        runtime=60,
     threads: 4
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("index_studies", STUDIES_SET or "none"),
     benchmark:

@@ -20,10 +20,13 @@ rule evaluate_chunk:
     params:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(5, per_mb=0.05),
     group:
         "inference"
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("evaluate_chunk", KEYS.experiment, "{image_set}", "chunk-{c}"),
     benchmark:
@@ -38,8 +41,11 @@ rule calibrate:
         chunks=lambda wildcards: expand(f"{EXPERIMENT}/oof/chunk-{{c}}", c=range(n_chunks("oof"))),
     output:
         OPERATING_POINT,
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("calibrate", KEYS.experiment),
     benchmark:
@@ -81,8 +87,11 @@ rule summarise:
     params:
         settings=SETTINGS["evaluation"],
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("summarise", KEYS.experiment, "{image_set}"),
     benchmark:
@@ -98,8 +107,11 @@ rule experiment_config:
     params:
         config=EXPERIMENT_CONFIG,
         stage_keys=KEYS.as_dict(),
+    resources:
+        mem_mb=1000,
+        runtime=5,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("experiment_config", KEYS.experiment),
     benchmark:
@@ -120,8 +132,11 @@ rule export_model:
         directory(f"{EXPERIMENT}/model"),
     params:
         export=config["export"],
+    resources:
+        mem_mb=export_memory,
+        runtime=60,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("export_model", KEYS.experiment),
     benchmark:
@@ -154,8 +169,11 @@ rule summarise_studies:
         image_set=one_of([STUDIES_SET]) if STUDIES_ROOT else "studies-none",
     params:
         experiment=KEYS.experiment,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("summarise_studies", KEYS.experiment, "{image_set}"),
     benchmark:
@@ -180,8 +198,11 @@ rule report_pages:
     params:
         experiment=KEYS.experiment,
         image_sets=IMAGE_SETS,
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("report_pages", KEYS.experiment),
     benchmark:

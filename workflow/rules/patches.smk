@@ -11,8 +11,11 @@ rule plan:
     params:
         settings=SETTINGS["patches"],
         key=KEYS.patches,
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("plan", KEYS.patches),
     benchmark:
@@ -28,8 +31,11 @@ rule extract_shard:
         files=shard_files,
     output:
         f"{PATCHES}/shard-{{k}}.h5",
+    resources:
+        mem_mb=4000,
+        runtime=scaled_by_input(10, per_mb=0.02),
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("extract_shard", KEYS.patches, "shard-{k}"),
     benchmark:
@@ -51,10 +57,16 @@ rule patch_manifest:
             labels={"table": "ROIs without patches"},
         ),
         grid=report(
-            f"{PATCHES}/patches.png", caption="../report/patches.rst", category="2. Patches", labels={"figure": "patches"}
+            f"{PATCHES}/patches.png",
+            caption="../report/patches.rst",
+            category="2. Patches",
+            labels={"figure": "patches"},
         ),
+    resources:
+        mem_mb=2000,
+        runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("patch_manifest", KEYS.patches),
     benchmark:

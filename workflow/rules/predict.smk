@@ -16,11 +16,13 @@ rule predict_chunk:
         # {run} = {model key}/{inference key}, one of the pairs this configuration makes (common.smk)
         run=one_of(PREDICTION_RUNS),
     resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(10, per_mb=0.1),
         gpu=1,
     group:
         "inference"
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("predict_chunk", "{run}", "{image_set}", "chunk-{c}"),
     benchmark:

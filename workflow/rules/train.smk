@@ -14,8 +14,11 @@ rule splits:
     params:
         folds=config["train"]["folds"],
         seed=config["train"]["seed"],
+    resources:
+        mem_mb=1000,
+        runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/base.yaml"
     log:
         log_path("splits", "{model}"),
     benchmark:
@@ -49,10 +52,15 @@ rule train:
         # the model key's `model` and `train` sections (params, so that Snakemake compares exactly these)
         settings=lambda wildcards: stage_settings(CONFIG_OF_MODEL[wildcards.model])["model"],
     resources:
+        mem_mb=8000,
+        runtime=training_runtime,
         gpu=1,
+    # an interrupted training continues from its last finished epoch (the fold's _resume/ folder): a retry
+    # after a node failure or a time limit loses at most one epoch
+    retries: 2
     threads: workflow.cores
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("train", "{model}", "fold-{f}"),
     benchmark:
@@ -70,14 +78,17 @@ rule mine:
         splits=lambda wildcards: f"{R}/models/{ROUND1.model}/splits.json",
         training_splits=f"{MODELS}/splits.json",
         predictions=lambda wildcards: expand(
-            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/fit-{wildcards.f}/chunk-{{c}}",
-            c=range(n_chunks(f"fit-{wildcards.f}")),
+            f"{R}/predictions/{ROUND1.model}/{ROUND1.inference}/{fit_set(int(wildcards.f))}/chunk-{{c}}",
+            c=range(n_chunks(fit_set(int(wildcards.f)))),
         ),
         files=lambda wildcards: files_of(manifest_rows("train"), f"{DATA}/train"),
     output:
         f"{MODELS}/fold-{{f}}/hard_negatives.h5",
+    resources:
+        mem_mb=8000,
+        runtime=scaled_by_input(10, per_mb=0.05),
     conda:
-        "../../envs/train.yaml"
+        "../../envs/tensorflow.yaml"
     log:
         log_path("mine", KEYS.model, "fold-{f}"),
     benchmark:

@@ -4,4 +4,5 @@ from mammoseg.config.resolve import write_resolved
 from mammoseg.jobs import logged_job
 
 with logged_job(snakemake):
-    write_resolved(snakemake.params.config, snakemake.params.stage_keys, snakemake.output.config, snakemake.output.stage_keys)
+    write_resolved(snakemake.params.config, snakemake.params.stage_keys, snakemake.output.config,
+                   snakemake.output.stage_keys)

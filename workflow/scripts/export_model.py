@@ -1,7 +1,7 @@
-"""Rule export_model: SavedModel (+ ONNX) and model card of the experiment's fold models (mammoseg.model.export)."""
+"""Rule export_model: SavedModel (+ ONNX) and model card of the experiment's fold models (mammoseg.export)."""
 
+from mammoseg.export import run_export
 from mammoseg.jobs import logged_job
-from mammoseg.model.export import run_export
 
 with logged_job(snakemake):
     run_export(snakemake.input.models, snakemake.input.plan, snakemake.input.fingerprint, snakemake.input.reports,

@@ -1,8 +1,8 @@
 """Rule mine: fold f's hard negatives, from round-1 model f's maps of its own training images
-(mammoseg.patches.mining)."""
+(mammoseg.mining)."""
 
 from mammoseg.jobs import logged_job
-from mammoseg.patches.mining import run_mine
+from mammoseg.mining import run_mine
 
 with logged_job(snakemake):
     run_mine(snakemake.input.plan, snakemake.input.manifest, snakemake.input.predictions, snakemake.output[0],

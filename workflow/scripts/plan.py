@@ -1,6 +1,6 @@
 """Rule plan: the plan every later stage reads (mammoseg.config.plan)."""
 
-from mammoseg.config.fingerprint import run_plan
+from mammoseg.config.plan import run_plan
 from mammoseg.jobs import logged_job
 
 with logged_job(snakemake):

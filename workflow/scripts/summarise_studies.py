@@ -1,9 +1,9 @@
-"""Rule summarise_studies: findings and candidates of the new studies (mammoseg.inference.studies)."""
+"""Rule summarise_studies: findings and candidates of the new studies (mammoseg.studies)."""
 
 from pathlib import Path
 
-from mammoseg.inference.studies import run_summarise_studies
 from mammoseg.jobs import logged_job
+from mammoseg.studies import run_summarise_studies
 
 with logged_job(snakemake):
     run_summarise_studies(snakemake.input.chunks, Path(snakemake.output.findings).parent, config=snakemake.config,

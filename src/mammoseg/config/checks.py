@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from mammoseg.data.studies import check_studies_folder
 from mammoseg.errors import ConfigError, InputError
 
 __all__ = ["check_data_paths"]
@@ -28,7 +29,7 @@ def _readable_folder(key: str, value: str) -> None:
 def check_data_paths(config: Mapping[str, Any]) -> None:
     """For ``data.source: cbis``: ``data.root`` is set and a readable folder, and so is ``data.csv_dir`` if set;
     ``studies.root``, when set, is a readable folder holding at least one DICOM file
-    (:func:`mammoseg.inference.studies.check_studies_folder`, the check ``mammoseg predict`` makes too).
+    (:func:`mammoseg.data.studies.check_studies_folder`, the check ``mammoseg predict`` makes too).
 
     Raises
     ------
@@ -48,8 +49,6 @@ def check_data_paths(config: Mapping[str, Any]) -> None:
 
 
 def _studies_folder(value: str) -> None:
-    from mammoseg.inference.studies import check_studies_folder
-
     try:
         check_studies_folder(value)
     except InputError as exc:

@@ -1,23 +1,20 @@
 """The dataset fingerprint (after nnU-Net): counts, image sizes and pathology of the restructured data, per split,
-from the manifests alone (no pixels read, no TensorFlow imported). The ``plan`` stage entry is here too; the plan
-itself is :mod:`mammoseg.config.plan`.
+from the manifests alone (no pixels read, no TensorFlow imported).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from mammoseg import __version__
-from mammoseg.config.plan import Plan, build_plan
 from mammoseg.errors import InputError
-from mammoseg.data.manifest import read_manifest
 from mammoseg.io.atomic import write_json_atomic
 
-__all__ = ["dataset_fingerprint", "run_fingerprint", "run_plan"]
+__all__ = ["dataset_fingerprint", "run_fingerprint"]
 
 
 def _size_stats(values: pd.Series) -> dict[str, float]:
@@ -53,7 +50,8 @@ def dataset_fingerprint(manifests: list[pd.DataFrame]) -> dict[str, Any]:
                 "rois_per_image_max": int(lesions.groupby("image_id").size().max()) if len(lesions) else 0,
                 "image_rows_px": _size_stats(images["image_rows"]),
                 "image_cols_px": _size_stats(images["image_cols"]),
-                "pathology": {str(k): int(n) for k, n in rows["pathology"].replace("", "unknown").value_counts().items()},
+                "pathology": {str(k): int(n)
+                              for k, n in rows["pathology"].replace("", "unknown").value_counts().items()},
             }
     shared = sorted(patients.get("train", set()) & patients.get("test", set()))
     if shared:
@@ -74,15 +72,3 @@ def run_fingerprint(manifests: Sequence[str | Path], out_fingerprint: str | Path
                         for split, v in fingerprint.items() if isinstance(v, dict) and "rois" in v)
     print(f"fingerprint: {summary or 'no kept ROI'} -> {out_fingerprint}")
     return fingerprint
-
-
-def run_plan(patches: Mapping[str, Any], patches_key: str, train_manifest: str | Path,
-             out_plan: str | Path) -> Plan:  # fmt: skip
-    """Stage entry: the plan of the ``patches`` settings for the training manifest, written as ``plan.json``."""
-    plan = build_plan(patches, patches_key, read_manifest(train_manifest))
-    plan.write(out_plan)
-    print(f"plan {patches_key}: {plan.window_px} px windows -> {plan.input_px} px network input; "
-          f"~{plan.expected_patches} training patches from {plan.train_rois} ROIs in {plan.train_images} images"
-          + ("" if plan.window_fits_every_train_image else
-             f"; WARNING: the window is larger than the smallest training image {plan.smallest_train_image_px}"))
-    return plan

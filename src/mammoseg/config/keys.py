@@ -24,12 +24,13 @@ evaluation, so a new threshold re-runs evaluation and summaries only.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from mammoseg.config.schema import section_hash
+from mammoseg.config.schema import section_hash, validate_config
 
-__all__ = ["NOT_IN_KEYS", "StageKeys", "stage_keys", "stage_settings"]
+__all__ = ["NOT_IN_KEYS", "StageKeys", "first_round_config", "stage_keys", "stage_settings"]
 
 #: Settings that do not change what a stage produces, only how it is stored or scheduled.
 NOT_IN_KEYS: dict[str, tuple[str, ...]] = {
@@ -98,3 +99,11 @@ def stage_keys(config: Mapping[str, Any]) -> StageKeys:
     experiment = _key(config["experiment"] or config["model"]["name"], inference, settings["evaluation"])
     return StageKeys(synth=synth, data=data, patches=patches, model=model, inference=inference,
                      experiment=experiment)
+
+
+def first_round_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration of the first training round: ``config`` with the schema's ``train.hard_negatives`` (off),
+    so its model is the one a run without mining trains (same stage key, same folder: trained once, shared)."""
+    first = copy.deepcopy(dict(config))
+    first["train"] = {**first["train"], "hard_negatives": validate_config({})["train"]["hard_negatives"]}
+    return first

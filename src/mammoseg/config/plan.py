@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mammoseg import __version__
+from mammoseg.data.manifest import read_manifest
 from mammoseg.errors import InputError
 from mammoseg.io.atomic import write_json_atomic
 
-__all__ = ["PatchGeometry", "patch_geometry", "Plan", "build_plan", "read_plan"]
+__all__ = ["PatchGeometry", "patch_geometry", "Plan", "build_plan", "read_plan", "run_plan"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,15 @@ def read_plan(path: str | Path) -> Plan:
         return Plan(**{k: raw[k] for k in known})
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"{path}: not a mammoseg plan.json: {exc}") from None
+
+
+def run_plan(patches: Mapping[str, Any], patches_key: str, train_manifest: str | Path,
+             out_plan: str | Path) -> Plan:  # fmt: skip
+    """Stage entry: the plan of the ``patches`` settings for the training manifest, written as ``plan.json``."""
+    plan = build_plan(patches, patches_key, read_manifest(train_manifest))
+    plan.write(out_plan)
+    print(f"plan {patches_key}: {plan.window_px} px windows -> {plan.input_px} px network input; "
+          f"~{plan.expected_patches} training patches from {plan.train_rois} ROIs in {plan.train_images} images"
+          + ("" if plan.window_fits_every_train_image else
+             f"; WARNING: the window is larger than the smallest training image {plan.smallest_train_image_px}"))
+    return plan

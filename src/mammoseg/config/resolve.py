@@ -9,9 +9,11 @@ A run's configuration is, in this order (later wins, mappings merged key by key)
    number 0.4 (Snakemake's own parser keeps nested values as text).
 
 The demo is one such file, never a base under the others: ``--configfile config/paper.yaml`` resolves to the
-paper's settings and the schema's defaults, nothing of the demo. The Snakefile calls :func:`resolve_config` with
-the files and overrides Snakemake was given; ``mammoseg config show`` calls it with its own arguments, so both
-print and run exactly the same configuration.
+paper's settings and the schema's defaults, nothing of the demo. The workflow resolves the ``config`` object
+Snakemake hands it (:func:`resolve_workflow_config`): the files and overrides as Snakemake merged them, or the
+configuration a calling workflow passes to its ``module`` statement; ``mammoseg config show`` calls
+:func:`resolve_config` with its own arguments. Both follow the order above, so both print and run exactly the
+same configuration.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from mammoseg.config.schema import read_config_file, schema, validate_config
+from mammoseg.config.schema import in_schema_order, read_config_file, schema, validate_config
 from mammoseg.errors import ConfigError
+from mammoseg.io.atomic import write_json_atomic, write_text_atomic
 
-__all__ = ["DEMO_CONFIG", "default_configfiles", "parse_overrides", "merge", "resolve_config", "config_yaml"]
+__all__ = ["DEMO_CONFIG", "default_configfiles", "parse_overrides", "merge", "resolve_config",
+           "resolve_workflow_config", "config_yaml"]
 
 #: The demo's config file, relative to the workflow's folder (the repository root).
 DEMO_CONFIG = Path("config") / "config.yaml"
@@ -69,7 +73,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve_config(configfiles: Sequence[str | Path] = (),
+                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Schema defaults, then each of ``configfiles`` in order, then ``overrides``; validated.
 
     Parameters
@@ -98,25 +103,55 @@ def resolve_config(configfiles: Sequence[str | Path] = (), overrides: Mapping[st
         raise ConfigError(f"{exc} (config from {sources}{', --config' if overrides else ''})") from None
 
 
-def _in_schema_order(value: Any, spec: Mapping[str, Any]) -> Any:
-    properties = spec.get("properties")
-    if not isinstance(value, Mapping) or not properties:
-        return value
-    ordered = {key: _in_schema_order(value[key], properties[key]) for key in properties if key in value}
-    ordered.update({key: v for key, v in value.items() if key not in ordered})
-    return ordered
-
-
 def config_yaml(config: Mapping[str, Any]) -> str:
     """The configuration as YAML, keys in the schema's order (what ``mammoseg config show`` prints)."""
-    return yaml.safe_dump(_in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(in_schema_order(config, schema()), sort_keys=False, default_flow_style=False)
 
 
 def write_resolved(config: Mapping[str, Any], keys: Mapping[str, str], out_config: str | Path,
                    out_keys: str | Path) -> None:  # fmt: skip
     """Write a run's resolved configuration (YAML) and its stage keys (JSON) beside its results."""
-    from mammoseg.io.atomic import write_json_atomic, write_text_atomic
-
     header = "# The resolved configuration of this experiment (mammoseg config show prints the same).\n"
     write_text_atomic(out_config, header + config_yaml(config))
     write_json_atomic(out_keys, dict(keys))
+
+
+def resolve_workflow_config(given: Mapping[str, Any], *, config_args: Sequence[str] | None = None,
+                            configfiles: Sequence[str | Path] = (),
+                            demo_files: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """The configuration of a workflow run, from the ``config`` Snakemake hands the Snakefile.
+
+    Parameters
+    ----------
+    given : Snakemake's ``config``: the ``--configfile`` files with the ``--config`` values merged in, key by key,
+        by Snakemake; or, when mammoseg runs as a module of another workflow, the configuration that workflow
+        passes (``module mammoseg: ... config: config``), including what its Snakefile changed
+    config_args : the ``--config KEY=VALUE`` strings: read again as YAML and merged over ``given``, because
+        Snakemake keeps their nested values as text (``train='{epochs: 2}'`` gives it the string ``"2"``)
+    configfiles : the ``--configfile`` files (only whether there are any matters)
+    demo_files : the configuration to start from when nothing but ``--config`` gave one
+        (:func:`default_configfiles`: the demo)
+
+    Returns
+    -------
+    dict : schema defaults <- ``given`` (or ``demo_files``) <- ``config_args``, validated, every key present.
+
+    Raises
+    ------
+    ConfigError
+        For a key that violates the schema, naming it and where the configuration came from.
+    """
+    overrides = parse_overrides(config_args)
+    only_overrides = not configfiles and set(given) <= set(overrides)
+    merged: dict[str, Any] = {}
+    for path in demo_files if only_overrides else ():
+        merged = merge(merged, read_config_file(Path(path)))
+    merged = merge(merge(merged, {} if only_overrides else given), overrides)
+    try:
+        return validate_config(merged)
+    except ConfigError as exc:
+        if only_overrides:
+            sources = ", ".join(str(path) for path in demo_files) or "no config file"
+        else:
+            sources = ", ".join(str(path) for path in configfiles) or "the calling workflow's config"
+        raise ConfigError(f"{exc} (config from {sources}{', --config' if overrides else ''})") from None

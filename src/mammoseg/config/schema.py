@@ -12,14 +12,15 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jsonschema
 import yaml
 
 from mammoseg.errors import ConfigError
 
-__all__ = ["ConfigError", "SCHEMA_PATH", "schema", "load_config", "validate_config", "section_hash"]
+__all__ = ["ConfigError", "SCHEMA_PATH", "schema", "load_config", "validate_config", "in_schema_order",
+           "section_hash"]
 
 SCHEMA_PATH = Path(str(resources.files("mammoseg.config") / "config.schema.yaml"))
 
@@ -55,7 +56,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         allowed = sorted(schema.get("properties", {}))
         return f"{error.message} at '{key}'; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"'{key}' = {error.instance!r} is not allowed; allowed values: {', '.join(map(str, error.validator_value))}"
+        allowed_values = ", ".join(map(str, error.validator_value))
+        return f"'{key}' = {error.instance!r} is not allowed; allowed values: {allowed_values}"
     hint = schema.get("description")
     return f"'{key}': {error.message}" + (f" ({hint})" if hint else "")
 
@@ -76,20 +78,21 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     problems = _combination_problems(filled)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return _in_schema_order(filled, schema())
+    return in_schema_order(filled, schema())
 
 
-def _in_schema_order(value: Any, subschema: dict) -> Any:
+def in_schema_order(value: Any, subschema: Mapping[str, Any]) -> Any:
     """``value`` with every mapping's keys in the schema's order, however the configuration was written.
 
     The order is part of what Snakemake compares when it decides whether a rule's params changed: without this,
-    ``--config "train={folds: 2}"`` and the same value from a file would retrain the same model.
+    ``--config "train={folds: 2}"`` and the same value from a file would retrain the same model. Keys the
+    schema does not name (free-form mappings) follow, sorted.
     """
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         return value
-    properties = subschema.get("properties", {}) if isinstance(subschema, dict) else {}
+    properties = subschema.get("properties", {}) if isinstance(subschema, Mapping) else {}
     ordered = [key for key in properties if key in value] + sorted(key for key in value if key not in properties)
-    return {key: _in_schema_order(value[key], properties.get(key, {})) for key in ordered}
+    return {key: in_schema_order(value[key], properties.get(key, {})) for key in ordered}
 
 
 def _combination_problems(config: dict[str, Any]) -> list[str]:

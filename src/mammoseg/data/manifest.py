@@ -20,8 +20,8 @@ from typing import Iterable, Mapping, Sequence
 
 from mammoseg.errors import InputError
 
-__all__ = ["REQUIRED_COLUMNS", "read_manifest", "is_normal", "has_truth", "lesion_rows", "bucket_of", "chunk_count", "rows_of_bucket",
-           "images_of", "files_of"]
+__all__ = ["REQUIRED_COLUMNS", "read_manifest", "is_normal", "has_truth", "lesion_rows", "bucket_of", "chunk_count",
+           "rows_of_bucket", "images_of", "files_of"]
 
 #: Columns every consumer of a manifest needs.
 REQUIRED_COLUMNS = ("roi_id", "image_id", "patient_id", "split", "abnormality_id", "image_path", "mask_path")

@@ -71,12 +71,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammoseg.errors import InputError
-from mammoseg.io.atomic import atomic_path, write_csv_atomic
-from mammoseg.io.dicom import DicomReadError, check_decodable, header_record, read_stored_pixels
-from mammoseg.io.masks import binary_fraction, mask_from_pixels
-from mammoseg.io.names import safe_name, shown_value
-from mammoseg.io.raster import RASTER_SUFFIXES
 from mammoseg.data.layouts import (
     CASE_NAME_PATTERN,
     CaseName,
@@ -86,6 +80,12 @@ from mammoseg.data.layouts import (
     index_tree,
     parse_case_name,
 )
+from mammoseg.errors import InputError
+from mammoseg.io.atomic import atomic_path, write_csv_atomic
+from mammoseg.io.dicom import DicomReadError, check_decodable, header_record, read_stored_pixels
+from mammoseg.io.masks import binary_fraction, mask_from_pixels
+from mammoseg.io.names import safe_name, shown_value
+from mammoseg.io.raster import RASTER_SUFFIXES
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -290,7 +290,8 @@ def _identify(row: Any, prefix: str, plan: Plan) -> CaseName | None:
     """The case of one readable index row, or None after recording why it has none."""
     case = parse_case_name(row.PatientID) or parse_case_name(row.top_folder)
     folder_case = parse_case_name(row.top_folder)
-    ids = {"image_id": folder_case.image_id if folder_case else "", "roi_id": (folder_case.roi_id or "") if folder_case else ""}
+    ids = {"image_id": folder_case.image_id if folder_case else "",
+           "roi_id": (folder_case.roi_id or "") if folder_case else ""}
     if case is None:
         plan.skip("bad_identifier", f"PatientID {shown_value(row.PatientID, 60)} and folder "
                                     f"{shown_value(row.top_folder, 60)} are not case names ({CASE_NAME_PATTERN})",
@@ -440,7 +441,8 @@ def _assign_roles(files: list[RoiFile], image_shape: tuple[int, int] | None) -> 
         masks = [f for f in binary if f.shape[0] * f.shape[1] == largest]
     for item in files:
         item.role = "mask" if any(item is m for m in masks) else "crop"
-        item.hint_disagrees = ("mask" in item.hint and item.role != "mask") or ("crop" in item.hint and item.role == "mask")
+        item.hint_disagrees = (("mask" in item.hint and item.role != "mask")
+                               or ("crop" in item.hint and item.role == "mask"))
 
 
 def _plan_roi(roi_id: str, case: CaseName, files: list[RoiFile], table: CaseTable | None, plan: Plan) -> None:
@@ -455,7 +457,8 @@ def _plan_roi(roi_id: str, case: CaseName, files: list[RoiFile], table: CaseTabl
         return
     csv_series = ""
     if table is not None:
-        csv_series = next((s for s, ids in table.by_series.items() if roi_id in ids and any(s == m.series_uid for m in masks)), "")
+        csv_series = next((s for s, ids in table.by_series.items()
+                           if roi_id in ids and any(s == m.series_uid for m in masks)), "")
     image = plan.images.get(image_id)
     if len(masks) > 1:  # prefer the CSV's series, then a mask of the image's size
         size = image["shape"] if image else None
@@ -559,7 +562,8 @@ def plan_collection(index: pd.DataFrame, prefix: str, table: CaseTable | None, *
 
     kept_images = {row["image_id"] for row in plan.manifest}
     for image_id in sorted(plan.images_found - kept_images):
-        rois = sorted(r["roi_id"] for r in plan.skipped if r["image_id"] == image_id and SKIP_REASONS[r["reason"]][0] == "roi")
+        rois = sorted(r["roi_id"] for r in plan.skipped
+                      if r["image_id"] == image_id and SKIP_REASONS[r["reason"]][0] == "roi")
         why = f"all its ROIs were skipped ({', '.join(rois)})" if rois else "no ROI file or CSV row names it"
         plan.skip("image_without_mask", f"full image {image_id}: {why}", source=plan.images[image_id]["path"],
                   image_id=image_id)  # fmt: skip
@@ -623,7 +627,8 @@ def plan_normals(folders: list[str | Path], split: str, abnormality: str, plan: 
         else:
             raise InputError(f"{folder}: {key} names no folder")
         for entry in entries:
-            hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts if ignored_reason(part)), "")
+            hidden = next((ignored_reason(part) for part in entry.relative_to(folder).parts
+                           if ignored_reason(part)), "")
             if hidden:
                 plan.skip("ignored", f"{entry}: {hidden}", source=str(entry))
                 continue
@@ -739,13 +744,15 @@ def write_outputs(plan: Plan, out_dir: Path, link: str) -> tuple[pd.DataFrame, p
             if name not in placed[folder]:
                 _place(source, _inside(out_dir / folder / name, out_real), link)
                 placed[folder].add(name)
-        rows.append({**entry, "image_path": f"images/{image_name}", "mask_path": f"masks/{mask_name}" if mask_name else "",
+        rows.append({**entry, "image_path": f"images/{image_name}",
+                     "mask_path": f"masks/{mask_name}" if mask_name else "",
                      "image_source": os.path.abspath(entry["image_source"]),
                      "mask_source": os.path.abspath(entry["mask_source"]) if entry["mask_source"] else ""})  # fmt: skip
     for folder, names in placed.items():
         _remove_stale(out_dir / folder, names)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    skipped = pd.DataFrame(plan.skipped, columns=SKIPPED_COLUMNS).sort_values(["reason", "roi_id", "image_id", "source_path"])
+    skipped = pd.DataFrame(plan.skipped, columns=SKIPPED_COLUMNS)
+    skipped = skipped.sort_values(["reason", "roi_id", "image_id", "source_path"])
     skipped["source_path"] = [os.path.abspath(p) if p else "" for p in skipped["source_path"]]
     write_csv_atomic(out_dir / "manifest.csv", manifest)
     write_csv_atomic(out_dir / "skipped.csv", skipped)
@@ -798,7 +805,8 @@ def restructure_collection(source_root: str | Path, out_dir: str | Path, *, abno
     rois_kept, images_kept = int((manifest["roi_id"] != "").sum()), manifest["image_id"].nunique()
     found = len(plan.images_found) + len(plan.rois_found) + plan.stray
     if found != images_kept + rois_kept + len(skipped):  # a bug, never bad input: every unit has one fate
-        raise AssertionError(f"accounting broken: found {found} != kept {images_kept + rois_kept} + skipped {len(skipped)}")
+        raise AssertionError(f"accounting broken: found {found} != kept {images_kept + rois_kept} "
+                             f"+ skipped {len(skipped)}")
     summary = {
         "collection": prefix, "layout": layout, "csv": str(csv_path) if csv_path else "", "out_dir": str(out_dir),
         "found": found, "kept": images_kept + rois_kept, "skipped": len(skipped),

@@ -35,6 +35,10 @@ from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid, write_d
 __all__ = [
     "LAYOUTS",
     "FileRef",
+    "TreeWriter",
+    "cropped_roi_box",
+    "publish_with_truth",
+    "truth_summary",
     "layout_path",
     "csv_path",
     "generate_dataset",
@@ -270,7 +274,8 @@ def plan_dataset(*, n_train: int, n_test: int, seed: int, quirks: bool, abnormal
     ``quirks``: ROI k (counted over the dataset) has swapped numbering on disk when k % 5 == 2 and its crop
     and mask in separate studies when k % 7 == 3; two-file ROI series are labelled 'cropped images' in
     NBIA layouts when k % 4 == 1; mass margins are the literal 'NA' when k % 6 == 0; train image 1 has
-    ids [1, 3] and test image 1 has ids [2] (id gaps); the last ROI of the first train image with two or more ROIs gets a mask of the wrong size.
+    ids [1, 3] and test image 1 has ids [2] (id gaps); the last ROI of the first train image with two or more
+    ROIs gets a mask of the wrong size.
     """
     if abnormality not in COLLECTION_NAMES:
         raise ValueError(f"abnormality must be 'mass' or 'calc', got {abnormality!r}")
@@ -528,7 +533,7 @@ def _free_position(rng: np.random.Generator, forbidden_integral: np.ndarray, sid
     return None
 
 
-def _crop_box(bbox: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def cropped_roi_box(bbox: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The cropped-ROI box: lesion bounding box plus a margin of 10% of its side (at least 8 px), clipped."""
     r0, c0, r1, c1 = bbox
     margin = max(8, int(0.1 * max(r1 - r0, c1 - c0)))
@@ -581,7 +586,7 @@ def _to_8bit(pixels: np.ndarray) -> np.ndarray:
     return np.round(pixels.astype(np.float32) * (255.0 / top)).astype(np.uint8)
 
 
-class _TreeWriter:
+class TreeWriter:
     """Writes files of one tree in one layout under a staging root and records what it wrote."""
 
     def __init__(self, root: Path, layout: str, *, rle: bool, bits_stored: int):
@@ -691,7 +696,7 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 40, n_test: int = 12
     plans = plan_dataset(n_train=n_train, n_test=n_test, seed=seed, quirks=quirks, abnormality=abnormality)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-synth-", dir=out_dir))
     try:
-        writer = _TreeWriter(staging, layout, rle=rle, bits_stored=bits_stored)
+        writer = TreeWriter(staging, layout, rle=rle, bits_stored=bits_stored)
         truth_images, truth_rois, truth_files = [], [], []
         csv_rows: dict[str, list[dict]] = {"train": [], "test": []}
         for image in plans:
@@ -710,23 +715,23 @@ def generate_dataset(out_dir: str | Path, *, n_train: int = 40, n_test: int = 12
             csv_files.append(f"csv/{name}")
             if layout == "kaggle":  # the Kaggle copy ships the case CSVs beside dicom_info.csv
                 shutil.copyfile(staging / "csv" / name, staging / "CBIS-DDSM" / "csv" / name)
-        summary = _summary(truth_images, truth_rois, truth_files, layout=layout, abnormality=abnormality,
+        summary = truth_summary(truth_images, truth_rois, truth_files, layout=layout, abnormality=abnormality,
                            seed=seed, rows=rows, cols=cols, csv_files=csv_files)
-        _publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
+        publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
 
 
-def _publish_with_truth(staging: Path, out_dir: Path, summary: dict, images: list, rois: list, files: list) -> None:
+def publish_with_truth(staging: Path, out_dir: Path, summary: dict, images: list, rois: list, files: list) -> None:
     """Write truth.json into the staging folder, then move the tree, the CSVs and truth.json into ``out_dir``."""
     truth = {"summary": summary, "images": images, "rois": rois, "files": files}
     (staging / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     _publish(staging, out_dir, ["CBIS-DDSM", "csv", "truth.json"])
 
 
-def _write_image(writer: _TreeWriter, image: ImagePlan, rng: np.random.Generator, *, rows: int, cols: int,
+def _write_image(writer: TreeWriter, image: ImagePlan, rng: np.random.Generator, *, rows: int, cols: int,
                  abnormality: str, bits_stored: int) -> tuple[dict, list[dict], list[dict], list[dict]]:
     """Render and write one full image, its masks and crops; return its truth entries and CSV rows."""
     pixels, _breast, placed = render_mammogram(
@@ -748,7 +753,7 @@ def _write_image(writer: _TreeWriter, image: ImagePlan, rng: np.random.Generator
     for roi, mass in zip(image.rois, placed):
         full_mask = mass.full_mask((rows, cols))
         mask_pixels = _mismatched_mask(full_mask) if roi.size_mismatch else full_mask
-        r0, c0, r1, c1 = _crop_box(mass.bbox, (rows, cols))
+        r0, c0, r1, c1 = cropped_roi_box(mass.bbox, (rows, cols))
         crop_pixels = np.ascontiguousarray(pixels[r0:r1, c0:c1])
         # A two-file series carries one folder label in NBIA layouts: 'ROI mask images', or the wrong one.
         shared_label = CROP_LABEL if roi.mislabelled else MASK_LABEL
@@ -805,7 +810,8 @@ def _csv_row(image: ImagePlan, roi: RoiPlan, abnormality: str, full_csv: str, cr
     }
 
 
-def _summary(images: list[dict], rois: list[dict], files: list[dict], **extra) -> dict:
+def truth_summary(images: list[dict], rois: list[dict], files: list[dict], **extra) -> dict:
+    """The ``summary`` of a tree's ``truth.json``: counts of what was written and of each quirk, plus ``extra``."""
     quirk_counts: dict[str, int] = {}
     for item in images + rois:
         for quirk in item["quirks"]:

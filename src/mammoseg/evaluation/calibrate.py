@@ -32,7 +32,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mammoseg.errors import ConfigError, InputError
 from mammoseg.evaluation.froc import froc_curve
+from mammoseg.evaluation.summary import candidate_scores, read_image_records
+from mammoseg.io.atomic import write_text_atomic
 
 __all__ = ["calibrate_threshold", "operating_threshold", "run_calibrate", "evaluation_threshold"]
 
@@ -115,10 +118,6 @@ def run_calibrate(chunk_dirs: Sequence[str | Path], out_path: str | Path, *, con
     InputError
         When no image of the chunks was evaluated, or no threshold meets ``evaluate.target_fppi``.
     """
-    from mammoseg.errors import InputError
-    from mammoseg.evaluation.summary import candidate_scores, read_image_records
-    from mammoseg.io.atomic import write_text_atomic
-
     evaluated = [rec for rec in read_image_records(chunk_dirs) if rec["status"] == "evaluated"]
     if not evaluated:
         raise InputError(f"{out_path}: no evaluated out-of-fold image to calibrate the operating threshold on")
@@ -146,8 +145,6 @@ def evaluation_threshold(config: Mapping[str, Any], image_set: str, operating_po
     InputError
         An operating point that cannot be read, is not a calibration, or was calibrated for another target.
     """
-    from mammoseg.errors import ConfigError, InputError
-
     target = float(config["evaluate"]["target_fppi"])
     if target == 0 and operating_point is not None and image_set != "oof":
         raise ConfigError(f"{operating_point}: an operating point is given but evaluate.target_fppi is 0 "

@@ -23,15 +23,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from mammoseg.data.manifest import has_truth, is_normal, lesion_rows
+from mammoseg.data.manifest import chunk_count, has_truth, is_normal, lesion_rows, read_manifest, rows_of_bucket
 from mammoseg.errors import InputError
 from mammoseg.evaluation import froc, metrics
+from mammoseg.evaluation.calibrate import evaluation_threshold
 from mammoseg.evaluation.overlays import FINDINGS_LEGEND, add_legend, make_overlay, write_overlay
 from mammoseg.evaluation.postprocess import operating_mask, postprocess
 from mammoseg.inference.predict import load_prediction
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_json_atomic
 from mammoseg.io.dicom import read_mammogram
 from mammoseg.io.masks import read_mask
+from mammoseg.io.seg import write_seg
 
 __all__ = ["load_lesions", "evaluate_arrays", "evaluate_image", "findings_image", "evaluate_chunk", "write_mask_png"]
 
@@ -246,8 +248,6 @@ def write_image_seg(source: Path, pixels: np.ndarray, out_path: Path, *, kind: s
     """
     if kind == "none":
         return "not requested (evaluate.seg: none)"
-    from mammoseg.io.seg import write_seg
-
     try:
         write_seg(source, pixels, out_path, kind=kind, experiment=experiment)
     except InputError as exc:  # a source that cannot be referenced (not DICOM, no SOP Instance UID)
@@ -325,9 +325,6 @@ def run_evaluate_chunk(prediction_dir: str | Path, manifest: str | Path, out_dir
     configuration's ``infer.chunk_size`` and ``evaluate`` settings, at the threshold of
     :func:`mammoseg.evaluation.calibrate.evaluation_threshold` (``operating_point``: the calibration's JSON when
     ``evaluate.target_fppi`` > 0); ``experiment`` names the algorithm version in the DICOM SEGs."""
-    from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
-    from mammoseg.evaluation.calibrate import evaluation_threshold
-
     all_rows = read_manifest(manifest)
     rows = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, config["infer"]["chunk_size"]))
     payloads = evaluate_chunk(prediction_dir, rows, Path(manifest).parent, out_dir,

@@ -42,7 +42,6 @@ __all__ = [
     "remove_small_components",
     "restrict_to_lesions",
     "LesionMatch",
-    "filter_components",
     "match_labels",
     "match_lesions",
 ]
@@ -242,18 +241,6 @@ def _component_rows(labels: np.ndarray, count: int, areas: np.ndarray) -> dict[i
             out[index] = {"row0": box[0].start, "col0": box[1].start, "row1": box[0].stop, "col1": box[1].stop,
                           "centroid_row": float(centre_r[index]), "centroid_col": float(centre_c[index])}
     return out
-
-
-def filter_components(labels: np.ndarray, count: int, min_area: int) -> tuple[np.ndarray, int]:
-    """Drop labelled components smaller than ``min_area`` pixels and renumber the rest 1..kept (label order)."""
-    if min_area <= 1 or count == 0:
-        return labels, count
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = areas >= min_area
-    keep[0] = False
-    lookup = np.zeros(count + 1, dtype=np.int32)
-    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lookup[labels], int(keep.sum())
 
 
 def match_labels(

@@ -16,8 +16,8 @@ import numpy as np
 
 from mammoseg.io.atomic import atomic_path
 
-__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "LEGEND", "FINDINGS_LEGEND", "reduction_factor", "make_overlay", "add_legend",
-           "write_overlay"]
+__all__ = ["TP_COLOUR", "FN_COLOUR", "FP_COLOUR", "LEGEND", "FINDINGS_LEGEND", "reduction_factor", "make_overlay",
+           "add_legend", "write_overlay"]
 
 TP_COLOUR = (0, 255, 0)
 FN_COLOUR = (255, 0, 0)

@@ -65,7 +65,8 @@ def _per_image_rows(records: Sequence[Mapping], tag: Mapping[str, str]) -> list[
             pix, at = res["pixel"], res["at_lesions"]
             rows.append({
                 **tag, "image_id": rec["image_id"], "patient_id": rec.get("patient_id", ""),
-                "normal": rec.get("normal", False), "status": rec["status"], "reason": "", "min_area": res["min_area"], "n_lesions": res["n_lesions"], "detected": res["detected"],
+                "normal": rec.get("normal", False), "status": rec["status"], "reason": "", "min_area": res["min_area"],
+                "n_lesions": res["n_lesions"], "detected": res["detected"],
                 "false_positives": res["false_positives"],
                 **{k: pix[k] for k in ("tp", "fp", "fn", "tn", "intersection", "union", "dice", "iou")},
                 "at_lesions_intersection": at["intersection"], "at_lesions_union": at["union"],
@@ -174,9 +175,9 @@ def _intervals(records: Sequence[Mapping], n_resamples: int, seed: int) -> dict[
 
 
 def _plot_froc(curve: froc.FrocCurve, path: Path, title: str) -> None:
+    import matplotlib.ticker
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import matplotlib.ticker
 
     fig = Figure(figsize=(6, 4.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -223,9 +224,9 @@ def _human_summary(summary: pd.DataFrame, label: str, abnormality: str, n_failed
             f"pooled Dice {_fmt_ci(v, 'pooled_dice', 3)}, IoU {v['pooled_iou']:.3f}; at lesions Dice "
             f"{v['pooled_dice_at_lesions']:.3f}, IoU {v['pooled_iou_at_lesions']:.3f}; mean Dice {v['mean_dice']:.3f}")
         if "n_normal_images" in v:
-            lines.append(f"    normal images {v['n_normal_images']:.0f}: {v['fp_per_normal_image']:.2f} false positives "
-                         f"per normal image, {v['normal_images_without_mark']:.0%} without a mark; FPPI on lesion "
-                         f"images {v['fppi_lesion_images']:.2f}")
+            lines.append(f"    normal images {v['n_normal_images']:.0f}: {v['fp_per_normal_image']:.2f} false "
+                         f"positives per normal image, {v['normal_images_without_mark']:.0%} without a mark; "
+                         f"FPPI on lesion images {v['fppi_lesion_images']:.2f}")
         if "cpm" in v:
             lines.append("    FROC: TPR at FPPI " + ", ".join(
                 f"{p:g}: {v[f'tpr_at_{p:g}_fppi']:.3f}" for p in froc.FPPI_POINTS)
@@ -375,7 +376,8 @@ def summarise_findings(chunk_dirs: Sequence[str | Path], out_dir: str | Path, *,
             + (f" of {source}" if source else "") + " (no ground truth): "
             f"{int((evaluated['marks'] > 0).sum())} of {len(evaluated)} predicted images marked at threshold "
             f"{threshold:g} ({int(evaluated['marks'].sum())} marks)"
-            + (f"; {len(records) - len(evaluated)} not predicted (findings.csv)" if len(evaluated) < len(records) else "")
+            + (f"; {len(records) - len(evaluated)} not predicted (findings.csv)"
+               if len(evaluated) < len(records) else "")
             + (f"\n  {warning}" if warning else ""))
     write_text_atomic(out_dir / "summary.txt", text + "\n")
     print(text)

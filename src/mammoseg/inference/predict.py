@@ -1,10 +1,10 @@
 """Stage ``predict``: probability maps for a chunk of full mammograms, the model loaded once per chunk.
 
-A prediction job handles every image of one chunk (:func:`mammoseg.data.manifest.bucket_of`, the stable hash that
-also assigns shards, over :func:`~mammoseg.data.manifest.chunk_count` chunks), so TensorFlow is imported and each model loaded once per chunk instead of once per image, and
-the next image is read and decoded in a background thread while the network runs on the current one. An image
-whose file cannot be read is recorded in the chunk's ``predictions.csv`` with its reason and the others are
-still predicted: one bad file never stops the workflow.
+A prediction job handles every image of one chunk (:func:`mammoseg.data.manifest.bucket_of`, the stable hash that also
+assigns shards, over :func:`~mammoseg.data.manifest.chunk_count` chunks), so TensorFlow is imported and each model
+loaded once per chunk instead of once per image, and the next image is read and decoded in a background thread while the
+network runs on the current one. An image whose file cannot be read is recorded in the chunk's ``predictions.csv`` with
+its reason and the others are still predicted: one bad file never stops the workflow.
 
 Outputs of a chunk (a folder, written under a temporary name and renamed when complete):
 ``{image_id}.prob.npz`` (``prob``: uint8 (rows, cols) = round(p × 255); ``meta``: JSON text) per predicted image,
@@ -17,7 +17,6 @@ probabilities for each batch of windows (nnU-Net's ensembling of folds).
 from __future__ import annotations
 
 import concurrent.futures
-import importlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,18 +25,22 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mammoseg.config.plan import PatchGeometry
+from mammoseg.config.plan import PatchGeometry, patch_geometry, read_plan
+from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
+from mammoseg.data.restructure import view_position
 from mammoseg.errors import InputError
 from mammoseg.inference.anatomy import apply_anatomy
 from mammoseg.inference.sliding import Prediction, Predictor, predict_blended, predict_paper, quantise
 from mammoseg.io.atomic import atomic_directory, atomic_path, write_csv_atomic
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.io.names import safe_name
+from mammoseg.model.folds import fit_set_fold, folds_predicting, read_splits
+from mammoseg.model.unet import load_model
 from mammoseg.patches.geometry import intensity_range_for
 
 __all__ = [
     "PREDICTION_COLUMNS",
     "ImageTask",
-    "fit_set",
-    "load_model",
     "check_input_size",
     "make_predictor",
     "predict_image",
@@ -55,26 +58,6 @@ PREDICTION_COLUMNS = ("image_id", "status", "reason", "message", "models", "seco
 # --------------------------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------------------------
-def load_model(model_path: str | Path):
-    """Load a ``.keras`` model safely (``compile=False, safe_mode=True``), the project's custom objects registered.
-
-    Raises
-    ------
-    InputError
-        The file is missing or is not a loadable Keras model (also: it carries Python code, e.g. a Lambda layer).
-    """
-    importlib.import_module("mammoseg.model.losses")  # registers the serialisable custom objects
-    import keras
-
-    path = Path(model_path)
-    if not path.is_file():
-        raise InputError(f"{path}: model file not found")
-    try:
-        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad file, named
-        raise InputError(f"{path}: cannot load Keras model: {exc}") from exc
-
-
 def check_input_size(model, geometry: PatchGeometry, source: str = "model") -> None:
     """Refuse a model whose input is not (batch, s, s, 1) with s = the plan's network input side."""
     shape = tuple(model.input_shape)
@@ -199,8 +182,7 @@ def predict_images(tasks: Sequence[ImageTask], out_dir: str | Path, *, geometry:
     -------
     list of dict, the rows of ``predictions.csv`` (:data:`PREDICTION_COLUMNS`), in task order.
     """
-    if reader is None:
-        from mammoseg.io.dicom import read_mammogram as reader
+    reader = reader or read_mammogram
     predictors: dict[tuple[str, ...], Predictor] = {}
 
     def predictor_for(models: tuple[str, ...]) -> Predictor:
@@ -249,19 +231,8 @@ def tasks_for(images: Iterable[tuple[str, str]], models: Sequence[str], *, views
     ``views``: read each file's view (:func:`mammoseg.data.restructure.view_position`, the manifest's rule),
     needed only to exclude the pectoral muscle.
     """
-    from mammoseg.data.restructure import view_position
-
     return [ImageTask(image_id, str(path), tuple(str(m) for m in models), view_position(path) if views else "")
             for image_id, path in images]
-
-
-#: The image set of the training images that fold f's model was fit on (``fit-<f>``): hard-negative mining.
-FIT_SET = "fit-"
-
-
-def fit_set(fold: int) -> str:
-    """The name of the image set of the training images fold ``fold``'s model was fit on."""
-    return f"{FIT_SET}{fold}"
 
 
 def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Sequence[str], *, image_set: str,
@@ -272,8 +243,8 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     ``models`` (one per fold). ``oof``: each
     training image by the one model whose fold holds its patient (``fold_of``: patient → fold, the
     cross-validation's splits), i.e. the model that never trained on it; ``models[f]`` is fold f's.
-    ``fit-<f>`` (:func:`fit_set`): the training images fold f's model was fit on (patients of the other folds),
-    by that model: where hard-negative mining looks for its false positives.
+    ``fit-<f>`` (:func:`mammoseg.model.folds.fit_set`): the training images fold f's model was fit on (patients of
+    the other folds), by that model: where hard-negative mining looks for its false positives.
     """
     images: dict[str, Mapping[str, str]] = {}
     for row in rows:
@@ -283,18 +254,12 @@ def chunk_tasks(rows: Sequence[Mapping[str, str]], base: str | Path, models: Seq
     def task(image_id: str, row: Mapping[str, str], chosen: Sequence[str]) -> ImageTask:
         return ImageTask(image_id, str(base / row["image_path"]), tuple(map(str, chosen)), row.get("view", "") or "")
 
-    if image_set == "test" or image_set.startswith("studies"):
-        return [task(i, row, models) for i, row in sorted(images.items())]
-    if fold_of is None or not (image_set == "oof" or image_set.startswith(FIT_SET)):
-        raise ValueError(f"image set {image_set!r}: out-of-fold and fit predictions need the cross-validation's "
-                         f"splits; known sets: test, studies, oof, {FIT_SET}<fold>")
-    if image_set == "oof":
-        return [task(i, row, [models[fold_of[row["patient_id"]]]]) for i, row in sorted(images.items())]
-    from mammoseg.model.folds import fit_on
-
-    fold = int(image_set[len(FIT_SET):])
-    return [task(i, row, [models[fold]]) for i, row in sorted(images.items())
-            if fit_on(fold_of, row["patient_id"], fold)]
+    tasks = []
+    for image_id, row in sorted(images.items()):
+        chosen = folds_predicting(image_set, row["patient_id"], fold_of, len(models))
+        if chosen:
+            tasks.append(task(image_id, row, [models[fold] for fold in chosen]))
+    return tasks
 
 
 def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[str], out_dir: str | Path, *,
@@ -305,17 +270,12 @@ def run_predict_chunk(plan: str | Path, manifest: str | Path, models: Sequence[s
     ``config`` is the resolved configuration (its ``infer`` section is read); the window geometry comes from
     ``plan``; ``splits`` (the cross-validation's ``splits.json``) is needed for the ``oof`` and ``fit-<f>`` sets.
     """
-    from mammoseg.config.plan import read_plan
-    from mammoseg.data.manifest import chunk_count, read_manifest, rows_of_bucket
-
     geometry = read_plan(plan).geometry
     infer = config["infer"]
     all_rows = read_manifest(manifest)
     mine = rows_of_bucket(all_rows, chunk, chunk_count(all_rows, infer["chunk_size"]))
     fold_of = None
-    if image_set == "oof" or image_set.startswith(FIT_SET):
-        from mammoseg.model.folds import read_splits
-
+    if image_set == "oof" or fit_set_fold(image_set) is not None:
         fold_of = read_splits(splits).fold_of
     tasks = chunk_tasks(mine, Path(manifest).parent, models, image_set=image_set, fold_of=fold_of)
     rows = predict_images(tasks, out_dir, geometry=geometry, infer=infer, batch_size=infer["batch_size"])
@@ -329,11 +289,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[str, str]]:
 
     The image id is the path relative to the folder given (or the file's stem), made safe as a file name: no
     header is read. New studies are named from their headers instead, as the workflow names them
-    (:mod:`mammoseg.inference.studies`). Non-DICOM files are kept here and refused, with a reason, when they are
+    (:mod:`mammoseg.studies`). Non-DICOM files are kept here and refused, with a reason, when they are
     read.
     """
-    from mammoseg.io.names import safe_name
-
     found: dict[str, str] = {}
     for entry in map(Path, inputs):
         if entry.is_dir():
@@ -355,13 +313,11 @@ def run_predict_files(inputs: Sequence[str | Path], models: Sequence[str], out_d
                       config: Mapping[str, Any], plan: str | Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Probability maps of DICOM files or folders (no ground truth needed) into ``out_dir``, nothing else: the
     prediction stage alone (the benchmarks time it); ``mammoseg predict`` is
-    :func:`mammoseg.inference.studies.run_studies`.
+    :func:`mammoseg.studies.run_studies`.
 
     The window geometry and the normalisation come from ``plan`` (the model's ``plan.json``, also in an exported
     model's folder) or else from ``config['patches']``, which must then be the model's.
     """
-    from mammoseg.config.plan import patch_geometry, read_plan
-
     geometry = read_plan(plan).geometry if plan else patch_geometry(config["patches"])
     tasks = tasks_for(collect_images(inputs), models, views=bool(config["infer"]["exclude_pectoral"]))
     if not tasks:

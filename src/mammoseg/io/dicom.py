@@ -153,7 +153,8 @@ def _dcmread(path: str | Path, handle: BinaryIO, **options: Any) -> pydicom.Data
     except (EOFError, struct.error) as exc:  # pydicom's short reads
         raise DicomReadError(path, "truncated", f"file ends inside the header ({exc})") from None
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same thing here
-        raise DicomReadError(path, "unreadable", f"cannot parse the DICOM header: {type(exc).__name__}: {exc}") from None
+        raise DicomReadError(path, "unreadable",
+                             f"cannot parse the DICOM header: {type(exc).__name__}: {exc}") from None
 
 
 def _parse_header(path: str | Path, handle: BinaryIO, size: int) -> tuple[pydicom.Dataset, BinaryIO]:
@@ -300,9 +301,11 @@ def _pixel_data_element(path: str | Path, source: BinaryIO, ds: pydicom.Dataset,
     try:
         element = next(data_element_generator(source, *ds.original_encoding, defer_size=_DEFER_BYTES), None)
     except EOFError:
-        raise DicomReadError(path, "truncated", "file ends inside the compressed pixel data (no closing delimiter)") from None
+        raise DicomReadError(path, "truncated",
+                             "file ends inside the compressed pixel data (no closing delimiter)") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt element header fails in pydicom in many ways
-        raise DicomReadError(path, "unreadable", f"cannot read the Pixel Data element: {type(exc).__name__}: {exc}") from None
+        raise DicomReadError(path, "unreadable",
+                             f"cannot read the Pixel Data element: {type(exc).__name__}: {exc}") from None
     if element is None or element.tag != _PIXEL_DATA_TAG:
         raise DicomReadError(path, "no_pixel_data", "no Pixel Data element (7FE0,0010)")
     return element
@@ -317,10 +320,12 @@ def _check_pixel_length(path: str | Path, element: RawDataElement, geometry: _Ge
         return
     in_file = max(size - element.value_tell, 0)
     if element.length > in_file:
-        raise DicomReadError(path, "truncated", f"pixel data declare {element.length} bytes but only {in_file} are in the file")
+        raise DicomReadError(path, "truncated",
+                             f"pixel data declare {element.length} bytes but only {in_file} are in the file")
     if element.length < geometry.uncompressed_bytes:
-        raise DicomReadError(path, "truncated", f"pixel data hold {element.length} bytes, {geometry.uncompressed_bytes} "
-                                                f"expected for {geometry.rows}x{geometry.cols}")  # fmt: skip
+        raise DicomReadError(path, "truncated",
+                             f"pixel data hold {element.length} bytes, {geometry.uncompressed_bytes} "
+                             f"expected for {geometry.rows}x{geometry.cols}")  # fmt: skip
 
 
 class _Header(NamedTuple):
@@ -478,7 +483,8 @@ def _decode(path: str | Path, header: _Header) -> np.ndarray:
         raise DicomReadError(path, "undecodable", f"cannot decode pixel data ({syntax_name}): "
                                                   f"{type(exc).__name__}: {exc}") from None  # fmt: skip
     if pixels.ndim != 2:
-        raise DicomReadError(path, "bad_header", f"expected a single-frame greyscale image, got pixel array of shape {pixels.shape}")
+        raise DicomReadError(path, "bad_header",
+                             f"expected a single-frame greyscale image, got pixel array of shape {pixels.shape}")
     return pixels
 
 
@@ -577,7 +583,8 @@ def read_mammogram(path: str | Path, *, allow_raster: bool = False) -> np.ndarra
     try:
         values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     except Exception as exc:
-        raise DicomReadError(path, "bad_header", f"cannot apply the modality LUT: {type(exc).__name__}: {exc}") from None
+        raise DicomReadError(path, "bad_header",
+                             f"cannot apply the modality LUT: {type(exc).__name__}: {exc}") from None
     if monochrome1:
         values = values.max() + values.min() - values
     return values

@@ -27,6 +27,8 @@ import numpy as np
 
 from mammoseg.errors import InputError
 from mammoseg.patches.geometry import NORMALISE_MODES
+from mammoseg.patches.shards import PROVENANCE_COLUMNS, read_shard_attributes, read_table
+
 __all__ = ["read_provenance", "shards_normalisation", "make_dataset", "ShardReader", "augments", "augment_batch"]
 
 
@@ -46,8 +48,6 @@ def read_provenance(shard_paths: Sequence[str | Path]) -> "pandas.DataFrame":  #
     """
     import h5py
     import pandas as pd
-
-    from mammoseg.patches.shards import PROVENANCE_COLUMNS, read_table
 
     frames, sizes = [], {}
     for path in shard_paths:
@@ -147,8 +147,6 @@ def shards_normalisation(shard_paths: Sequence[str | Path]) -> str:
     InputError
         If the shards disagree.
     """
-    from mammoseg.patches.shards import read_shard_attributes
-
     modes = {str(path): read_shard_attributes(path).get("normalise", "window") for path in shard_paths}
     found = set(modes.values())
     if len(found) != 1:

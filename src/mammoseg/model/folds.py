@@ -2,7 +2,7 @@
 
 One function decides it, so the training of fold ``f`` (validate on fold ``f``'s patients, train on the others)
 and the workflow (which training images fold ``f``'s model predicts out of fold) cannot disagree. Pure Python:
-no TensorFlow, no NumPy, so the Snakefile can import it cheaply.
+no TensorFlow, so the Snakefile can import it cheaply.
 
 Determinism: the order of the patients comes from SHA-256 of ``"<seed>:<patient_id>"``, not from a random
 generator, so the same ids and seed give the same folds on every run, platform and library version (NumPy's
@@ -12,11 +12,20 @@ generator, so the same ids and seed give the same folds on every run, platform a
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-__all__ = ["assign_folds", "fit_on", "Splits", "build_splits", "read_splits", "run_splits"]
+from mammoseg.data.manifest import read_manifest
+from mammoseg.errors import InputError
+from mammoseg.io.atomic import write_json_atomic
+
+__all__ = ["FIT_SET", "assign_folds", "fit_on", "fit_set", "fit_set_fold", "folds_predicting", "Splits",
+           "build_splits", "read_splits", "run_splits"]
+
+#: The image set of the training images that fold f's model was fit on is ``fit-<f>``: hard-negative mining.
+FIT_SET = "fit-"
 
 
 def _shuffle_key(seed: int, patient_id: str) -> str:
@@ -72,8 +81,6 @@ class Splits:
         return sorted(p for p, f in self.fold_of.items() if f == fold)
 
     def write(self, path: str | Path) -> None:
-        from mammoseg.io.atomic import write_json_atomic
-
         write_json_atomic(path, {"folds": self.folds, "seed": self.seed, "fold_of": self.fold_of,
                                  "patients_per_fold": [len(self.patients_of(f)) for f in range(self.folds)]})
 
@@ -85,6 +92,36 @@ def fit_on(fold_of: Mapping[str, int], patient_id: str, fold: int) -> bool:
     return fold_of[patient_id] != fold
 
 
+def fit_set(fold: int) -> str:
+    """The name of the image set of the training images fold ``fold``'s model was fit on."""
+    return f"{FIT_SET}{fold}"
+
+
+def fit_set_fold(image_set: str) -> int | None:
+    """The fold of a ``fit-<f>`` image set (:func:`fit_set`); None for any other image set."""
+    if not image_set.startswith(FIT_SET):
+        return None
+    return int(image_set[len(FIT_SET):])
+
+
+def folds_predicting(image_set: str, patient_id: str, fold_of: Mapping[str, int] | None, folds: int) -> list[int]:
+    """The folds whose models predict a patient's images in an image set (their mean when several).
+
+    ``test`` and new studies (``studies``, ``studies-<folder key>``): every fold. ``oof``: the one fold that holds
+    the patient, i.e. the model that never trained on them. ``fit-<f>``: fold f when its model was fit on the
+    patient (:func:`fit_on`), else none. ``fold_of`` (:attr:`Splits.fold_of`) is needed for the last two.
+    """
+    if image_set in ("test", "studies") or image_set.startswith("studies-"):
+        return list(range(folds))
+    fit_fold = fit_set_fold(image_set)
+    if fold_of is None or (image_set != "oof" and fit_fold is None):
+        raise ValueError(f"image set {image_set!r}: out-of-fold and fit predictions need the cross-validation's "
+                         f"splits; known sets: test, studies, oof, {FIT_SET}<fold>")
+    if image_set == "oof":
+        return [fold_of[patient_id]]
+    return [fit_fold] if fit_on(fold_of, patient_id, fit_fold) else []
+
+
 def build_splits(patient_ids: Iterable[str], folds: int, seed: int) -> Splits:
     """The splits of the training patients (all of them: patients whose ROIs make no patch still get a fold)."""
     return Splits(folds=int(folds), seed=int(seed), fold_of=assign_folds(patient_ids, folds, seed))
@@ -92,10 +129,6 @@ def build_splits(patient_ids: Iterable[str], folds: int, seed: int) -> Splits:
 
 def read_splits(path: str | Path) -> Splits:
     """Load ``splits.json``; a missing or foreign file is an :class:`~mammoseg.errors.InputError` naming it."""
-    import json
-
-    from mammoseg.errors import InputError
-
     try:
         raw = json.loads(Path(path).read_text())
         return Splits(folds=int(raw["folds"]), seed=int(raw["seed"]),
@@ -106,8 +139,6 @@ def read_splits(path: str | Path) -> Splits:
 
 def run_splits(train_manifest: str | Path, out: str | Path, *, folds: int, seed: int) -> Splits:
     """Stage ``splits``: the folds of the training manifest's patients, written as ``splits.json``."""
-    from mammoseg.data.manifest import read_manifest
-
     splits = build_splits((row["patient_id"] for row in read_manifest(train_manifest)), folds, seed)
     splits.write(out)
     sizes = [len(splits.patients_of(f)) for f in range(splits.folds)]

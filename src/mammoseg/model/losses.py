@@ -35,24 +35,11 @@ from keras import ops
 
 __all__ = [
     "EPSILON", "PixelWeightedBCE", "SoftDiceLoss", "BCEDiceLoss", "DiceCoefficient", "IoUCoefficient",
-    "PooledDice", "get_loss", "get_metrics", "pos_weight_from_counts", "custom_objects",
+    "PooledDice", "get_loss", "get_metrics",
 ]
 
 EPSILON = 1e-7  # probability clip, as Keras' own binary cross-entropy
 _PIXEL_AXES = (1, 2, 3)
-
-
-def pos_weight_from_counts(n_black: int, n_white: int) -> float:
-    """The paper's lesion-pixel weight ``n_black / n_white`` over the training masks.
-
-    Raises
-    ------
-    ValueError
-        If the training masks contain no lesion pixel (the ratio is undefined).
-    """
-    if n_white <= 0:
-        raise ValueError(f"training masks hold no lesion pixel (n_white={n_white}); cannot weight by n_black/n_white")
-    return float(n_black) / float(n_white)
 
 
 def _as_float(y_true, y_pred):
@@ -267,9 +254,3 @@ def get_metrics(threshold: float = 0.5) -> list[keras.metrics.Metric]:
         IoUCoefficient(threshold),
         PooledDice(threshold),
     ]
-
-
-def custom_objects() -> dict[str, type]:
-    """The classes defined here, for ``keras.saving.load_model(..., custom_objects=...)`` if ever needed."""
-    return {cls.__name__: cls for cls in (PixelWeightedBCE, SoftDiceLoss, BCEDiceLoss, DiceCoefficient, IoUCoefficient,
-                                                PooledDice)}

@@ -69,13 +69,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mammoseg.errors import InputError
 from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
+from mammoseg.config.plan import Plan, patch_geometry, read_plan
+from mammoseg.errors import InputError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic, write_json_atomic, write_text_atomic
 from mammoseg.io.checksum import sha256_of
-from mammoseg.config.plan import Plan, patch_geometry
-from mammoseg.model.folds import assign_folds
+from mammoseg.model.dataset import make_dataset, read_provenance, shards_normalisation
+from mammoseg.model.folds import assign_folds, read_splits
+from mammoseg.model.unet import build_unet, model_kwargs, parameter_counts
 
 __all__ = [
     "split_train_val",
@@ -270,8 +272,6 @@ class TrainingData:
 def prepare_data(shard_paths: Sequence[str | Path], train_cfg: dict[str, Any], fold: int,
                  fold_of: dict[str, int] | None = None) -> TrainingData:
     """Read the shards' provenance, keep the ``split == 'train'`` patches, split them, count mask pixels."""
-    from mammoseg.model.dataset import read_provenance, shards_normalisation
-
     shard_paths = [str(p) for p in shard_paths]
     if not shard_paths:
         raise ValueError("train: no shard files given")
@@ -449,7 +449,6 @@ def build_model(model_cfg: dict[str, Any], side: int, loss, learning_rate: float
     import keras
 
     from mammoseg.model.losses import get_metrics
-    from mammoseg.model.unet import build_unet, model_kwargs
 
     model = build_unet((side, side, 1), **model_kwargs(model_cfg))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate), loss=loss, metrics=get_metrics(),
@@ -715,8 +714,6 @@ def training_datasets(data: TrainingData, train_cfg: dict[str, Any], epochs_done
     """(training batches, validation batches or None) of one run; only training batches are shuffled and
     augmented (``train.augment``), both seeded by ``train.seed`` plus the epochs already done (a resumed run does
     not replay the first run's batch order)."""
-    from mammoseg.model.dataset import make_dataset
-
     batch_size = train_cfg["batch_size"]
     train_ds = make_dataset(data.shard_paths, data.train_rows, batch_size, shuffle=True,
                             seed=train_cfg["seed"] + epochs_done, repeat=False, augment=train_cfg["augment"],
@@ -733,8 +730,6 @@ def fit(model, data: TrainingData, state: TrainState, callbacks: dict[str, Any],
     With early stopping already decided, no epoch runs and only ``on_train_end`` (which writes ``last.keras``)
     does.
     """
-    from mammoseg.model.unet import parameter_counts
-
     state.parameters = parameter_counts(model)
     epochs, batch_size = train_cfg["epochs"], train_cfg["batch_size"]
     train_ds, val_ds = training_datasets(data, train_cfg, state.epochs_done)
@@ -852,9 +847,6 @@ def run_train(config: dict[str, Any], shard_paths: Sequence[str | Path], out_dir
               plan: str | Path | None = None, splits: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage entry (rule ``train``, ``mammoseg train``): the ``model``, ``train`` and ``patches`` sections of a
     validated config, the plan (``plan.json``) and, with cross-validation, the splits (``splits.json``)."""
-    from mammoseg.config.plan import read_plan
-    from mammoseg.model.folds import read_splits
-
     return train_model(shard_paths, out_dir, model_cfg=config["model"], train_cfg=config["train"],
                        patch_cfg=config["patches"], fold=fold, plan=read_plan(plan) if plan else None,
                        fold_of=read_splits(splits).fold_of if splits else None)

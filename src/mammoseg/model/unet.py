@@ -24,10 +24,14 @@ ICML 2019): its blur kernels add 9 non-trainable parameters per pooled channel.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "parameter_counts", "run_summary",
-           "model_kwargs"]
+from mammoseg.config.plan import patch_geometry
+from mammoseg.errors import InputError
+
+__all__ = ["DOWNSAMPLINGS", "build_unet", "count_parameters", "level_filters", "load_model", "parameter_counts",
+           "run_summary", "model_kwargs"]
 
 
 #: How the encoder halves the resolution: ``max`` = 2 x 2 max pooling (the paper); ``blurmax`` = MaxBlurPool.
@@ -226,9 +230,28 @@ def run_summary(config: dict[str, Any]) -> dict[str, Any]:
     -------
     dict with ``trainable``, ``non_trainable`` (ints), ``input_shape`` and ``model`` (the model section).
     """
-    from mammoseg.config.plan import patch_geometry
-
     side = patch_geometry(config["patches"]).input_px
     model = build_unet((side, side, 1), **model_kwargs(config.get("model", {})))
     counts = parameter_counts(model)
     return {**counts, "input_shape": [side, side, 1], "model": json.loads(json.dumps(config.get("model", {})))}
+
+
+def load_model(model_path: str | Path):
+    """Load a ``.keras`` model safely (``compile=False, safe_mode=True``), the project's custom objects registered.
+
+    Raises
+    ------
+    InputError
+        The file is missing or is not a loadable Keras model (also: it carries Python code, e.g. a Lambda layer).
+    """
+    import keras
+
+    import mammoseg.model.losses  # noqa: F401 - registers the serialisable custom objects
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise InputError(f"{path}: model file not found")
+    try:
+        return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad file, named
+        raise InputError(f"{path}: cannot load Keras model: {exc}") from exc

@@ -1,9 +1,10 @@
 """Patch geometry and the pre-processing shared by extraction and inference.
 
 Everything here is NumPy only. Training patches (:mod:`mammoseg.patches.shards`) and inference windows
-(:mod:`mammoseg.inference.sliding`) both go through :func:`preprocess_window`, so the network sees the same kind of input
-in both stages: a block mean, then either each window min-max normalised on its own (the paper) or every window of a
-mammogram mapped through that mammogram's intensity range (``patches.normalise: image``, :func:`intensity_range_for`).
+(:mod:`mammoseg.inference.sliding`) both go through :func:`preprocess_window`, so the network sees the same kind of
+input in both stages: a block mean, then either each window min-max normalised on its own (the paper) or every
+window of a mammogram mapped through that mammogram's intensity range (``patches.normalise: image``,
+:func:`intensity_range_for`).
 
 Patch geometry (Marita et al.; all coordinates are full-resolution pixels, rows first)
 -------------------------------------------------------------------------------------

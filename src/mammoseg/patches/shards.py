@@ -16,14 +16,13 @@ Shard layout (``s = 2**n // downscale``)
 ``skipped/``    one 1-D dataset per column of :data:`SKIPPED_COLUMNS`
 root attributes: :data:`ROOT_ATTRIBUTES`
 
-Images are assigned to shards by a stable hash of ``image_id`` (:func:`shard_of`), so all ROIs of one image are in
-one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name and renamed
-(:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5 writes
-through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
+Images are assigned to shards by a stable hash of ``image_id`` (:func:`mammoseg.data.manifest.bucket_of`), so all ROIs
+of one image are in one shard and a changed image rebuilds exactly one shard. Files are written under a temporary name
+and renamed (:func:`mammoseg.io.atomic.atomic_path`) and are byte-identical for identical inputs and parameters. HDF5
+writes through :func:`mammoseg.io.hdf5.hdf5_writer`, so a disk that fills up in the middle of a shard ends in an
 ``OSError`` naming the shard (the CLI: one line, exit 2), never in an HDF5 crash.
 
-This module imports neither TensorFlow nor (at import time) h5py/pandas: the Snakefile imports :func:`shard_of`
-while it builds the DAG.
+This module imports neither TensorFlow nor (at import time) h5py/pandas.
 """
 
 from __future__ import annotations
@@ -36,10 +35,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from mammoseg import __version__
-from mammoseg.data.manifest import bucket_of, files_of, is_normal, lesion_rows, read_manifest, rows_of_bucket
+from mammoseg.config.plan import read_plan
+from mammoseg.data.manifest import is_normal, lesion_rows, read_manifest, rows_of_bucket
 from mammoseg.errors import InputError, NoSpaceError
 from mammoseg.io.atomic import atomic_path, write_csv_atomic
+from mammoseg.io.dicom import read_mammogram
 from mammoseg.io.hdf5 import hdf5_writer
+from mammoseg.io.masks import read_mask
 from mammoseg.patches.geometry import (
     NORMALISE_MODES,
     PatchLargerThanImage,
@@ -57,9 +59,11 @@ __all__ = [
     "SKIPPED_COLUMNS",
     "ROOT_ATTRIBUTES",
     "root_attributes",
-    "shard_of",
-    "shard_input_files",
+    "PatchParams",
+    "PatchTables",
+    "image_lesions",
     "extract_shard",
+    "store_shard",
     "write_shard",
     "read_table",
     "read_shard_attributes",
@@ -96,31 +100,6 @@ ROOT_ATTRIBUTES = (
     "patch_size", "downscale", "normalise", "n_shifted", "max_shift", "seed", "n_negative", "negative_min_mean",
     "n_normal", "shard_index", "n_shards", "compression", "image_compression",
 )
-#: manifest.csv columns extraction needs (docs/architecture.md)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shard assignment: a shard is a bucket of images (mammoseg.data.manifest.bucket_of)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def shard_of(image_id: str, n_shards: int) -> int:
-    """Shard of an image: ``bucket_of(image_id, n_shards)``, so every ROI of an image lands in the same shard."""
-    return bucket_of(image_id, n_shards)
-
-
-def shard_input_files(manifest_csv: str | Path, shard_index: int, n_shards: int) -> list[str]:
-    """Image and mask files a shard is built from (absolute, sorted): the shard rule's inputs.
-
-    Declaring these as a shard's inputs makes Snakemake rebuild only the shard of a changed image.
-    """
-    mine = rows_of_bucket(read_manifest(manifest_csv), shard_index, n_shards)
-    return files_of(mine, Path(manifest_csv).resolve().parent)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Extraction
-# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -182,7 +161,7 @@ def root_attributes(config_hash: str, params: PatchParams, *, shard_index: int, 
 
 
 @dataclass
-class _Tables:
+class PatchTables:
     """Provenance and skip rows collected in memory (small: a few ints/strings per patch)."""
 
     provenance: dict[str, list] = field(default_factory=lambda: {c: [] for c in PROVENANCE_COLUMNS})
@@ -247,11 +226,9 @@ def _roi_patches(image: np.ndarray, union: np.ndarray, lesion: _Lesion, lesions:
         yield row, image_patch, mask_patch
 
 
-def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequence[dict], base: Path,
-                   tables: _Tables) -> tuple[list[_Lesion], np.ndarray]:  # fmt: skip
+def image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequence[dict], base: Path,
+                   tables: PatchTables) -> tuple[list[_Lesion], np.ndarray]:  # fmt: skip
     """Read the masks of one image: the usable lesions and their union (bool, the image's shape); skips recorded."""
-    from mammoseg.io.masks import read_mask
-
     image_id = rois[0]["image_id"]
     union = np.zeros(image_shape, dtype=bool)
     lesions = []
@@ -276,10 +253,8 @@ def _image_lesions(image_path: Path, image_shape: tuple[int, int], rois: Sequenc
     return lesions, union
 
 
-def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: _Tables):
+def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: PatchParams, tables: PatchTables):
     """Read one image and its masks; yield its patches and record skips. One image in memory at a time."""
-    from mammoseg.io.dicom import read_mammogram
-
     image_id = rois[0]["image_id"]
     try:
         # a restructured Kaggle set holds the JPEG/PNG files that restructuring indexed and vetted
@@ -288,7 +263,7 @@ def _image_patches(image_path: Path, rois: Sequence[dict], base: Path, params: P
         for roi in rois:
             tables.skip(roi["roi_id"], image_id, "unreadable_image", f"{image_path}: {_describe_error(exc)}")
         return
-    lesions, union = _image_lesions(image_path, image.shape, rois, base, tables)
+    lesions, union = image_lesions(image_path, image.shape, rois, base, tables)
     intensity_range = intensity_range_for(image, params.normalise)
     for lesion in lesions:
         try:
@@ -375,7 +350,8 @@ def _check_free_space(out_path: str | Path, max_patches: int, patch_size: int) -
     needed = max_patches * patch_size * patch_size * 5 + (1 << 20)  # float32 image + uint8 mask per pixel
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise NoSpaceError(errno.ENOSPC, f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
+        raise NoSpaceError(errno.ENOSPC,
+                           f"{out_path}: not enough free space for the shard: up to {needed / 2**20:.1f} MiB"
                                     f" needed ({max_patches} patches of {patch_size}x{patch_size} px), "
                                     f"{free / 2**20:.1f} MiB free")
 
@@ -387,7 +363,7 @@ def _filter(name: str | None, key: str) -> str | None:
     return value
 
 
-def _collection_batches(groups: dict[str, list[dict]], base: Path, params: PatchParams, tables: _Tables,
+def _collection_batches(groups: dict[str, list[dict]], base: Path, params: PatchParams, tables: PatchTables,
                         manifest_csv: Path):  # fmt: skip
     """Per image of ``groups`` (image_id -> its ROI rows), the list of its patches (provenance row, image patch,
     mask patch); images that cannot be used are recorded in ``tables`` and give an empty list."""
@@ -404,7 +380,8 @@ def _collection_batches(groups: dict[str, list[dict]], base: Path, params: Patch
 
 def write_shard(out_path: str | Path, image_batches: Iterable[list[tuple[dict, np.ndarray, np.ndarray]]], *,
                 max_patches: int, patch_size: int, compression: str | None, image_compression: str | None,
-                tables: _Tables, attrs: dict[str, Any], extra_attrs: dict[str, Any] | None = None) -> int:  # fmt: skip
+                tables: PatchTables, attrs: dict[str, Any], extra_attrs: dict[str,
+                                                                              Any] | None = None) -> int:  # fmt: skip
     """Write patches into one HDF5 shard (layout in the module docstring), atomically; the one shard writer.
 
     Parameters
@@ -464,6 +441,33 @@ def write_shard(out_path: str | Path, image_batches: Iterable[list[tuple[dict, n
     return count
 
 
+def store_shard(out_path: str | Path, image_batches: Iterable[list[tuple[dict, np.ndarray, np.ndarray]]], *,
+                params: PatchParams, tables: PatchTables, max_patches: int, config_hash: str, shard_index: int,
+                n_shards: int, compression: str | None, image_compression: str | None,
+                extra_attrs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write one shard made with ``params`` and say what it holds: the common end of extraction and mining.
+
+    ``compression`` and ``image_compression`` are checked (``"lzf"``, ``"gzip"``, ``"none"`` or None), the root
+    attributes built (:func:`root_attributes`) and the patches written (:func:`write_shard`, where the other
+    arguments are described).
+
+    Returns
+    -------
+    dict with ``n_patches``, ``n_skipped`` and ``skipped_reasons`` ({reason: count}).
+    """
+    compression = _filter(compression, "compression")
+    image_compression = _filter(image_compression, "image_compression")
+    attrs = root_attributes(config_hash, params, shard_index=shard_index, n_shards=n_shards, compression=compression,
+                            image_compression=image_compression)
+    count = write_shard(out_path, image_batches, max_patches=max_patches, patch_size=params.patch_size,
+                        compression=compression, image_compression=image_compression, tables=tables, attrs=attrs,
+                        extra_attrs=extra_attrs)
+    reasons: dict[str, int] = {}
+    for reason in tables.skipped["reason"]:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {"n_patches": count, "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons}
+
+
 def extract_shard(
     manifest_csv: str | Path,
     out_path: str | Path,
@@ -489,7 +493,7 @@ def extract_shard(
     ----------
     manifest_csv : a restructured collection's manifest (paths inside are relative to its folder)
     out_path : the shard to write (written to a temporary name beside it and renamed when complete)
-    shard_index, n_shards : which shard, of how many (:func:`shard_of`)
+    shard_index, n_shards : which shard, of how many (:func:`mammoseg.data.manifest.bucket_of`)
     n : window side ``2**n`` full-image pixels (paper: 10)
     downscale : integer factor; stored patches are ``2**n // downscale`` pixels square (paper: 4)
     n_shifted : shifted copies per ROI (paper: 4)
@@ -521,8 +525,6 @@ def extract_shard(
         masks are not errors: they are recorded in the shard's ``skipped`` table with a reason.
     """
     started = time.perf_counter()
-    compression = _filter(compression, "compression")
-    image_compression = _filter(image_compression, "image_compression")
     params = PatchParams(int(n), int(downscale), int(n_shifted), float(max_shift), int(seed), int(n_negative),
                          float(negative_min_mean), int(n_normal), str(normalise))
     if not 0 <= shard_index < n_shards:
@@ -535,24 +537,17 @@ def extract_shard(
     groups: dict[str, list[dict]] = {}
     for roi in records:
         groups.setdefault(roi["image_id"], []).append(roi)
-    tables = _Tables()
+    tables = PatchTables()
     lesion_records = lesion_rows(records)
     normal_images = len(groups) - len({row["image_id"] for row in lesion_records})
     max_patches = (len(lesion_records) * (1 + params.n_shifted) + (len(groups) - normal_images) * params.n_negative
                    + normal_images * params.n_normal)
-    attrs = root_attributes(str(config_hash), params, shard_index=int(shard_index), n_shards=int(n_shards),
-                            compression=compression, image_compression=image_compression)
-    count = write_shard(out_path, _collection_batches(groups, base, params, tables, manifest_csv),
-                        max_patches=max_patches, patch_size=params.patch_size, compression=compression,
-                        image_compression=image_compression, tables=tables, attrs=attrs)
-    reasons: dict[str, int] = {}
-    for reason in tables.skipped["reason"]:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return {
-        "path": str(out_path), "shard_index": int(shard_index), "n_images": len(groups), "n_rois": len(lesion_records),
-        "n_patches": count, "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    stored = store_shard(out_path, _collection_batches(groups, base, params, tables, manifest_csv), params=params,
+                         tables=tables, max_patches=max_patches, config_hash=str(config_hash),
+                         shard_index=int(shard_index), n_shards=int(n_shards), compression=compression,
+                         image_compression=image_compression)
+    return {"path": str(out_path), "shard_index": int(shard_index), "n_images": len(groups),
+            "n_rois": len(lesion_records), **stored, "seconds": round(time.perf_counter() - started, 3)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -649,8 +644,6 @@ def run_extract(plan: str | Path, manifest_csv: str | Path, out_path: str | Path
 
     The shard's ``config_hash`` attribute is the plan's patches key, so a shard can be traced to its settings.
     """
-    from mammoseg.config.plan import read_plan
-
     p = read_plan(plan)
     summary = extract_shard(
         manifest_csv, out_path, shard_index=int(shard_index), n_shards=p.n_shards, n=p.n, downscale=p.downscale,
@@ -667,9 +660,6 @@ def run_extract(plan: str | Path, manifest_csv: str | Path, out_path: str | Path
 def run_patch_manifest(plan: str | Path, shard_paths: Iterable[str | Path], out_csv: str | Path,
                        skipped_csv: str | Path, grid_png: str | Path | None = None) -> dict[str, Any]:
     """Stage ``patch manifest``: checks every shard belongs to the plan, writes both CSVs (and a patch grid)."""
-    from mammoseg.config.plan import read_plan
-    from mammoseg.errors import InputError
-
     expected = read_plan(plan).patches_key
     shard_paths = list(shard_paths)
     for path in shard_paths:

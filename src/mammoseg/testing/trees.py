@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from mammoseg.data.layouts import parse_case_name
 from mammoseg.data.synth import (
     CROP_LABEL,
     FULL_LABEL,
@@ -20,13 +21,15 @@ from mammoseg.data.synth import (
     MASK_LABEL,
     STUDY_DATES,
     FileRef,
-    _crop_box,
-    _publish_with_truth,
-    _summary,
-    _TreeWriter,
+    TreeWriter,
+    cropped_roi_box,
+    publish_with_truth,
+    truth_summary,
     write_case_csv,
 )
+from mammoseg.io.dicom import header_record, read_stored_pixels
 from mammoseg.io.dicomwrite import DicomHeader, build_dataset, make_uid, write_dicom
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Fixture trees from the real CSVs
@@ -118,7 +121,7 @@ def tree_from_csv(csv_paths: Iterable[str | Path], out_dir: str | Path, *, layou
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-tree-", dir=out_dir))
     try:
-        writer = _TreeWriter(staging, layout, rle=rle, bits_stored=16)
+        writer = TreeWriter(staging, layout, rle=rle, bits_stored=16)
         truth_images, truth_rois, truth_files, csv_files = [], [], [], []
         for source in map(Path, csv_paths):
             frame = pd.read_csv(source, dtype=str, keep_default_na=False)
@@ -144,16 +147,16 @@ def tree_from_csv(csv_paths: Iterable[str | Path], out_dir: str | Path, *, layou
                 kaggle_csv.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(target, kaggle_csv)
         writer.finish()
-        summary = _summary(truth_images, truth_rois, truth_files, layout=layout, seed=seed, rows=rows, cols=cols,
+        summary = truth_summary(truth_images, truth_rois, truth_files, layout=layout, seed=seed, rows=rows, cols=cols,
                            csv_files=csv_files)
-        _publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
+        publish_with_truth(staging, out_dir, summary, truth_images, truth_rois, truth_files)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["out_dir"] = str(out_dir)
     return summary
 
 
-def _write_csv_image(writer: _TreeWriter, image_path: str, group, abnormality: str, split: str, source: Path, *,
+def _write_csv_image(writer: TreeWriter, image_path: str, group, abnormality: str, split: str, source: Path, *,
                      rows: int, cols: int, seed: int, mislabel_every: int) -> tuple[dict, list[dict], list[dict]]:
     """Write one full image of the CSV and the crop and mask of each of its rows."""
     full = _CsvFile.parse(image_path, f"{source}: image file path")
@@ -182,7 +185,7 @@ def _write_csv_image(writer: _TreeWriter, image_path: str, group, abnormality: s
                                STUDY_DATES[(abnormality, split, "roi")])
         shared_label = CROP_LABEL if mislabelled else MASK_LABEL
         mask_pixels = _tiny_mask(rng, rows, cols)
-        r0, c0, r1, c1 = _crop_box(_bbox(mask_pixels > 0), (rows, cols))
+        r0, c0, r1, c1 = cropped_roi_box(_bbox(mask_pixels > 0), (rows, cols))
         crop_pixels = np.ascontiguousarray(_tiny_image(rng, rows, cols, edge)[r0:r1, c0:c1])
         written = {}
         for role, part, data, label in (("mask", mask, mask_pixels, MASK_LABEL),
@@ -265,9 +268,6 @@ def tree_with_real_images(image_paths: Iterable[str | Path], out_dir: str | Path
     -------
     dict : ``images``, ``rois`` (counts) and ``root`` (the ``CBIS-DDSM`` folder)
     """
-    from mammoseg.io.dicom import header_record, read_stored_pixels
-    from mammoseg.data.layouts import parse_case_name
-
     root = Path(out_dir) / "CBIS-DDSM"
     n_rois = 0
     paths = sorted(map(Path, image_paths))

@@ -24,38 +24,32 @@ provenance columns, ``copy_index`` -1, all-zero masks) through the same writer, 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy.ndimage import find_objects
 
-from mammoseg.config.plan import PatchGeometry
-from mammoseg.data.manifest import lesion_rows
+from mammoseg.config.plan import PatchGeometry, read_plan
+from mammoseg.data.manifest import lesion_rows, read_manifest
+from mammoseg.errors import InputError
 from mammoseg.evaluation import metrics
 from mammoseg.evaluation.froc import component_max
-from mammoseg.patches.geometry import (bbox_centre, crop, intensity_range_for, place_window, preprocess_window,
-                                       roi_rng)
+from mammoseg.inference.predict import load_prediction
+from mammoseg.io.dicom import read_mammogram
+from mammoseg.model.folds import fit_on, read_splits
+from mammoseg.patches.geometry import bbox_centre, crop, intensity_range_for, place_window, preprocess_window, roi_rng
+from mammoseg.patches.shards import PatchParams, PatchTables, image_lesions, store_shard
 
-__all__ = ["MINING_TRIES", "MINING_SHIFT", "first_round_config", "fp_components", "mine_windows", "mined_patches",
+__all__ = ["MINING_TRIES", "MINING_SHIFT", "fp_components", "mine_windows", "mined_patches",
            "run_mine"]
 
 #: Shifted centres tried for a component whose centred window holds a lesion pixel or is too dark.
 MINING_TRIES = 16
 #: Largest shift of those centres per axis, as a fraction of the window (as patches.max_shift's default).
 MINING_SHIFT = 0.25
-
-
-def first_round_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The configuration of the first training round: ``config`` with the schema's ``train.hard_negatives`` (off),
-    so its model is the one a run without mining trains (same stage key, same folder: trained once, shared)."""
-    import copy
-
-    from mammoseg.config import validate_config
-
-    first = copy.deepcopy(dict(config))
-    first["train"] = {**first["train"], "hard_negatives": validate_config({})["train"]["hard_negatives"]}
-    return first
 
 
 def fp_components(prob_u8: np.ndarray, lesion_union: np.ndarray, min_prob: float) -> list[dict[str, Any]]:
@@ -73,8 +67,6 @@ def fp_components(prob_u8: np.ndarray, lesion_union: np.ndarray, min_prob: float
     raster order), ``bbox`` ((r0, c0, r1, c1), half-open), for every component without a lesion pixel; sorted by
     score descending, then by label (raster order of the component's first pixel).
     """
-    from scipy.ndimage import find_objects
-
     if metrics.threshold_level(min_prob) < 1:
         raise ValueError(f"min_prob must select pixels above probability 0, got {min_prob}")
     if lesion_union.shape != prob_u8.shape:
@@ -199,11 +191,7 @@ def _prediction_files(predictions: str | Path | Sequence[str | Path]) -> dict[st
 
 def _image_batches(groups: dict[str, list[dict]], base: Path, files: dict[str, Path], plan, settings, tables,
                    log):  # fmt: skip
-    """Per training image, its mined patches (one list per image, for :func:`shards.write_shard`)."""
-    from mammoseg.inference.predict import load_prediction
-    from mammoseg.io.dicom import read_mammogram
-    from mammoseg.patches.shards import _image_lesions
-
+    """Per training image, its mined patches (one list per image, for :func:`mammoseg.patches.shards.store_shard`)."""
     for image_id, rows in groups.items():
         if image_id not in files:
             tables.skip(f"{image_id}_hard", image_id, "not_predicted", "no probability map in the predictions")
@@ -223,7 +211,7 @@ def _image_batches(groups: dict[str, list[dict]], base: Path, files: dict[str, P
             yield []
             continue
         lesions = lesion_rows(rows)  # a normal image's row has no ROI (no mask)
-        union = (_image_lesions(image_path, image.shape, lesions, base, tables)[1] if lesions
+        union = (image_lesions(image_path, image.shape, lesions, base, tables)[1] if lesions
                  else np.zeros(image.shape, dtype=bool))
         corners = mine_windows(prob, union, image, window=plan.window_px, count=int(settings["per_image"]),
                                min_prob=float(settings["min_prob"]), min_mean=plan.negative_min_mean,
@@ -259,12 +247,6 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     -------
     dict with ``path``, ``n_images``, ``n_patches``, ``n_skipped``, ``skipped_reasons`` and ``seconds``.
     """
-    import json
-
-    from mammoseg.config.plan import read_plan
-    from mammoseg.data.manifest import read_manifest
-    from mammoseg.patches.shards import PatchParams, _filter, _Tables, root_attributes, write_shard
-
     started = time.perf_counter()
     p = read_plan(plan)
     settings = config["train"]["hard_negatives"]
@@ -272,37 +254,27 @@ def run_mine(plan: str | Path, manifest: str | Path, predictions_dir: str | Path
     rows = sorted((row for row in read_manifest(manifest) if row["split"] == "train"),
                   key=lambda row: (row["image_id"], row["roi_id"]))
     if fold is not None:
-        from mammoseg.model.folds import fit_on, read_splits
-
         fold_of = read_splits(splits).fold_of
         if training_splits is not None and read_splits(training_splits).fold_of != fold_of:
-            from mammoseg.errors import InputError
-
             raise InputError(f"{training_splits}: deals the patients into folds unlike {splits}, whose models chose "
                              f"the windows; delete both and rerun")
         rows = [row for row in rows if fit_on(fold_of, row["patient_id"], fold)]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["image_id"], []).append(row)
-    compression = _filter(config["patches"]["compression"], "compression")
-    image_compression = _filter(config["patches"]["image_compression"], "image_compression")
     params = PatchParams(p.n, p.downscale, n_shifted=0, max_shift=0.0, seed=p.seed, n_negative=0,
                          negative_min_mean=p.negative_min_mean, n_normal=0, normalise=p.normalise)
-    attrs = root_attributes(p.patches_key, params, shard_index=0, n_shards=1, compression=compression,
-                            image_compression=image_compression)
-    tables = _Tables()
-    count = write_shard(out_shard, _image_batches(groups, manifest.resolve().parent, _prediction_files(predictions_dir),
-                                                  p, settings, tables, log),
-                        max_patches=len(groups) * int(settings["per_image"]), patch_size=p.input_px,
-                        compression=compression, image_compression=image_compression, tables=tables, attrs=attrs,
-                        extra_attrs={"hard_negatives": json.dumps(dict(settings), sort_keys=True)})
-    reasons: dict[str, int] = {}
-    for reason in tables.skipped["reason"]:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    summary = {"path": str(out_shard), "n_images": len(groups), "n_patches": count,
-               "n_skipped": len(tables.skipped["roi_id"]), "skipped_reasons": reasons,
+    tables = PatchTables()
+    batches = _image_batches(groups, manifest.resolve().parent, _prediction_files(predictions_dir), p, settings,
+                             tables, log)
+    stored = store_shard(out_shard, batches, params=params, tables=tables,
+                         max_patches=len(groups) * int(settings["per_image"]), config_hash=p.patches_key,
+                         shard_index=0, n_shards=1, compression=config["patches"]["compression"],
+                         image_compression=config["patches"]["image_compression"],
+                         extra_attrs={"hard_negatives": json.dumps(dict(settings), sort_keys=True)})
+    summary = {"path": str(out_shard), "n_images": len(groups), **stored,
                "seconds": round(time.perf_counter() - started, 3)}
-    print(f"mine: {count} hard negatives from {len(groups)} training images"
+    print(f"mine: {summary['n_patches']} hard negatives from {len(groups)} training images"
           + (f" of fold {fold}'s model" if fold is not None else "") + f", {summary['n_skipped']} skipped "
-          f"{reasons} ({summary['seconds']} s) -> {out_shard}")
+          f"{summary['skipped_reasons']} ({summary['seconds']} s) -> {out_shard}")
     return summary

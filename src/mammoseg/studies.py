@@ -8,8 +8,8 @@ Both routes go through this module, so they name, check and report new studies a
   modification time of each), as every stage key names what made an artefact: another folder, or the same folder
   with a file added or changed, is another set of studies, indexed and predicted anew, and the findings of two
   folders coexist under the experiment.
-- :func:`check_studies_folder` refuses, before anything runs, a folder that does not exist or holds no DICOM file;
-  indexing then refuses one in which no DICOM file is a readable mammogram
+- :func:`mammoseg.data.studies.check_studies_folder` refuses, before anything runs, a folder that does not exist
+  or holds no DICOM file; indexing then refuses one in which no DICOM file is a readable mammogram
   (:func:`mammoseg.data.restructure.run_index_studies`). Images are named by the same rule on both routes
   (:func:`mammoseg.data.restructure.normal_identity`: ``P_<id>_<SIDE>_<VIEW>`` from the PatientID or file name).
 - :func:`synthetic_model_warning`: a model trained on the synthetic demo says so beside its findings.
@@ -25,14 +25,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mammoseg.data.studies import check_studies_folder, study_files
 from mammoseg.errors import InputError
 
 __all__ = [
     "STUDIES_PREFIX",
     "is_studies_set",
     "studies_set",
-    "study_files",
-    "check_studies_folder",
     "experiment_config",
     "trained_on_synthetic",
     "synthetic_model_warning",
@@ -46,18 +45,11 @@ STUDIES_PREFIX = "studies-"
 #: Characters of the folder's own name kept in the image set's name (readability only: the hash identifies it).
 _NAME_LENGTH = 40
 _HASH_LENGTH = 8
-#: Where a DICOM file's magic number lies (DICOM PS3.10: a 128-byte preamble, then "DICM").
-_DICM_OFFSET, _DICM = 128, b"DICM"
 
 
 def is_studies_set(image_set: str) -> bool:
     """Whether an image set holds new studies (no ground truth) rather than a split of the collection."""
     return image_set.startswith(STUDIES_PREFIX)
-
-
-def study_files(root: str | Path) -> list[Path]:
-    """Every file (and link) below ``root``, sorted: what indexing reads, counts or skips."""
-    return sorted(p for p in Path(root).rglob("*") if p.is_file() or p.is_symlink())
 
 
 def _listing(root: Path) -> list[tuple[str, int, int]]:
@@ -86,42 +78,6 @@ def studies_set(root: str | Path) -> str:
     return f"{STUDIES_PREFIX}{name}-{section_hash(str(root), _listing(root))[:_HASH_LENGTH]}"
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(_DICM_OFFSET)
-            return handle.read(len(_DICM)) == _DICM
-    except OSError:
-        return False
-
-
-def check_studies_folder(folder: str | Path) -> None:
-    """Refuse a studies folder that is missing, unreadable, empty or without a single DICOM file (by its 'DICM'
-    marker, hidden and system files not counted), naming the folder: there would be nothing to predict.
-
-    Raises
-    ------
-    InputError
-        With the folder and the reason.
-    """
-    from mammoseg.data.layouts import ignored_reason
-
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder")
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise InputError(f"{folder}: folder not readable")
-    files = [p for p in study_files(folder)
-             if not any(ignored_reason(part) for part in p.relative_to(folder).parts)]
-    if not files:
-        raise InputError(f"{folder}: no file in this folder, so no mammogram to predict")
-    if not any(_is_dicom(p) for p in files):
-        raise InputError(f"{folder}: none of its {len(files)} files is a DICOM file (no 'DICM' marker after the "
-                         f"128-byte preamble), so no mammogram to predict")
-
-
 def experiment_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration an experiment records (its ``config.yaml``): the run's, without the studies folder.
 
@@ -134,7 +90,7 @@ def experiment_config(config: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # what the model was trained on
 # --------------------------------------------------------------------------------------------------------------
-#: The model card's name (mammoseg.model.export.MODEL_CARD_FILE); looked for beside a model or plan file.
+#: The model card's name (mammoseg.export.MODEL_CARD_FILE); looked for beside a model or plan file.
 _MODEL_CARD = "model_card.json"
 
 

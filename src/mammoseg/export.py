@@ -50,10 +50,12 @@ import numpy as np
 
 from mammoseg import __version__
 from mammoseg.config import section_hash, validate_config
-from mammoseg.config.plan import PatchGeometry, Plan
-from mammoseg.patches.geometry import IMAGE_RANGE_PERCENTILES
+from mammoseg.config.plan import PatchGeometry, Plan, read_plan
+from mammoseg.evaluation.summary import read_summary_csv
 from mammoseg.io.atomic import atomic_directory
 from mammoseg.io.checksum import sha256_of
+from mammoseg.model.unet import load_model, parameter_counts
+from mammoseg.patches.geometry import IMAGE_RANGE_PERCENTILES
 
 __all__ = ["MODEL_CARD_FIELDS", "SAVED_MODEL_DIR", "ONNX_FILE", "MODEL_CARD_FILE", "OPERATING_POINT_FILE", "ONNX_OPSET",
            "export_model"]
@@ -116,8 +118,6 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
         No model given; folds that differ in architecture; a plan that does not match the models;
         a SavedModel that does not reproduce Keras.
     """
-    from mammoseg.inference.predict import load_model
-
     config = validate_config(config)
     paths = [Path(p) for p in keras_paths]
     if not paths:
@@ -145,8 +145,6 @@ def export_model(keras_paths: Sequence[str | Path], out_dir: str | Path, *, plan
 # --------------------------------------------------------------------------------------------------------------
 def _input_side(models: list, paths: list[Path], plan: Plan) -> int:
     """The network input side ``s`` in pixels, checked across the folds and against the plan."""
-    from mammoseg.model.unet import parameter_counts
-
     shapes = {tuple(model.input_shape) for model in models}
     counts = {tuple(parameter_counts(model).values()) for model in models}
     if len(shapes) != 1 or len(counts) != 1:
@@ -248,8 +246,6 @@ def _onnx_difference(path: Path, batch: np.ndarray, expected: np.ndarray) -> flo
 def _model_card(paths: list[Path], models: list, side: int, plan: Plan, config: dict[str, Any],
                 validation: dict[str, Any], fingerprint: dict[str, Any] | None, onnx: dict[str, Any],
                 checks: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    from mammoseg.model.unet import parameter_counts
-
     infer = config["infer"]
     card = {
         "format": "mammoseg model card 1",
@@ -421,8 +417,6 @@ def validation_figures(fold_reports: Sequence[str | Path], oof_summary: str | Pa
                       "epochs_run": report.get("epochs_run")})
     figures: dict[str, Any] = {"folds": folds}
     if oof_summary is not None:
-        from mammoseg.evaluation.summary import read_summary_csv
-
         figures["out_of_fold"] = read_summary_csv(oof_summary)
     return figures
 
@@ -437,8 +431,6 @@ def run_export(models: Sequence[str | Path], plan: str | Path, fingerprint: str 
     ``operating_point``: the calibration's JSON (``evaluate.target_fppi`` > 0); the card then gives its threshold
     as ``infer.threshold`` (config and sliding-window rules) and the calibration under
     ``validation.operating_point``."""
-    from mammoseg.config.plan import read_plan
-
     validation = validation_figures(fold_reports, oof_summary)
     point = None
     if oof_summary is not None:  # the out-of-fold figures are measured where out-of-fold images are binarised
