@@ -52,16 +52,21 @@ def tiny_run(tmp_path_factory):
 _SESSION_START = time.monotonic()
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Under pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test of the session's
     tiny run goes to one worker, so the run is made once and no two Snakemake processes share its folder; every
     other test goes with its file, so a module's expensive fixtures (a trained model, a SLURM cluster, a DICOM
-    collection) are built once."""
-    if not config.pluginmanager.hasplugin("xdist"):
+    collection) are built once. Marked as each test is collected: xdist reads the groups in its own
+    ``pytest_collection_modifyitems``."""
+    if not item.config.pluginmanager.hasplugin("xdist"):  # the marker is xdist's
         return
-    for item in items:
-        group = "tiny_run" if "tiny_run" in getattr(item, "fixturenames", ()) else item.path.name
-        item.add_marker(pytest.mark.xdist_group(name=group))
+    item.add_marker(pytest.mark.xdist_group(name=xdist_group(getattr(item, "fixturenames", ()), item.path)))
+
+
+def xdist_group(fixturenames, path: Path) -> str:
+    """The xdist group of a test: ``tiny_run`` for every test that uses the session's tiny run (directly or
+    through another fixture), else its file's name."""
+    return "tiny_run" if "tiny_run" in fixturenames else path.name
 
 
 def session_reference():
@@ -92,3 +97,4 @@ def pytest_terminal_summary(terminalreporter):
     if reference:
         line += f" = {reference.multiple(seconds):.1f} reference epochs of {reference.seconds:.2f} s ({reference.cpu})"
     terminalreporter.write_line(line)
+
