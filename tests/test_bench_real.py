@@ -187,3 +187,33 @@ def test_screening_point_without_any_candidate_marks_nothing(real, tmp_path):
     s = real.read_experiment(exp, "oof", target_tpr=0.9)["screening"]
     assert not s["reached"] and s["threshold"] is None and (s["tpr"], s["fppi"]) == (0.0, 0.0)
     assert s["fp_per_normal_image"] == 0.0 and s["normal_images_without_mark"] == 1.0 and s["n_normal_images"] == 2
+
+
+@pytest.mark.slow  # two Snakemake dry runs: about 10 s on 2 cores
+def test_bench_asks_the_workflow_only_for_what_it_prints(real, tmp_path):
+    """The targets are the out-of-fold summary and the calibrated operating point; a dry run for them schedules
+    neither the exported model nor the report, which ``rule all`` does (and ``--with-test`` adds the test split)."""
+    overrides = ["train={folds: 2}", "evaluate={target_fppi: 1}"]
+    config_file = REPO / "config" / "config.yaml"
+    exp = real.experiment_dir(tmp_path, config_file, overrides)
+    assert real.calibrated(config_file, overrides) and not real.calibrated(config_file)
+    targets = real.bench_targets(exp, tmp_path, True, with_test=False)
+    relative = exp.relative_to(tmp_path)
+    assert targets == [str(relative / "oof" / "summary.csv"), str(relative / "config.yaml"),
+                       str(relative / "operating_point.json")]
+    assert real.bench_targets(exp, tmp_path, False, with_test=True) == [
+        str(relative / "oof" / "summary.csv"), str(relative / "config.yaml"), str(relative / "test" / "summary.csv")]
+
+    def scheduled(*targets: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+             "--configfile", str(config_file), "--cores", "1", "--config", *overrides, "--dry-run", "--", *targets],
+            cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    everything, bench = scheduled(), scheduled(*targets)
+    for rule in ("export_model", "report_pages"):
+        assert f"rule {rule}:" in everything and f"rule {rule}:" not in bench
+    for rule in ("summarise", "calibrate", "experiment_config"):
+        assert f"rule {rule}:" in bench
