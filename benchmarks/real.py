@@ -133,7 +133,7 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
         recorded = _chunk_threshold(folder)
     calibration = _calibration(Path(exp_dir))
     return {
-        "experiment": Path(exp_dir).name, "image_set": image_set,
+        "experiment": Path(exp_dir).name, "image_set": image_set, "match": _match_criterion(folder),
         "n_images": value("n_images"), "n_lesions": value("n_lesions"), "n_normal_images": value("n_normal_images"),
         "froc": {str(x): value(f"tpr_at_{x:g}_fppi") for x in FPPI_POINTS},
         "cpm": cpm.get("value"), "cpm_ci": [cpm.get("ci_low"), cpm.get("ci_high")],
@@ -145,6 +145,20 @@ def read_experiment(exp_dir: Path, image_set: str = "oof", target_tpr: float = 0
         "threshold": _operating_threshold(recorded, _configured_threshold(Path(exp_dir)), calibration),
         "calibration": calibration,
     }
+
+
+MATCH_WORDS = {"iou": "IoU ≥ {tau:g}", "centroid": "the mark holds the lesion's centroid",
+               "centre_in_lesion": "the mark's centre lies inside the lesion"}
+
+
+def _match_criterion(image_set_dir: Path) -> str | None:
+    """How a mark finds a lesion in this image set (``evaluate.match``, recorded in every per-image JSON), in
+    words; None when no image was evaluated."""
+    records = read_image_records(sorted(image_set_dir.glob("chunk-*")))
+    record = next((r for r in records if r["status"] == "evaluated" and "match" in r), None)
+    if record is None:
+        return None
+    return MATCH_WORDS.get(record["match"], record["match"]).format(tau=float(record.get("iou_threshold", 0)))
 
 
 def _chunk_threshold(image_set_dir: Path) -> float | None:
@@ -209,7 +223,8 @@ def table(result: dict[str, Any], wall_seconds: float | None = None, reference: 
     op = result["operating"]
     lines = [
         f"| figure ({result['image_set']}: {result['n_images']:.0f} images, {result['n_lesions']:.0f} lesions, "
-        f"{(result['n_normal_images'] or 0):.0f} normal) | value |",
+        f"{(result['n_normal_images'] or 0):.0f} normal"
+        + (f"; a lesion is found when {result['match']}" if result.get("match") else "") + ") | value |",
         "|---|---|",
         "| FROC: TPR at 1/8, 1/4, 1/2, 1, 2, 4, 8 FPPI | "
         + ", ".join(_f(result["froc"][str(x)], 2) for x in FPPI_POINTS) + " |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,19 @@ def test_bench_asks_the_workflow_only_for_what_it_prints(real, tmp_path):
         assert f"rule {rule}:" in everything and f"rule {rule}:" not in bench
     for rule in ("summarise", "calibrate", "experiment_config"):
         assert f"rule {rule}:" in bench
+
+
+@pytest.mark.parametrize("match, tau, words", [("iou", 0.1, "IoU ≥ 0.1"), ("iou", 0.25, "IoU ≥ 0.25"),
+                                               ("centre_in_lesion", 0.1, "the mark's centre lies inside the lesion")])
+def test_table_names_the_criterion_that_found_the_lesions(real, tmp_path, match, tau, words):
+    """Figures under different matching criteria are not comparable: the table says which one its images used
+    (read from the per-image records, so an ensemble folder or an old run says it too)."""
+    exp = fabricated_experiment(tmp_path)
+    assert "a lesion is found" not in real.table(real.read_experiment(exp, "oof"))  # no per-image records
+    chunk = exp / "oof" / "chunk-0"
+    chunk.mkdir()
+    (chunk / "N2.json").write_text(json.dumps({"image_id": "N2", "status": "failed"}))
+    (chunk / "A.json").write_text(json.dumps({"image_id": "A", "status": "evaluated", "match": match,
+                                              "iou_threshold": tau, "threshold": 0.9}))
+    header = real.table(real.read_experiment(exp, "oof")).splitlines()[0]
+    assert header == f"| figure (oof: 4 images, 2 lesions, 2 normal; a lesion is found when {words}) | value |"

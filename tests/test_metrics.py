@@ -210,3 +210,45 @@ def test_centroid_rule_does_not_depend_on_the_crop_offset():
     cropped = metrics.match_lesions(pred[1:, 1:], [lesion[1:, 1:]], rule="centroid")
     assert full.lesions[0]["detected"] is cropped.lesions[0]["detected"] is False
     assert (full.lesions[0]["centroid_row"], full.lesions[0]["centroid_col"]) == (5, 5)
+
+
+def test_centre_in_lesion_rule_counts_a_mark_whose_centre_is_inside_the_circle():
+    """The criterion of detection studies on circle annotations: a mark counts when its centre lies inside the
+    circle, whatever their overlap; the lesion's own centroid need not be in the mark."""
+    shape = (100, 100)
+    circle = _disc(shape, (50, 50), 30)  # a loose circle, 2,800 px
+    small_core = _disc(shape, (60, 40), 5)  # inside the circle, off its centre: IoU under 0.1
+    assert metrics.match_lesions(small_core, [circle], "iou", 0.1).n_detected == 0
+    assert metrics.match_lesions(small_core, [circle], "centroid").n_detected == 0
+    match = metrics.match_lesions(small_core, [circle], "centre_in_lesion")
+    assert match.n_detected == 1 and match.n_false_positives == 0 and match.lesions[0]["detected_by"] == [1]
+    # a crescent hugging the circle's rim from outside: overlaps, but its centre lies outside the circle
+    crescent = _disc(shape, (50, 85), 12) & ~circle
+    crescent |= _disc(shape, (50, 79), 2)  # a touch of overlap
+    assert not circle[50, 85]
+    match = metrics.match_lesions(crescent, [circle], "centre_in_lesion")
+    assert match.n_detected == 0 and match.n_false_positives == 1
+
+
+def test_centre_in_lesion_uses_the_centroid_pixel_of_each_component_halves_rounded_up():
+    """Each component's centre is computed independently here (np.nonzero means, floor(x + 0.5)) and compared
+    with the rule's decision for several components and two lesions."""
+    rng = np.random.default_rng(3)
+    shape = (64, 64)
+    lesions = [_box(shape, 5, 5, 25, 25), _box(shape, 35, 30, 60, 60)]
+    pred = np.zeros(shape, dtype=bool)
+    for r0, c0, h, w in rng.integers(0, 50, size=(12, 4)) % [56, 56, 8, 8] + [0, 0, 2, 2]:
+        pred[r0:r0 + h, c0:c0 + w] = True
+    labels, count = metrics.label_components(pred)
+    match = metrics.match_lesions(pred, lesions, "centre_in_lesion")
+    for index, lesion in enumerate(lesions):
+        expected = []
+        for k in range(1, count + 1):
+            rows, cols = np.nonzero(labels == k)
+            r, c = int(np.floor(rows.mean() + 0.5)), int(np.floor(cols.mean() + 0.5))
+            if lesion[r, c]:
+                expected.append(k)
+        assert match.lesions[index]["detected_by"] == expected
+    hit = {k for row in match.lesions for k in row["detected_by"]}
+    assert 0 < len(hit) < count  # the drawing holds both kinds
+    assert match.n_false_positives == count - len(hit)

@@ -12,7 +12,8 @@ Conventions (stated once here, and tested in ``tests/test_froc.py``):
   (:func:`metrics.binarise`, :func:`metrics.label_components`), numbered 0, 1, … in label order (raster order of
   each component's first pixel). A candidate's **score** is its maximum probability, ``max(prob_u8) / 255``.
 * **Matching** is :func:`metrics.match_labels` unchanged: rule ``iou`` (component/lesion IoU >= ``iou_threshold``
-  and they overlap) or rule ``centroid`` (the component contains the lesion's centroid pixel).
+  and they overlap), rule ``centroid`` (the component contains the lesion's centroid pixel) or rule
+  ``centre_in_lesion`` (the component's centroid pixel lies inside the lesion).
 * **Credit**: a lesion is *hit* by the best-scoring candidate that matches it (ties: the lowest candidate index);
   its hit score is that candidate's score, 0.0 when no candidate matches (a *miss*). A candidate that matches no
   lesion is a **false positive**. A candidate that matches a lesion credited to another, higher-scoring candidate
@@ -169,7 +170,7 @@ def image_candidates(
     prob_u8 : np.ndarray of uint8, shape (rows, cols), ``round(probability * 255)``
     lesions : sequence of bool arrays of shape (rows, cols), one per lesion; an empty one is an error
     candidate_threshold : float in (0, 1]; candidates are components of ``prob_u8 >= ceil(threshold * 255)``
-    match : ``"iou"`` or ``"centroid"`` (:func:`metrics.match_labels`)
+    match : ``"iou"``, ``"centroid"`` or ``"centre_in_lesion"`` (:func:`metrics.match_labels`)
     iou_threshold : float in [0, 1], used by rule ``"iou"``
 
     Returns

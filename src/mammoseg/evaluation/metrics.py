@@ -46,7 +46,7 @@ __all__ = [
     "match_lesions",
 ]
 
-MATCH_RULES = ("iou", "centroid")
+MATCH_RULES = ("iou", "centroid", "centre_in_lesion")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,6 +225,18 @@ def _centroid(mask: np.ndarray) -> tuple[int, int]:
     return int(math.floor(float(rows.mean()) + 0.5)), int(math.floor(float(cols.mean()) + 0.5))
 
 
+def _component_centre_pixels(labels: np.ndarray, count: int, areas: np.ndarray) -> np.ndarray:
+    """int (count + 1, 2): the centroid pixel (row, col) of components 1..count, halves rounded up as
+    :func:`_centroid` rounds them; row 0 (the background) is unused."""
+    flat = np.flatnonzero(labels)
+    ids = labels.ravel()[flat]
+    rows, cols = np.divmod(flat, labels.shape[1])
+    safe = np.maximum(areas, 1)
+    centres = np.stack([np.bincount(ids, weights=rows, minlength=count + 1) / safe,
+                        np.bincount(ids, weights=cols, minlength=count + 1) / safe], axis=1)
+    return np.floor(centres + 0.5).astype(np.int64)
+
+
 def _component_rows(labels: np.ndarray, count: int, areas: np.ndarray) -> dict[int, dict]:
     """Bounding boxes (half-open) and centroids of components 1..count, from the foreground pixels only."""
     from scipy import ndimage
@@ -259,6 +271,7 @@ def match_labels(
     matched_lists: dict[int, list[int]] = {}
     best_iou_of_component = np.zeros(count + 1, dtype=np.float64)
     result = LesionMatch(n_components=count)
+    centres = _component_centre_pixels(labels, count, areas) if rule == "centre_in_lesion" else None
     for index, lesion in enumerate(lesions):
         lesion = np.asarray(lesion, dtype=bool)
         _check_pair(lesion, labels)
@@ -273,6 +286,8 @@ def match_labels(
         crow, ccol = _centroid(lesion)
         if rule == "iou":
             hits = [int(k) for k in np.nonzero((ious >= iou_threshold) & (inter > 0))[0]]
+        elif rule == "centre_in_lesion":
+            hits = [int(k) + 1 for k in np.nonzero(lesion[centres[1:, 0], centres[1:, 1]])[0]]
         else:
             hit = int(labels[crow, ccol])
             hits = [hit] if hit > 0 else []
@@ -308,8 +323,9 @@ def match_lesions(
     ----------
     pred : np.ndarray of bool, shape (rows, cols), the binary prediction
     lesions : sequence of bool arrays of shape (rows, cols), one per lesion (ROI mask); empty ones are an error
-    rule : ``"iou"`` (component/lesion IoU >= ``iou_threshold``) or ``"centroid"`` (component contains the
-        lesion's centroid)
+    rule : ``"iou"`` (component/lesion IoU >= ``iou_threshold``), ``"centroid"`` (the component contains the
+        lesion's centroid) or ``"centre_in_lesion"`` (the component's centroid lies inside the lesion: the criterion
+        of detection studies on circle annotations, a mark counts when its centre is inside the circle)
     iou_threshold : float in [0, 1], used by rule ``"iou"``
     details : False skips the per-component rows (counts only; for the FROC sweep)
 
