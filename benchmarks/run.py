@@ -251,7 +251,8 @@ def bench_inference(work: Path, quick: bool) -> list[dict]:
 def bench_training_levers(work: Path, quick: bool) -> list[dict]:
     """The levers on a training epoch's cost, side by side in one process: the demo network at 16 and 8 filters,
     with and without XLA (``train.jit_compile``), on the reference fit's data (mammoseg.timing). The rounds
-    alternate the settings, so a slow spell of a shared machine falls on all of them; the median epoch counts."""
+    alternate the settings (two rounds of two epochs each), so a slow spell of a shared machine falls on all of
+    them; the median epoch counts."""
     import statistics
 
     from mammoseg.timing import epoch_seconds
@@ -259,7 +260,7 @@ def bench_training_levers(work: Path, quick: bool) -> list[dict]:
     settings = {"16 filters": (16, False), "16 filters, XLA": (16, True), "8 filters": (8, False),
                 "8 filters, XLA": (8, True)}
     epochs = {name: [] for name in settings}
-    for _ in range(1 if quick else 3):
+    for _ in range(1 if quick else 2):
         for name, (filters, jit) in settings.items():
             epochs[name].extend(epoch_seconds(2, filters=filters, jit_compile=jit))
     median = {name: statistics.median(seconds) for name, seconds in epochs.items()}
@@ -593,6 +594,12 @@ def measure_reference(timeout: float) -> dict[str, Any]:
         return {}
 
 
+def row_timeout_for(reference: dict[str, Any]) -> float:
+    """Seconds a row may take: 60 reference epochs, at least 600 s (the training-levers row fits 8 networks,
+    about 40 reference epochs with XLA's compiling; on a machine of 16 s epochs 600 s cut it off)."""
+    return max(600.0, 60 * float(reference.get("seconds") or 0))
+
+
 def run_row_subprocess(name: str, work: Path, quick: bool, timeout: float) -> tuple[list[dict], float]:
     """Run one row in a fresh Python process; a failure becomes a row that says so (the table still prints)."""
     out = work / f"row-{name}.json"
@@ -656,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="scratch folder (default: a temporary folder, removed afterwards)")
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke test, not the numbers)")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the .md and .json go")
-    parser.add_argument("--row-timeout", type=float, default=600, help="seconds per row before it is abandoned")
+    parser.add_argument("--row-timeout", type=float, default=None,
+                        help="seconds per row before it is abandoned (default: 60 reference epochs, at least 600)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     parser.add_argument("--row-json", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build one row's inputs in this process
@@ -679,13 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     # quick: a smoke test of the rows, whose numbers nobody compares, so no reference is measured for them
-    machine["reference_epoch"] = {} if args.quick else measure_reference(args.row_timeout)
+    machine["reference_epoch"] = {} if args.quick else measure_reference(args.row_timeout or 900)
+    row_timeout = args.row_timeout or row_timeout_for(machine["reference_epoch"])
     rows: list[dict] = []
     started = time.perf_counter()
     try:
         for name in names:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            produced, seconds = run_row_subprocess(name, work, args.quick, args.row_timeout)
+            produced, seconds = run_row_subprocess(name, work, args.quick, row_timeout)
             for r in produced:
                 r["row_seconds"] = round(seconds, 1)
             rows.extend(produced)

@@ -36,3 +36,14 @@ def test_inference_stage_and_caching_rows_run_and_pass(tmp_path):
     assert any(w.startswith("prediction stage as Snakemake runs it") for w in whats), whats
     (caching,) = [r for r in results if r["what"].startswith("dry run after one test image changed")]
     assert caching["passed"], caching  # exactly one chunk's jobs, nothing upstream
+
+
+def test_a_row_gets_sixty_reference_epochs_and_never_less_than_ten_minutes():
+    """The row timeout follows the machine: on 2026-12-07 a machine of 16 s reference epochs needed more than the
+    fixed 600 s for the training-levers row."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run
+
+    assert run.row_timeout_for({"seconds": 15.76}) == pytest.approx(945.6)
+    assert run.row_timeout_for({"seconds": 4.0}) == 600.0
+    assert run.row_timeout_for({}) == 600.0  # --quick measures no reference
