@@ -227,7 +227,7 @@ def _centroid(mask: np.ndarray) -> tuple[int, int]:
 
 def _component_centre_pixels(labels: np.ndarray, count: int, areas: np.ndarray) -> np.ndarray:
     """int (count + 1, 2): the centroid pixel (row, col) of components 1..count, halves rounded up as
-    :func:`_centroid` rounds them; row 0 (the background) is unused."""
+    :func:`_centroid` rounds them; entry 0 (the background) is unused."""
     flat = np.flatnonzero(labels)
     ids = labels.ravel()[flat]
     rows, cols = np.divmod(flat, labels.shape[1])
