@@ -52,13 +52,6 @@ def member_label(member: dict[str, Any]) -> str:
     return yaml.safe_dump(member, default_flow_style=True, sort_keys=True).strip()
 
 
-def resolved(config_file: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """The workflow's resolved configuration for ``config_file`` and ``--config`` ``overrides``."""
-    from mammoseg.config.resolve import parse_overrides, resolve_config
-
-    return resolve_config([config_file], parse_overrides(list(overrides)))
-
-
 def oof_prediction_dir(workdir: Path, config: dict[str, Any]) -> Path:
     """``results/predictions/<model>/<inference>/oof`` of a resolved configuration (the workflow's keys)."""
     from mammoseg.config.keys import stage_keys
@@ -147,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, member in enumerate(members):
         config_file = workdir / f"config-member-{section_hash(member)[:8]}.yaml"
         config_file.write_text(yaml.safe_dump(member_config(base, member), sort_keys=False))
-        config = resolved(config_file, args.overrides)
+        config = real.resolved(config_file, args.overrides)
         if config["train"]["folds"] < 2:
             raise SystemExit("[ensemble] out-of-fold maps need train.folds >= 2")
         exp = real.experiment_dir(workdir, config_file, args.overrides)

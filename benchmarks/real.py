@@ -97,21 +97,24 @@ def bench_config(config_file: Path, root: Path) -> dict[str, Any]:
     return config
 
 
+def resolved(config_file: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The workflow's resolved configuration for ``config_file`` and ``--config`` ``overrides``."""
+    from mammoseg.config.resolve import parse_overrides, resolve_config
+
+    return resolve_config([config_file], parse_overrides(list(overrides)))
+
+
 def experiment_dir(workdir: Path, config_file: Path, overrides: Sequence[str] = ()) -> Path:
     """``results/experiments/<E>`` of the resolved configuration (the workflow's own keys)."""
     from mammoseg.config.keys import stage_keys
-    from mammoseg.config.resolve import parse_overrides, resolve_config
 
-    config = resolve_config([config_file], parse_overrides(list(overrides)))
+    config = resolved(config_file, overrides)
     return workdir / config["results"] / "experiments" / stage_keys(config).experiment
 
 
 def calibrated(config_file: Path, overrides: Sequence[str] = ()) -> bool:
     """Whether the resolved configuration calibrates an operating point (``evaluate.target_fppi`` > 0)."""
-    from mammoseg.config.resolve import parse_overrides, resolve_config
-
-    config = resolve_config([config_file], parse_overrides(list(overrides)))
-    return float(config["evaluate"]["target_fppi"] or 0) > 0
+    return float(resolved(config_file, overrides)["evaluate"]["target_fppi"] or 0) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -225,28 +225,28 @@ def _centroid(mask: np.ndarray) -> tuple[int, int]:
     return int(math.floor(float(rows.mean()) + 0.5)), int(math.floor(float(cols.mean()) + 0.5))
 
 
-def _component_centre_pixels(labels: np.ndarray, count: int, areas: np.ndarray) -> np.ndarray:
-    """int (count + 1, 2): the centroid pixel (row, col) of components 1..count, halves rounded up as
-    :func:`_centroid` rounds them; entry 0 (the background) is unused."""
+def _component_centroids(labels: np.ndarray, count: int, areas: np.ndarray) -> np.ndarray:
+    """float (count + 1, 2): the centroid (row, col) of components 1..count, from the foreground pixels only;
+    entry 0 (the background) is unused."""
     flat = np.flatnonzero(labels)
     ids = labels.ravel()[flat]
     rows, cols = np.divmod(flat, labels.shape[1])
     safe = np.maximum(areas, 1)
-    centres = np.stack([np.bincount(ids, weights=rows, minlength=count + 1) / safe,
-                        np.bincount(ids, weights=cols, minlength=count + 1) / safe], axis=1)
-    return np.floor(centres + 0.5).astype(np.int64)
+    return np.stack([np.bincount(ids, weights=rows, minlength=count + 1) / safe,
+                     np.bincount(ids, weights=cols, minlength=count + 1) / safe], axis=1)
+
+
+def _component_centre_pixels(labels: np.ndarray, count: int, areas: np.ndarray) -> np.ndarray:
+    """int (count + 1, 2): :func:`_component_centroids` as pixels, halves rounded up as :func:`_centroid`
+    rounds them."""
+    return np.floor(_component_centroids(labels, count, areas) + 0.5).astype(np.int64)
 
 
 def _component_rows(labels: np.ndarray, count: int, areas: np.ndarray) -> dict[int, dict]:
     """Bounding boxes (half-open) and centroids of components 1..count, from the foreground pixels only."""
     from scipy import ndimage
 
-    flat = np.flatnonzero(labels)
-    ids = labels.ravel()[flat]
-    rows, cols = np.divmod(flat, labels.shape[1])
-    safe = np.maximum(areas, 1)
-    centre_r = np.bincount(ids, weights=rows, minlength=count + 1) / safe
-    centre_c = np.bincount(ids, weights=cols, minlength=count + 1) / safe
+    centre_r, centre_c = _component_centroids(labels, count, areas).T
     out = {}
     for index, box in enumerate(ndimage.find_objects(labels, max_label=count), start=1):
         if box is not None:
